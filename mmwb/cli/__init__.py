@@ -1,0 +1,1 @@
+"""The ``mmwb`` command: one verb per module, each thin (parse, call the library, print)."""

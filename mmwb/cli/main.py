@@ -1,0 +1,129 @@
+"""Entry point of the ``mmwb`` command.
+
+Verbs are registered by module path and imported only when used, so ``mmwb --help`` stays instant and one verb's
+heavy dependencies (diffusers, open_clip) are never loaded by another. A verb module provides ``HELP``,
+``add_arguments(parser)`` and ``run(args) -> dict``; this module adds the flags every verb shares, turns
+``MmwbError`` into a one-line message with exit code 2, and prints the returned dict under ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from mmwb.errors import MmwbError
+
+# verb -> (module, one-line summary). Verbs whose module is None are planned and say so when run.
+VERBS: dict[str, tuple[str | None, str]] = {
+    "env": ("mmwb.cli.env", "print versions, devices, supported dtypes and thread counts"),
+    "caption": (None, "caption images with a vision-language model"),
+    "ask": (None, "answer a question about an image"),
+    "generate": (None, "generate images with ControlNet-conditioned Stable Diffusion"),
+    "sample": (None, "sample a score-based SDE model"),
+    "likelihood": (None, "bits/dim of data under a score-based SDE model"),
+    "train": (None, "train a model: align, instruct, controlnet, sde, ..."),
+    "data": (None, "make datasets: shapes, ..."),
+    "recipe": (None, "run a whole training recipe: tiny-shapes, ..."),
+    "export": (None, "export a checkpoint (e.g. merge LoRA adapters)"),
+    "bench": (None, "benchmark mmwb against the reference: decoder, vlm, align, generate, sde"),
+}
+
+EXIT_BAD_INPUT = 2
+log = logging.getLogger("mmwb")
+
+
+def common_flags() -> argparse.ArgumentParser:
+    """The flags every verb takes; a parent parser so they can follow the verb (``mmwb env --json``)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("common options")
+    group.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:N or mps (default: $MMWB_DEVICE, else best)"
+    )
+    group.add_argument(
+        "--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="precision (default: fp32)"
+    )
+    group.add_argument(
+        "--seed", type=int, default=None, help="seed python, numpy and torch for reproducible runs"
+    )
+    group.add_argument(
+        "--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)"
+    )
+    group.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    return parent
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The full parser; only the verb named in ``argv`` (if any) has its module imported."""
+    parser = argparse.ArgumentParser(
+        prog="mmwb",
+        description="mmwb, a multimodal model workbench: vision-language models, ControlNet Stable Diffusion "
+        "and score-based SDE models on one runtime.",
+        epilog="Run 'mmwb VERB --help' for a verb's options.",
+    )
+    from mmwb import __version__
+
+    parser.add_argument("--version", action="version", version=f"mmwb {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    parent = common_flags()
+    for name, (module_path, summary) in VERBS.items():
+        help_text = summary if module_path else f"{summary} (not available yet)"
+        sub = verbs.add_parser(name, help=help_text, description=help_text, parents=[parent])
+        if name != chosen:
+            continue
+        if (
+            module_path is None
+        ):  # accept anything, so the user learns the verb is planned rather than an arg error
+            sub.add_argument("planned_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            continue
+        module = importlib.import_module(module_path)
+        sub.description = module.HELP
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO, format="mmwb: %(message)s", stream=sys.stderr
+    )
+    try:
+        return _run(args)
+    except MmwbError as err:
+        if args.debug:
+            raise
+        print(f"mmwb {args.verb}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"mmwb {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `mmwb ... | head` closed stdout early; not an error of ours
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's final flush quiet
+        return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    if not hasattr(args, "run"):
+        raise MmwbError(f"'mmwb {args.verb}' is planned but not available in this version yet")
+    from mmwb.runtime import resolve_device, resolve_precision, seed_everything
+
+    if args.device is not None or args.dtype is not None:  # refuse an unusable device/dtype before any work
+        resolve_precision(args.dtype, resolve_device(args.device))
+    if args.seed is not None:
+        seed_everything(args.seed)
+    result = args.run(args)
+    if args.json:
+        json.dump(result, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    return int(result.get("exit_code", 0)) if isinstance(result, dict) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
