@@ -27,7 +27,7 @@ VERBS: dict[str, tuple[str | None, str]] = {
     "sample": (None, "sample a score-based SDE model"),
     "likelihood": (None, "bits/dim of data under a score-based SDE model"),
     "train": (None, "train a model: align, instruct, controlnet, sde, ..."),
-    "data": (None, "make datasets: shapes, ..."),
+    "data": ("mmwb.cli.data", "make datasets: shapes, ..."),
     "recipe": (None, "run a whole training recipe: tiny-shapes, ..."),
     "export": (None, "export a checkpoint (e.g. merge LoRA adapters)"),
     "bench": (None, "benchmark mmwb against the reference: decoder, vlm, align, generate, sde"),
@@ -37,23 +37,24 @@ EXIT_BAD_INPUT = 2
 log = logging.getLogger("mmwb")
 
 
-def common_flags() -> argparse.ArgumentParser:
-    """The flags every verb takes; a parent parser so they can follow the verb (``mmwb env --json``)."""
+def common_flags(nested: bool = False) -> argparse.ArgumentParser:
+    """The flags every verb takes, as a parent parser so they can follow the verb (``mmwb env --json``).
+
+    Verbs with sub-commands (``mmwb data shapes``) add ``common_flags(nested=True)`` to each sub-command: its
+    defaults are suppressed so they never overwrite a value given before the sub-command.
+    """
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("common options")
-    group.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:N or mps (default: $MMWB_DEVICE, else best)"
-    )
-    group.add_argument(
-        "--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="precision (default: fp32)"
-    )
-    group.add_argument(
-        "--seed", type=int, default=None, help="seed python, numpy and torch for reproducible runs"
-    )
-    group.add_argument(
-        "--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)"
-    )
-    group.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    flags = [
+        ("--device", {"help": "cpu, cuda, cuda:N or mps (default: $MMWB_DEVICE, else the best available)"}),
+        ("--dtype", {"choices": ["fp32", "bf16", "fp16"], "help": "precision (default: fp32)"}),
+        ("--seed", {"type": int, "help": "seed python, numpy and torch for reproducible runs"}),
+        ("--json", {"action": "store_true", "help": "print one JSON document on stdout (logs go to stderr)"}),
+        ("--debug", {"action": "store_true", "help": "show tracebacks and debug logs"}),
+    ]
+    for flag, options in flags:
+        default = False if options.get("action") == "store_true" else None
+        group.add_argument(flag, default=argparse.SUPPRESS if nested else default, **options)
     return parent
 
 

@@ -1,0 +1,1 @@
+"""Data: image loading, synthetic and packaged datasets, tokenizers."""

@@ -1,0 +1,233 @@
+"""Synthetic shapes: images of 1-3 coloured shapes with a reference caption and question-answer pairs.
+
+This is the task of mmwb's embedded default models: small enough to learn on a CPU in minutes, rich enough to need
+vision (colour, shape, size, count, relative position) and language (a fixed caption grammar, open questions).
+Every image is a pure function of (seed, split, index), so datasets are reproducible and the splits are disjoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "star")
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (35, 70, 220),
+    "yellow": (240, 200, 20),
+    "purple": (140, 40, 170),
+    "orange": (250, 130, 20),
+}
+SIZES = {"small": 0.11, "large": 0.19}  # radius as a fraction of the image side
+NUMBERS = ("zero", "one", "two", "three")
+SPLITS = ("train", "val", "test")
+SUPERSAMPLE = 4  # draw large and downsample: anti-aliased edges at any output size
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One drawn object; ``x``, ``y`` (centre) and ``radius`` are fractions of the image side."""
+
+    shape: str
+    colour: str
+    size: str
+    x: float
+    y: float
+
+    @property
+    def radius(self) -> float:
+        return SIZES[self.size]
+
+    @property
+    def phrase(self) -> str:
+        return f"a {self.size} {self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What an image shows: objects in canonical order (left to right, or top to bottom for 'above')."""
+
+    objects: tuple[Shape, ...]
+    background: tuple[int, int, int]
+    relation: str | None  # "left of" / "above" for two objects, else None
+
+
+def sample_scene(rng: np.random.Generator) -> Scene:
+    """Draw a scene whose caption is unambiguous: no overlaps, and two objects separated clearly on one axis."""
+    count = int(rng.integers(1, 4))
+    while True:
+        objects = [_sample_object(rng) for _ in range(count)]
+        if _well_placed(objects):
+            break
+    relation = None
+    if count == 2:
+        a, b = objects
+        if abs(a.x - b.x) >= abs(a.y - b.y):
+            relation, objects = "left of", sorted(objects, key=lambda s: s.x)
+        else:
+            relation, objects = "above", sorted(objects, key=lambda s: s.y)
+    else:
+        objects = sorted(objects, key=lambda s: s.x)
+    return Scene(tuple(objects), _sample_background(rng), relation)
+
+
+def _sample_object(rng: np.random.Generator) -> Shape:
+    size = str(rng.choice(list(SIZES)))
+    margin = SIZES[size] + 0.03
+    return Shape(
+        shape=str(rng.choice(SHAPES)),
+        colour=str(rng.choice(list(COLOURS))),
+        size=size,
+        x=float(rng.uniform(margin, 1 - margin)),
+        y=float(rng.uniform(margin, 1 - margin)),
+    )
+
+
+def _well_placed(objects: list[Shape]) -> bool:
+    for i, a in enumerate(objects):
+        for b in objects[i + 1 :]:
+            if math.hypot(a.x - b.x, a.y - b.y) < a.radius + b.radius + 0.04:
+                return False
+    if (
+        len(objects) == 2
+    ):  # the dominant axis must dominate clearly, so "left of" vs "above" is never a coin flip
+        dx, dy = abs(objects[0].x - objects[1].x), abs(objects[0].y - objects[1].y)
+        return max(dx, dy) > 1.5 * min(dx, dy)
+    if len(objects) == 3:  # left-to-right order must be visible
+        xs = sorted(o.x for o in objects)
+        return min(b - a for a, b in zip(xs, xs[1:])) > 0.08
+    return True
+
+
+def _sample_background(rng: np.random.Generator) -> tuple[int, int, int]:
+    """Pale backgrounds (grey or tinted) so every shape colour stays distinct from them."""
+    base = int(rng.integers(200, 250))
+    tint = rng.integers(-15, 16, size=3)
+    return tuple(int(np.clip(base + t, 0, 255)) for t in tint)  # type: ignore[return-value]
+
+
+def render(scene: Scene, size: int = 64, rng: np.random.Generator | None = None) -> Image.Image:
+    """Draw ``scene`` as an RGB image of ``size``×``size``; ``rng`` adds faint background noise when given."""
+    big = size * SUPERSAMPLE
+    image = Image.new("RGB", (big, big), scene.background)
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        draw.polygon(_outline(obj, big), fill=COLOURS[obj.colour])
+    image = image.resize((size, size), Image.Resampling.LANCZOS)
+    if rng is not None:
+        noise = rng.normal(0, 3, size=(size, size, 3))
+        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
+    return image
+
+
+def _outline(obj: Shape, side: int) -> list[tuple[float, float]]:
+    cx, cy, r = obj.x * side, obj.y * side, obj.radius * side
+    if obj.shape == "circle":
+        angles = np.linspace(0, 2 * math.pi, 64, endpoint=False)
+        radii = np.full_like(angles, r)
+    elif obj.shape == "square":
+        angles = np.array([0.25, 0.75, 1.25, 1.75]) * math.pi
+        radii = np.full_like(angles, r * 1.1)
+    elif obj.shape == "triangle":
+        angles = -math.pi / 2 + np.array([0, 2, 4]) * math.pi / 3
+        radii = np.full_like(angles, r * 1.15)
+    else:  # star: ten points alternating outer and inner radius
+        angles = -math.pi / 2 + np.arange(10) * math.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, r * 1.2, r * 0.5)
+    return [(cx + rad * math.cos(a), cy + rad * math.sin(a)) for a, rad in zip(angles, radii)]
+
+
+def caption(scene: Scene) -> str:
+    """The reference caption, e.g. 'a large red circle left of a small blue triangle'."""
+    phrases = [obj.phrase for obj in scene.objects]
+    if len(phrases) == 1:
+        return phrases[0]
+    if len(phrases) == 2:
+        return f"{phrases[0]} {scene.relation} {phrases[1]}"
+    return f"{phrases[0]}, {phrases[1]} and {phrases[2]}"
+
+
+def questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
+    """Question-answer pairs about colour, shape, count, relative position, and yes/no presence."""
+    objs = scene.objects
+    qa = [{"question": "how many shapes are there?", "answer": NUMBERS[len(objs)], "type": "count"}]
+    for obj in objs:
+        if sum(o.shape == obj.shape for o in objs) == 1:
+            qa.append(
+                {"question": f"what colour is the {obj.shape}?", "answer": obj.colour, "type": "colour"}
+            )
+        if sum(o.colour == obj.colour for o in objs) == 1:
+            qa.append(
+                {"question": f"what shape is the {obj.colour} object?", "answer": obj.shape, "type": "shape"}
+            )
+    if scene.relation is not None:
+        first, second = objs
+        flipped = {"left of": "right of", "above": "below"}[scene.relation]
+        asked = str(rng.choice([scene.relation, flipped]))
+        qa.append(
+            {
+                "question": f"is the {first.colour} {first.shape} {asked} the {second.colour} {second.shape}?",
+                "answer": "yes" if asked == scene.relation else "no",
+                "type": "position",
+            }
+        )
+    colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
+    present = any(o.colour == colour and o.shape == shape for o in objs)
+    qa.append(
+        {"question": f"is there a {colour} {shape}?", "answer": "yes" if present else "no", "type": "yesno"}
+    )
+    return qa
+
+
+def split_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The generator of one example: splits draw from disjoint streams of the same seed."""
+    return np.random.default_rng([seed, SPLITS.index(split), index])
+
+
+def make_example(seed: int, split: str, index: int, size: int = 64) -> tuple[Image.Image, dict]:
+    """One image and its index record (caption, QA pairs, objects)."""
+    rng = split_rng(seed, split, index)
+    scene = sample_scene(rng)
+    record = {
+        "caption": caption(scene),
+        "qa": questions(scene, rng),
+        "objects": [asdict(obj) for obj in scene.objects],
+    }
+    return render(scene, size, rng), record
+
+
+def iter_split(seed: int, split: str, n: int, size: int = 64) -> Iterator[tuple[Image.Image, dict]]:
+    for index in range(n):
+        yield make_example(seed, split, index, size)
+
+
+def write_dataset(
+    out: Path, n: int, seed: int = 0, size: int = 64, n_eval: int | None = None, progress: bool = True
+) -> dict[str, int]:
+    """Write PNGs under ``out/<split>/`` and one index ``out/<split>.jsonl`` per split; returns split sizes."""
+    from tqdm.auto import tqdm
+
+    counts = {"train": n, "val": n_eval if n_eval is not None else max(1, n // 5)}
+    counts["test"] = counts["val"]
+    out.mkdir(parents=True, exist_ok=True)
+    for split, count in counts.items():
+        (out / split).mkdir(exist_ok=True)
+        lines = []
+        examples = iter_split(seed, split, count, size)
+        for index, (image, record) in enumerate(
+            tqdm(examples, total=count, desc=split, disable=not progress)
+        ):
+            name = f"{split}/{index:06d}.png"
+            image.save(out / name)
+            lines.append(json.dumps({"image": name, "split": split, **record}))
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    meta = {"dataset": "mmwb-shapes", "seed": seed, "size": size, "splits": counts}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return counts

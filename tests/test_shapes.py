@@ -1,0 +1,94 @@
+"""The synthetic shapes dataset: deterministic, disjoint splits, captions and answers true to the pixels."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mmwb.cli.main import main
+from mmwb.data.shapes import (
+    COLOURS,
+    NUMBERS,
+    caption,
+    make_example,
+    questions,
+    render,
+    sample_scene,
+    split_rng,
+)
+
+
+def test_examples_are_pure_functions_of_seed_split_and_index():
+    image_a, record_a = make_example(3, "train", 5)
+    image_b, record_b = make_example(3, "train", 5)
+    assert record_a == record_b and np.array_equal(np.asarray(image_a), np.asarray(image_b))
+    _, other = make_example(3, "test", 5)
+    assert other != record_a
+
+
+def test_splits_share_no_scene():
+    captions = {
+        split: {json.dumps(make_example(0, split, i)[1]["objects"]) for i in range(200)}
+        for split in ("train", "val", "test")
+    }
+    assert not captions["train"] & captions["val"] and not captions["train"] & captions["test"]
+
+
+@pytest.mark.parametrize("index", range(40))
+def test_caption_and_answers_describe_the_scene(index):
+    rng = split_rng(11, "train", index)
+    scene = sample_scene(rng)
+    objs = scene.objects
+    text = caption(scene)
+    for obj in objs:
+        assert f"{obj.size} {obj.colour} {obj.shape}" in text
+    if len(objs) == 2:
+        a, b = objs
+        if scene.relation == "left of":
+            assert a.x < b.x and abs(a.x - b.x) > abs(a.y - b.y)
+        else:
+            assert a.y < b.y and abs(a.y - b.y) > abs(a.x - b.x)
+    image = np.asarray(render(scene, size=64)).astype(int)
+    for obj in objs:  # the centre pixel has the object's colour
+        pixel = image[int(obj.y * 64), int(obj.x * 64)]
+        assert np.abs(pixel - COLOURS[obj.colour]).max() < 40
+    for qa in questions(scene, rng):
+        if qa["type"] == "count":
+            assert qa["answer"] == NUMBERS[len(objs)]
+        elif qa["type"] == "colour":
+            shape = qa["question"].split()[-1].rstrip("?")
+            assert [o.colour for o in objs if o.shape == shape] == [qa["answer"]]
+        elif qa["type"] == "shape":
+            colour = qa["question"].split()[4]
+            assert [o.shape for o in objs if o.colour == colour] == [qa["answer"]]
+        elif qa["type"] == "yesno":
+            _, _, _, colour, shape = qa["question"].rstrip("?").split()
+            assert (qa["answer"] == "yes") == any(o.colour == colour and o.shape == shape for o in objs)
+        else:
+            asked_relation = (
+                "left of"
+                if "left of" in qa["question"]
+                else "right of"
+                if "right of" in qa["question"]
+                else None
+            )
+            asked_relation = asked_relation or ("above" if " above " in qa["question"] else "below")
+            assert (qa["answer"] == "yes") == (asked_relation == scene.relation)
+
+
+def test_cli_writes_splits_and_index(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    assert (
+        main(["data", "shapes", "--out", str(out), "--n", "6", "--n-eval", "2", "--seed", "4", "--json"]) == 0
+    )
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["splits"] == {"train": 6, "val": 2, "test": 2} and doc["seed"] == 4
+    lines = (out / "train.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+    first = json.loads(lines[0])
+    assert (out / first["image"]).is_file() and first["caption"] == make_example(4, "train", 0)[1]["caption"]
+
+
+def test_cli_refuses_bad_sizes(tmp_path, capsys):
+    assert main(["data", "shapes", "--out", str(tmp_path), "--n", "0"]) == 2
+    assert "--n and --n-eval must be at least 1" in capsys.readouterr().err
