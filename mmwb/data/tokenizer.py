@@ -1,0 +1,52 @@
+"""Byte-level BPE tokenizers trained with the ``tokenizers`` library and used through transformers.
+
+mmwb's small models are trained from scratch, so they get a vocabulary fitted to their text; wrapping it as a
+``PreTrainedTokenizerFast`` means the same code path serves mmwb's tokenizers and real checkpoints' ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from mmwb.errors import MmwbInputError
+
+PAD, BOS, EOS, IMAGE = "<|pad|>", "<|bos|>", "<|eos|>", "<image>"
+USER, ASSISTANT = "<|user|>", "<|assistant|>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, IMAGE, USER, ASSISTANT)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Fit a byte-level BPE on ``texts`` with mmwb's special tokens (padding, turns, ``<image>``)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        extra_special_tokens={"image_token": IMAGE, "user_token": USER, "assistant_token": ASSISTANT},
+        padding_side="left",  # decoder-only generation pads on the left
+    )
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """A tokenizer from a local folder; never downloads and never runs repository code."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MmwbInputError(f"{path}: tokenizer folder not found")
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise MmwbInputError(f"{path}: cannot load a tokenizer from this folder ({err})") from err
