@@ -4,4 +4,15 @@ Vision-language models with a Mixture-of-Experts decoder, ControlNet-conditioned
 score-based SDE models, all on one runtime (device, precision, seeding, timing) and one training engine.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+
+
+def from_pretrained(path, device=None, dtype=None) -> Any:
+    """Load any checkpoint folder mmwb understands (a decoder or a VLM); see mmwb.models.loading."""
+    from mmwb.models.loading import from_pretrained as load  # lazy: `import mmwb` stays light
+
+    return load(path, device=device, dtype=dtype)

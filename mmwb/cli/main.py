@@ -23,14 +23,14 @@ VERBS: dict[str, tuple[str | None, str]] = {
     "env": ("mmwb.cli.env", "print versions, devices, supported dtypes and thread counts"),
     "caption": (None, "caption images with a vision-language model"),
     "ask": (None, "answer a question about an image"),
-    "generate": (None, "generate images with ControlNet-conditioned Stable Diffusion"),
+    "generate": ("mmwb.cli.generate", "generate images with ControlNet-conditioned Stable Diffusion"),
     "sample": (None, "sample a score-based SDE model"),
     "likelihood": (None, "bits/dim of data under a score-based SDE model"),
-    "train": (None, "train a model: align, instruct, controlnet, sde, ..."),
+    "train": ("mmwb.cli.train", "train a model: align, instruct, controlnet, sde, ..."),
     "data": ("mmwb.cli.data", "make datasets: shapes, ..."),
     "recipe": (None, "run a whole training recipe: tiny-shapes, ..."),
     "export": (None, "export a checkpoint (e.g. merge LoRA adapters)"),
-    "bench": (None, "benchmark mmwb against the reference: decoder, vlm, align, generate, sde"),
+    "bench": ("mmwb.cli.bench", "benchmark mmwb against the reference: decoder, vlm, align, generate, sde"),
 }
 
 EXIT_BAD_INPUT = 2
@@ -59,7 +59,7 @@ def common_flags(nested: bool = False) -> argparse.ArgumentParser:
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    """The full parser; only the verb named in ``argv`` (if any) has its module imported."""
+    """The full parser; only the verb (and sub-command) named in ``argv`` has its module imported."""
     parser = argparse.ArgumentParser(
         prog="mmwb",
         description="mmwb, a multimodal model workbench: vision-language models, ControlNet Stable Diffusion "
@@ -69,24 +69,44 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     from mmwb import __version__
 
     parser.add_argument("--version", action="version", version=f"mmwb {__version__}")
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
-    parent = common_flags()
-    for name, (module_path, summary) in VERBS.items():
+    add_verbs(parser, VERBS, argv, path="", parent=common_flags())
+    return parser
+
+
+def add_verbs(
+    parser: argparse.ArgumentParser,
+    registry: dict[str, tuple[str | None, str]],
+    argv: Sequence[str],
+    path: str,
+    parent: argparse.ArgumentParser,
+) -> None:
+    """Add one sub-parser per registry entry, importing only the module of the one named in ``argv``.
+
+    A verb module either defines ``add_arguments(parser)`` and ``run(args)``, or ``SUBCOMMANDS``, a registry of
+    its own (``mmwb train sde``, ``mmwb bench decoder``) handled the same way one level down.
+    """
+    dest, metavar = ("verb", "VERB") if not path else (f"{path}_command", "COMMAND")
+    subparsers = parser.add_subparsers(dest=dest, metavar=metavar, required=True)
+    chosen = next((arg for arg in argv if arg in registry), None)
+    for name, (module_path, summary) in registry.items():
         help_text = summary if module_path else f"{summary} (not available yet)"
-        sub = verbs.add_parser(name, help=help_text, description=help_text, parents=[parent])
-        if name != chosen:
-            continue
-        if (
-            module_path is None
-        ):  # accept anything, so the user learns the verb is planned rather than an arg error
+        sub = subparsers.add_parser(name, help=help_text, description=help_text, parents=[parent])
+        if module_path is None:  # accept anything, so the user learns the verb is planned, not an arg error
             sub.add_argument("planned_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            sub.set_defaults(planned=f"{path} {name}".strip())
+            continue
+        if name != chosen:
             continue
         module = importlib.import_module(module_path)
         sub.description = module.HELP
-        module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
-    return parser
+        if hasattr(module, "SUBCOMMANDS"):
+            rest = argv[list(argv).index(name) + 1 :]
+            add_verbs(
+                sub, module.SUBCOMMANDS, rest, path=f"{path} {name}".strip(), parent=common_flags(nested=True)
+            )
+        else:
+            module.add_arguments(sub)
+            sub.set_defaults(run=module.run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if not hasattr(args, "run"):
-        raise MmwbError(f"'mmwb {args.verb}' is planned but not available in this version yet")
+        raise MmwbError(f"'mmwb {args.planned}' is planned but not available in this version yet")
     from mmwb.runtime import resolve_device, resolve_precision, seed_everything
 
     if args.device is not None or args.dtype is not None:  # refuse an unusable device/dtype before any work

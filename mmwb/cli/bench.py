@@ -1,0 +1,16 @@
+"""``mmwb bench``: each benchmark prints mmwb's speed as ratios against the reference, measured in one run."""
+
+from __future__ import annotations
+
+HELP = (
+    "Benchmark mmwb against its reference implementation on this machine, in the same run, and print the "
+    "ratios (--json for scripts). Results worth keeping go to BENCHMARKS.md with the command and the machine."
+)
+# sub-command -> (module, summary); None marks a planned benchmark
+SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
+    "decoder": (None, "MoE decoder prefill, decode and training step vs transformers"),
+    "vlm": (None, "end-to-end captioning vs transformers' Kimi-K2.5"),
+    "align": (None, "stage-1 alignment samples/s with and without the feature cache vs a transformers loop"),
+    "generate": (None, "ControlNet generation vs the plain diffusers pipeline; quality vs steps"),
+    "sde": (None, "quality vs number of function evaluations for each SDE sampler"),
+}
