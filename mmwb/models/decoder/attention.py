@@ -1,0 +1,82 @@
+"""Multi-head attention with grouped KV heads (MHA, GQA and MQA are the same code) on SDPA."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmwb.models.decoder.cache import KVCache
+from mmwb.models.decoder.config import DecoderConfig
+from mmwb.models.decoder.norm import RMSNorm
+from mmwb.models.decoder.rope import apply_rope
+
+
+class GroupedQueryAttention(nn.Module):
+    """Llama/Mixtral/Qwen3 attention; Qwen3's per-head q/k RMSNorm when cfg.qk_norm."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.scale = cfg.softmax_scale
+        self.decode_max_tokens = cfg.decode_max_tokens
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        cache_position: int = 0,
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v, cache_position)  # (B, H_kv, S, D)
+        if cache is not None and length <= self.decode_max_tokens:
+            out = grouped_attention(q, k, v, mask, self.scale)
+            return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and length > 1,
+            scale=self.scale,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Attention for a few new tokens over a cache without repeating KV heads.
+
+    q (B, H, T, D), k (B, H_kv, S, D), v (B, H_kv, S, Dv), mask (B, 1, T, S) or None (causal) -> (B, H, T, Dv).
+    The H / H_kv query heads sharing a KV head are folded into the rows of one matmul, so each cached key and
+    value is read once per step (SDPA would expand the cache per query head).
+    """
+    batch, heads, length, _ = q.shape
+    kv_heads = k.shape[1]
+    folded = q.reshape(batch, kv_heads, heads // kv_heads * length, -1)  # (B, H_kv, rep * T, D)
+    scores = torch.matmul(folded, k.transpose(-1, -2)).view(batch, heads, length, -1) * scale  # (B, H, T, S)
+    if mask is None and length > 1:  # plain causal block at cache position 0
+        mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(-1, dtype=torch.float32).to(v.dtype).view(batch, kv_heads, -1, scores.shape[-1])
+    return torch.matmul(probs, v).view(batch, heads, length, -1)

@@ -1,0 +1,280 @@
+"""Checkpoint import (transformers deepseek_v3 / kimi_k2 / qwen3_moe / mixtral) and mmwb's own format.
+
+Loading builds the model on the meta device, plans for every parameter which checkpoint tensors make it (a rename,
+a stack of per-expert matrices, a row permutation), checks names and shapes of the whole plan before reading any
+data, then reads tensors one at a time from memory-mapped safetensors shards and assigns them, so a checkpoint is
+never held twice in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mmwb.errors import MmwbCheckpointError
+from mmwb.models.decoder.config import DecoderConfig
+from mmwb.models.decoder.model import DecoderForCausalLM
+from mmwb.models.loading import read_config
+from mmwb.runtime import resolve_device
+
+MODEL_TYPE = "mmwb_decoder"
+HF_MODEL_TYPES = ("deepseek_v3", "kimi_k2", "qwen3_moe", "mixtral")
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+FP32_BUFFERS = ("e_score_correction_bias",)  # selection bias stays fp32 whatever the model dtype
+MAX_NAMES = 8  # tensor names listed per error category
+
+
+class TensorSource:
+    """Lazy view over a folder's safetensors shards (single file or sharded with an index)."""
+
+    def __init__(self, directory: Path) -> None:
+        index = directory / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.shard_of = {name: directory / shard for name, shard in weight_map.items()}
+        elif (directory / WEIGHTS_NAME).is_file():
+            with safe_open(directory / WEIGHTS_NAME, "pt") as f:
+                self.shard_of = {name: directory / WEIGHTS_NAME for name in f.keys()}  # noqa: SIM118
+        else:
+            raise MmwbCheckpointError(f"{directory}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
+        missing_shards = sorted({str(p.name) for p in self.shard_of.values() if not p.is_file()})
+        if missing_shards:
+            raise MmwbCheckpointError(f"{directory}: index names missing shard files {missing_shards}")
+        self._handles: dict[Path, object] = {}
+
+    def _handle(self, name: str):
+        shard = self.shard_of[name]
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(shard, "pt")
+        return self._handles[shard]
+
+    def names(self) -> set[str]:
+        return set(self.shard_of)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+
+@dataclass
+class Recipe:
+    """How one model tensor is made: the checkpoint tensors it needs, their expected shapes, and the combine."""
+
+    sources: list[str]
+    shapes: list[tuple[int, ...]]
+    combine: Callable[[list[torch.Tensor]], torch.Tensor] = lambda tensors: tensors[0]
+
+
+# --- name plans ---
+
+
+def _identity(name: str, shape: tuple[int, ...]) -> Recipe:
+    return Recipe([name], [shape])
+
+
+_EXPERTS = re.compile(r"^(model\.layers\.\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_ROPE_ROWS = re.compile(r"self_attn\.(q_proj|q_b_proj|kv_a_proj_with_mqa)\.(weight|bias)$")
+_MIXTRAL_EXPERT = {"gate": "w1", "up": "w3", "down": "w2"}
+
+
+def hf_recipe(model_type: str, hf_config: dict, cfg: DecoderConfig) -> Callable[[str, tuple, set], Recipe]:
+    """Plan for transformers checkpoints: per-expert matrices stacked, Mixtral names, DeepSeek rope layout."""
+    mixtral = model_type == "mixtral"
+    deinterleave = model_type in ("deepseek_v3", "kimi_k2") and hf_config.get("rope_interleave", True)
+
+    def expert_name(layer: str, j: int, kind: str) -> str:
+        if mixtral:
+            return f"{layer}.block_sparse_moe.experts.{j}.{_MIXTRAL_EXPERT[kind]}.weight"
+        return f"{layer}.mlp.experts.{j}.{kind}_proj.weight"
+
+    def recipe(name: str, shape: tuple[int, ...], available: set[str]) -> Recipe:
+        # Mixtral files say block_sparse_moe where the model says mlp (unless already converted).
+        source = name.replace(".mlp.", ".block_sparse_moe.") if mixtral and name not in available else name
+        match = _EXPERTS.match(name)
+        if match and source not in available:  # per-expert matrices, as transformers saves them
+            layer, kind = match.groups()
+            return _stacked_experts(
+                shape, lambda j, part: expert_name(layer, j, part), kind == "gate_up_proj"
+            )
+        plan = _identity(source, shape)
+        if deinterleave and _ROPE_ROWS.search(name):
+            plan.combine = _rope_row_permutation(name, cfg)
+        return plan
+
+    return recipe
+
+
+def _stacked_experts(shape: tuple[int, ...], name_of: Callable[[int, str], str], gate_up: bool) -> Recipe:
+    """(E, 2I, C) from E gate and E up matrices (I, C), or (E, C, I) from E down matrices."""
+    experts = shape[0]
+    if not gate_up:
+        names = [name_of(j, "down") for j in range(experts)]
+        return Recipe(names, [shape[1:]] * experts, torch.stack)
+    names = [name_of(j, part) for part in ("gate", "up") for j in range(experts)]
+
+    def combine(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([torch.cat(pair) for pair in zip(tensors[:experts], tensors[experts:])])
+
+    return Recipe(names, [(shape[1] // 2, shape[2])] * (2 * experts), combine)
+
+
+def _rope_row_permutation(name: str, cfg: DecoderConfig) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """DeepSeek rotates interleaved pairs (x0, x1), (x2, x3)...; mmwb rotates halves. Reordering the rope rows of
+    the projection (evens first, then odds) makes the half-split rotation give bit-identical q/k."""
+    rope, nope = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim
+    order = torch.cat((torch.arange(0, rope, 2), torch.arange(1, rope, 2)))
+    per_head = "kv_a_proj_with_mqa" not in name
+
+    def permute(tensors: list[torch.Tensor]) -> torch.Tensor:
+        w = tensors[0]
+        if per_head:  # (H * (dn + dr), ...): rope rows are the last dr of every head
+            blocks = w.view(cfg.num_heads, nope + rope, *w.shape[1:])
+            return torch.cat((blocks[:, :nope], blocks[:, nope:][:, order]), dim=1).reshape(w.shape)
+        return torch.cat((w[: cfg.kv_lora_rank], w[cfg.kv_lora_rank :][order]))  # (r + dr, ...)
+
+    return permute
+
+
+def _ignorable_hf(name: str, cfg: DecoderConfig) -> bool:
+    """Checkpoint tensors with no counterpart on purpose: DeepSeek's multi-token-prediction layers, rope caches."""
+    layer = re.match(r"^model\.layers\.(\d+)\.", name)
+    return (layer is not None and int(layer.group(1)) >= cfg.num_layers) or name.endswith(
+        "rotary_emb.inv_freq"
+    )
+
+
+# --- loading ---
+
+
+def load_decoder(
+    path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> DecoderForCausalLM:
+    """Build a DecoderForCausalLM from an mmwb or transformers checkpoint folder."""
+    directory = Path(path)
+    raw = read_config(directory)
+    model_type = raw.get("model_type")
+    if model_type == MODEL_TYPE:
+        cfg = DecoderConfig.from_dict(raw["decoder"])
+        recipe_for = lambda name, shape, available: _identity(name, shape)  # noqa: E731
+        ignorable: Callable[[str], bool] = lambda name: False  # noqa: E731
+    elif model_type in HF_MODEL_TYPES:
+        cfg = DecoderConfig.from_hf_config(raw)
+        recipe_for = hf_recipe(model_type, raw, cfg)
+        ignorable = lambda name: _ignorable_hf(name, cfg)  # noqa: E731
+    else:
+        raise MmwbCheckpointError(f"{directory}/config.json: model_type {model_type!r} is not a decoder type")
+    return _assemble(cfg, TensorSource(directory), recipe_for, ignorable, device, dtype, directory)
+
+
+def _assemble(
+    cfg: DecoderConfig,
+    source: TensorSource,
+    recipe_for: Callable,
+    ignorable: Callable[[str], bool],
+    device,
+    dtype: torch.dtype | None,
+    directory: Path,
+) -> DecoderForCausalLM:
+    device = resolve_device(device)  # None: $MMWB_DEVICE or the best available, as everywhere in mmwb
+    with torch.device("meta"):
+        model = DecoderForCausalLM(cfg)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    available = source.names()
+    plan = {name: recipe_for(name, shape, available) for name, shape in expected.items()}
+    _check_plan(plan, source, ignorable, cfg, directory)
+    first = plan["model.embed_tokens.weight"].sources[0]
+    dtype = dtype or source.get(first).dtype
+    state = {}
+    for name, recipe in plan.items():
+        tensor = recipe.combine([source.get(s) for s in recipe.sources])
+        keep_fp32 = name.endswith(FP32_BUFFERS)
+        # A fresh allocation is aligned for vector kernels; safetensors' buffers sit at arbitrary file offsets.
+        target = torch.empty(tensor.shape, device=device, dtype=torch.float32 if keep_fp32 else dtype)
+        state[name] = target.copy_(tensor)
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_rope(device)
+    return model.eval()
+
+
+def _check_plan(
+    plan: dict[str, Recipe], source: TensorSource, ignorable: Callable, cfg: DecoderConfig, directory: Path
+) -> None:
+    """One error listing every missing, unexpected and mis-shaped checkpoint tensor by name."""
+    available = source.names()
+    used = {s for recipe in plan.values() for s in recipe.sources}
+    missing = sorted(used - available)
+    unexpected = sorted(n for n in available - used if not ignorable(n))
+    if cfg.tie_word_embeddings:
+        unexpected = [n for n in unexpected if n != "lm_head.weight"]
+    misshaped = [
+        f"{s} {source.shape(s)} (expected {shape})"
+        for recipe in plan.values()
+        for s, shape in zip(recipe.sources, recipe.shapes)
+        if s in available and source.shape(s) != tuple(shape)
+    ]
+    problems = [
+        f"{label} ({len(items)}): {', '.join(items[:MAX_NAMES])}{' ...' if len(items) > MAX_NAMES else ''}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+        if items
+    ]
+    if problems:
+        raise MmwbCheckpointError(f"{directory}: checkpoint does not fit the model: " + "; ".join(problems))
+
+
+# --- saving ---
+
+
+def save_pretrained(model: DecoderForCausalLM, path: str | Path, max_shard_bytes: int | None = None) -> None:
+    """Write config.json (model_type mmwb_decoder) and safetensors, sharded with an index above max_shard_bytes."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    config = {
+        "model_type": MODEL_TYPE,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "decoder": model.config.to_dict(),
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shards = _shard(state, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], directory / WEIGHTS_NAME, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / filename, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, filename))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if max_bytes is not None and shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards

@@ -1,0 +1,99 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3): keys and values come from one low-rank latent per token.
+
+Two exact formulations of the same attention:
+- expanded (training, prefill): kv_b_proj turns the latent into per-head keys/values, then plain SDPA;
+- absorbed (cached decode): kv_b_proj's key half is folded into the query and its value half into the output, so
+  attention runs directly on the cached latent (B, 1, S, r + d_rope) as one shared KV head; the cache is never
+  re-expanded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmwb.models.decoder.attention import grouped_attention
+from mmwb.models.decoder.cache import LatentCache
+from mmwb.models.decoder.config import DecoderConfig
+from mmwb.models.decoder.norm import RMSNorm
+from mmwb.models.decoder.rope import apply_rope
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        self.decode_max_tokens = cfg.decode_max_tokens
+        q_out = cfg.num_heads * (self.nope_dim + self.rope_dim)
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            cfg.hidden_size, self.kv_rank + self.rope_dim, bias=cfg.attention_bias
+        )
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_rank, cfg.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: LatentCache | None = None,
+        cache_position: int = 0,
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self._query(x).view(batch, length, self.num_heads, -1).transpose(1, 2)  # (B, H, T, dn + dr)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_rope = apply_rope(q_rope, *rope)
+        kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        kv_latent = self.kv_a_layernorm(kv_latent)[:, None]  # (B, 1, T, r)
+        k_rope = apply_rope(k_rope[:, None], *rope)  # (B, 1, T, dr)
+        latent = torch.cat((kv_latent, k_rope), dim=-1)  # (B, 1, T, r + dr)
+        if cache is not None:
+            latent = cache.update(latent, cache_position)  # (B, 1, S, r + dr)
+        attend = self._absorbed if cache is not None and length <= self.decode_max_tokens else self._expanded
+        out = attend(q_nope, q_rope, latent, mask)  # (B, H, T, dv)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def _expanded(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        batch, _, seq, _ = latent.shape
+        kv_latent, k_rope = latent.split([self.kv_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(kv_latent[:, 0]).view(batch, seq, self.num_heads, -1).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # (B, H, S, dn), (B, H, S, dv)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        k = torch.cat((k_nope, k_rope.expand(-1, self.num_heads, -1, -1)), dim=-1)
+        qk_dim = q.shape[-1]
+        if self.v_dim < qk_dim:  # SDPA's fused CPU/GPU kernels need equal head dims; zero columns are exact
+            v = F.pad(v, (0, qk_dim - self.v_dim))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, scale=self.scale
+        )
+        return out[..., : self.v_dim]
+
+    def _absorbed(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w.split([self.nope_dim, self.v_dim], dim=1)  # (H, dn, r), (H, dv, r)
+        q_latent = torch.matmul(q_nope, w_uk)  # (B, H, T, r): q_nope . (W_uk c) == (q_nope W_uk) . c
+        q = torch.cat((q_latent, q_rope), dim=-1)  # (B, H, T, r + dr)
+        out_latent = grouped_attention(
+            q, latent, latent[..., : self.kv_rank], mask, self.scale
+        )  # (B, H, T, r)
+        return torch.matmul(out_latent, w_uv.transpose(1, 2))  # (B, H, T, dv)

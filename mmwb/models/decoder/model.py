@@ -1,0 +1,262 @@
+"""The decoder: embeddings, pre-norm layers (GQA or MLA attention; dense or MoE feed-forward), LM head.
+
+Module and parameter names follow transformers' DeepSeek-V3/Qwen3-MoE layout, so checkpoint import is mostly a
+rename. `forward` is the training/scoring entry; `step` is the cached inference entry generation drives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mmwb.errors import MmwbInputError
+from mmwb.models.decoder.attention import GroupedQueryAttention
+from mmwb.models.decoder.cache import DecoderCache, KVCache, LatentCache, cache_bytes_per_token
+from mmwb.models.decoder.config import DecoderConfig
+from mmwb.models.decoder.mask import attention_mask_for
+from mmwb.models.decoder.mla import MultiHeadLatentAttention
+from mmwb.models.decoder.mlp import SwiGLU
+from mmwb.models.decoder.moe import Experts, MoEBlock, Router, Routing, load_balancing_loss, router_z_loss
+from mmwb.models.decoder.norm import RMSNorm
+from mmwb.models.decoder.rope import RotaryEmbedding
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class DecoderOutput:
+    """Like transformers' MoeCausalLMOutput: loss includes the weighted router losses when labels are given."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    expert_counts: torch.Tensor | None = None  # (num MoE layers, E) token-expert assignments of this pass
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, index: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = (
+            MultiHeadLatentAttention(cfg) if cfg.attention == "mla" else GroupedQueryAttention(cfg)
+        )
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = (
+            MoEBlock(cfg) if cfg.is_moe_layer(index) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        )
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: KVCache | LatentCache | None,
+        position: int,
+    ) -> tuple[torch.Tensor, Routing | None]:
+        h = h + self.self_attn(self.input_layernorm(h), rope, mask, cache, position)
+        out = self.mlp(self.post_attention_layernorm(h))
+        routing = None
+        if isinstance(out, tuple):
+            out, routing = out
+        return h + out, routing
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg)
+
+
+class DecoderForCausalLM(nn.Module):
+    """MoE causal LM implementing mmwb's StepModel protocol (allocate_cache / step / reorder_cache)."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random init for training from scratch (normal(0, std) matrices, unit norms, zero biases)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, Experts):
+                module.gate_up_proj.normal_(0.0, std)
+                module.down_proj.normal_(0.0, std)
+            elif isinstance(module, Router):
+                module.weight.normal_(0.0, std)
+                if module.e_score_correction_bias is not None:
+                    module.e_score_correction_bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def reset_rope(self, device: torch.device) -> None:
+        """Recompute the RoPE frequencies (non-persistent; needed after building on the meta device)."""
+        self.model.rotary_emb = RotaryEmbedding(self.config, device=device)
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def routers(self) -> list[Router]:
+        return [m for m in self.modules() if isinstance(m, Router)]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> DecoderOutput:
+        """logits_to_keep > 0 computes logits for the last positions only (a full vocab row costs as much as a
+        layer); 0 keeps all, as transformers does."""
+        if labels is not None and logits_to_keep:
+            raise MmwbInputError("labels need logits for every position; leave logits_to_keep at 0")
+        hidden, routings = self._hidden(input_ids, inputs_embeds, attention_mask, position_ids, None, 0)
+        logits = self.lm_head(hidden[:, -logits_to_keep:])
+        out = DecoderOutput(logits=logits)
+        if routings:
+            out.expert_counts = torch.stack([r.counts for r in routings]).detach()
+        if labels is not None:
+            out.lm_loss = out.loss = causal_lm_loss(logits, labels)
+            if routings:
+                out.aux_loss = load_balancing_loss(routings, self.config.n_routed_experts, attention_mask)
+                out.z_loss = router_z_loss(routings, attention_mask)
+                out.loss = out.lm_loss + self.config.router_aux_loss_coef * out.aux_loss
+                out.loss = out.loss + self.config.router_z_loss_coef * out.z_loss
+        return out
+
+    def _hidden(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: DecoderCache | None,
+        cache_position: int,
+    ) -> tuple[torch.Tensor, list[Routing]]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise MmwbInputError("pass exactly one of input_ids and inputs_embeds")
+        h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        length = h.shape[1]
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, h.shape[0], length, cache_position, h.device)
+        rope = self.model.rotary_emb(position_ids, h.dtype)
+        mask = attention_mask_for(attention_mask, length, cache_position, h.device)
+        routings = []
+        for i, layer in enumerate(self.model.layers):
+            layer_cache = cache.layers[i] if cache is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h, routing = checkpoint(
+                    layer, h, rope, mask, layer_cache, cache_position, use_reentrant=False
+                )
+            else:
+                h, routing = layer(h, rope, mask, layer_cache, cache_position)
+            if routing is not None:
+                routings.append(routing)
+        return self.model.norm(h), routings
+
+    # --- StepModel protocol (driven by mmwb.models.decoder.generate) ---
+
+    def allocate_cache(
+        self, batch_size: int, max_length: int, dtype: torch.dtype | None = None
+    ) -> DecoderCache:
+        """Preallocate every layer's cache for max_length tokens on the model's device (and dtype)."""
+        return DecoderCache.allocate(self.config, batch_size, max_length, self.device, dtype or self.dtype)
+
+    @torch.no_grad()
+    def step(
+        self,
+        input_ids: torch.Tensor | None,
+        *,
+        cache: DecoderCache,
+        cache_position: int,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        inputs_embeds: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Run T new tokens at cache slots [cache_position, cache_position + T); returns fp32 logits (B, T, V).
+
+        logits_to_keep=1 returns (B, 1, V) for the last token only: what a prefill needs, at 1/T of the LM-head cost.
+        """
+        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        if cache_position + length > cache.max_length:
+            raise MmwbInputError(
+                f"cache holds {cache.max_length} tokens, step needs {cache_position + length}; allocate a longer one"
+            )
+        hidden, _ = self._hidden(
+            input_ids, inputs_embeds, attention_mask, position_ids, cache, cache_position
+        )
+        return self.lm_head(hidden[:, -logits_to_keep:]).float()
+
+    def reorder_cache(self, cache: DecoderCache, beam_idx: torch.Tensor) -> DecoderCache:
+        return cache.reorder(beam_idx)
+
+    def cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """KV-cache bytes one token costs across all layers (MLA: kv_lora_rank + rope dims per layer)."""
+        return cache_bytes_per_token(self.config, dtype or self.dtype)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+        from mmwb.models.decoder.generate import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+    def save_pretrained(self, path, max_shard_bytes: int | None = None) -> None:
+        from mmwb.models.decoder.checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None) -> DecoderForCausalLM:
+        from mmwb.models.decoder.checkpoint import load_decoder
+
+        return load_decoder(path, device=device, dtype=dtype)
+
+
+def positions_from_mask(
+    attention_mask: torch.Tensor | None, batch: int, length: int, cache_position: int, device: torch.device
+) -> torch.Tensor:
+    """RoPE positions (B, T): count of real tokens before each slot, so left padding does not shift positions."""
+    if attention_mask is None:
+        return torch.arange(cache_position, cache_position + length, device=device).expand(batch, -1)
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -length:]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy in fp32, mean over labels that are not IGNORE_INDEX."""
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T): label of the next token
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX
+    )

@@ -1,0 +1,47 @@
+"""`mmwb.from_pretrained`: read config.json's model_type and hand the folder to the family that owns it."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+
+from mmwb.errors import MmwbCheckpointError
+
+# model_type -> "module:function(path, device=, dtype=)"; imported lazily so one family never loads another.
+LOADERS: dict[str, str] = {
+    "mmwb_decoder": "mmwb.models.decoder.checkpoint:load_decoder",
+    "deepseek_v3": "mmwb.models.decoder.checkpoint:load_decoder",
+    "kimi_k2": "mmwb.models.decoder.checkpoint:load_decoder",
+    "qwen3_moe": "mmwb.models.decoder.checkpoint:load_decoder",
+    "mixtral": "mmwb.models.decoder.checkpoint:load_decoder",
+}
+
+
+def from_pretrained(
+    path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+):
+    """Load any checkpoint folder mmwb understands (see LOADERS) onto device in dtype."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise MmwbCheckpointError(f"{directory}: not a checkpoint folder")
+    model_type = read_config(directory).get("model_type")
+    if model_type not in LOADERS:
+        raise MmwbCheckpointError(
+            f"{directory}/config.json: model_type {model_type!r} is not one of {sorted(LOADERS)}"
+        )
+    module, function = LOADERS[model_type].split(":")
+    return getattr(importlib.import_module(module), function)(directory, device=device, dtype=dtype)
+
+
+def read_config(directory: Path) -> dict:
+    """config.json of a checkpoint folder as a dict, with errors that name the file."""
+    config = directory / "config.json"
+    if not config.is_file():
+        raise MmwbCheckpointError(f"{directory}: no config.json")
+    try:
+        return json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise MmwbCheckpointError(f"{config}: not valid JSON ({err})") from err
