@@ -1,0 +1,28 @@
+"""Training: the shared engine (accelerate), its config, data order, checkpoints, EMA, schedules and metrics."""
+
+from mmwb.train.config import ParamGroupConfig, TrainConfig
+from mmwb.train.data import (
+    BadItem,
+    CollatedBatch,
+    DataPosition,
+    ResumableBatchSampler,
+    SkipBadItems,
+    skip_bad_items,
+)
+from mmwb.train.engine import Trainer, TrainingDivergedError, TrainResult, param_groups, train
+
+__all__ = [
+    "BadItem",
+    "CollatedBatch",
+    "DataPosition",
+    "ParamGroupConfig",
+    "ResumableBatchSampler",
+    "SkipBadItems",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "TrainingDivergedError",
+    "param_groups",
+    "skip_bad_items",
+    "train",
+]
