@@ -62,6 +62,18 @@ def test_grouped_dispatch_equals_naive_loop(overrides):
     assert torch.equal(routing.counts, torch.bincount(routing.indices.flatten(), minlength=8))
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_few_token_inference_dispatch_equals_naive_loop(tokens):
+    """Decode-sized inputs under no_grad take Experts._few_tokens (per used expert, no sort/permute)."""
+    block = _block(n_shared_experts=1)
+    x = torch.randn(1, tokens, 32)
+    with torch.no_grad():
+        out, routing = block(x)
+        want = _naive(block, x)
+    assert torch.allclose(out, want, atol=1e-5)
+    assert torch.equal(routing.counts, torch.bincount(routing.indices.flatten(), minlength=8))
+
+
 def test_group_limited_routing_stays_in_top_groups():
     block = _block(scoring_func="sigmoid", expert_bias=True, n_group=4, topk_group=1, num_experts_per_tok=2)
     _, indices, _ = block.gate(torch.randn(50, 32))

@@ -2,6 +2,7 @@
 
 from mmwb.models.decoder.cache import DecoderCache, cache_bytes_per_token
 from mmwb.models.decoder.config import DecoderConfig
+from mmwb.models.decoder.generate import GenerationConfig, generate, stream
 from mmwb.models.decoder.model import DecoderForCausalLM, DecoderOutput
 from mmwb.models.decoder.moe import update_expert_bias
 
@@ -10,6 +11,9 @@ __all__ = [
     "DecoderConfig",
     "DecoderForCausalLM",
     "DecoderOutput",
+    "GenerationConfig",
     "cache_bytes_per_token",
+    "generate",
+    "stream",
     "update_expert_bias",
 ]

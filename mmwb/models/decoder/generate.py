@@ -11,6 +11,7 @@ string can finish a row (plus the decode for stop strings, which needs text).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -24,7 +25,10 @@ _NEG = -1.0e9  # transformers' "impossible" beam score; kept identical so beam r
 
 
 class StepModel(Protocol):
-    """What generation needs from a model: a preallocated cache and one forward over the new tokens."""
+    """What generation needs from a model: a preallocated cache and one forward over the new tokens.
+
+    ``attention_mask`` is None when no row is padded. A ``step`` that also takes ``logits_to_keep`` is asked for
+    the last position's logits only at prefill (the LM head over a whole prompt costs as much as a layer)."""
 
     def allocate_cache(self, batch_size: int, max_length: int) -> Any: ...
 
@@ -35,7 +39,7 @@ class StepModel(Protocol):
         cache: Any,
         cache_position: int,
         position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
@@ -168,6 +172,11 @@ class _Prompt:
     ignore_before: torch.Tensor | None  # (N,) left-padding length, for the repetition penalty
     prompt_len: int  # T: cache slots the prompt fills
     ids_len: int  # T0: prompt ids that the output starts with (0 when only embeddings were given)
+    padded: bool = True  # False: no padding anywhere, so steps pass no mask (plain causal attention)
+
+    def step_mask(self, end: int) -> torch.Tensor | None:
+        """The attention mask over cache slots [0, end), or None when nothing is padded."""
+        return self.mask[:, :end] if self.padded else None
 
 
 def _prepare(
@@ -203,7 +212,8 @@ def _prepare(
     mask = torch.ones(batch, prompt_len + new, dtype=torch.long, device=device)
     mask[:, :prompt_len] = attention_mask
     ignore = (attention_mask != 0).int().argmax(dim=1) if input_ids is not None else None
-    prompt = _Prompt(sequences, mask, attention_mask.long().sum(-1), ignore, prompt_len, ids_len)
+    padded = not bool(attention_mask.all())  # one host sync per generation, none per step
+    prompt = _Prompt(sequences, mask, attention_mask.long().sum(-1), ignore, prompt_len, ids_len, padded)
     if expand > 1:  # beam search: each row becomes `expand` adjacent rows, like transformers
         for field in ("sequences", "mask", "positions", "ignore_before"):
             value = getattr(prompt, field)
@@ -216,7 +226,8 @@ def _prepare(
 def _prefill(
     model: StepModel, prompt: _Prompt, cache: Any, input_ids, inputs_embeds, expand: int
 ) -> torch.Tensor:
-    """Run the prompt through the model; return the last position's logits (N, V) in float32."""
+    """Run the prompt through the model; return the last position's logits (N, V) in float32 (the LM head runs
+    on the last position only)."""
     mask = prompt.mask[:, : prompt.prompt_len]
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (N, T): left padding starts at 0
     if inputs_embeds is not None:
@@ -229,10 +240,17 @@ def _prefill(
         cache=cache,
         cache_position=0,
         position_ids=position_ids,
-        attention_mask=mask,
+        attention_mask=prompt.step_mask(prompt.prompt_len),
         inputs_embeds=inputs_embeds,
+        **_last_logits_only(model),
     )
     return logits[:, -1].float()
+
+
+def _last_logits_only(model: StepModel) -> dict[str, int]:
+    """``{"logits_to_keep": 1}`` for a step that takes it, else nothing (see StepModel)."""
+    accepts = "logits_to_keep" in inspect.signature(model.step).parameters
+    return {"logits_to_keep": 1} if accepts else {}
 
 
 @torch.no_grad()
@@ -245,7 +263,7 @@ def _decode_one(
         cache=cache,
         cache_position=slot,
         position_ids=prompt.positions[:, None],
-        attention_mask=prompt.mask[:, : slot + 1],
+        attention_mask=prompt.step_mask(slot + 1),
     )
     prompt.positions += 1
     return logits[:, -1].float()

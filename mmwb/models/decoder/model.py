@@ -172,6 +172,8 @@ class DecoderForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, h.shape[0], length, cache_position, h.device)
         rope = self.model.rotary_emb(position_ids, h.dtype)
+        if cache_position == 0 and attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # nothing padded: plain causal SDPA skips the masked half of the scores
         mask = attention_mask_for(attention_mask, length, cache_position, h.device)
         routings = []
         for i, layer in enumerate(self.model.layers):
@@ -202,7 +204,7 @@ class DecoderForCausalLM(nn.Module):
         cache: DecoderCache,
         cache_position: int,
         position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int = 0,
     ) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Dispatch sorts the (token, expert) assignments by expert so each used expert runs one matmul over a contiguous
 slice (torch._grouped_mm on CUDA bf16, one F.linear per used expert elsewhere); unused experts cost nothing and no
-token is dropped. On CPU the per-expert split needs the counts on the host, which is free there.
+token is dropped. On CPU the per-expert split needs the counts on the host, which is free there; decode-sized
+inference on CPU skips the sort altogether (Experts._few_tokens).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from torch import nn
 from mmwb.errors import MmwbConfigError
 from mmwb.models.decoder.config import DecoderConfig
 from mmwb.models.decoder.mlp import SwiGLU
+
+# Inference with at most this many (token, expert) assignments (decode steps) takes Experts._few_tokens.
+FEW_ASSIGNMENTS = 64
 
 
 @dataclass
@@ -89,6 +93,8 @@ class Experts(nn.Module):
         self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, C), indices/weights (N, k) -> weighted sum of expert outputs (N, C), counts (E,)."""
+        if indices.numel() <= FEW_ASSIGNMENTS and not torch.is_grad_enabled() and x.device.type == "cpu":
+            return self._few_tokens(x, indices, weights)
         tokens, top_k = indices.shape
         flat = indices.reshape(-1)  # (N*k,) assignment a = n * k + slot
         order = flat.argsort(stable=True)  # assignments sorted by expert
@@ -102,6 +108,29 @@ class Experts(nn.Module):
         y = grouped_linear(F.silu(gate) * up, self.down_proj, groups)  # (N*k, C), sorted by expert
         y = _Permute.apply(y, inverse, order).view(tokens, top_k, -1)  # back to (N, k, C)
         return (y * weights[..., None]).sum(1).to(x.dtype), counts
+
+    def _few_tokens(
+        self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode-sized inference: run each chosen expert on its rows straight from its weight slice.
+
+        With a handful of (token, expert) assignments the sort/permute bookkeeping of the grouped path costs more
+        than the matmuls; here the host reads the few chosen ids (free on a CPU), and each used expert's weights
+        are read once, with no copy. Same sum over slots, in the same order, as the grouped path.
+        """
+        tokens, top_k = indices.shape
+        flat = indices.reshape(-1).tolist()  # assignment a = n * k + slot
+        rows: dict[int, list[int]] = {}
+        for a, e in enumerate(flat):
+            rows.setdefault(e, []).append(a)
+        y = x.new_empty(tokens * top_k, x.shape[-1])  # (N*k, C) expert outputs per assignment
+        for e, assigned in rows.items():
+            xe = x if tokens == 1 else x[[a // top_k for a in assigned]]  # (n_e, C)
+            gate, up = F.linear(xe, self.gate_up_proj[e]).chunk(2, dim=-1)
+            y[assigned] = F.linear(F.silu(gate) * up, self.down_proj[e])
+        counts = torch.bincount(indices.reshape(-1), minlength=self.gate_up_proj.shape[0])
+        out = (y.view(tokens, top_k, -1) * weights[..., None]).sum(1)
+        return out.to(x.dtype), counts
 
 
 class _Permute(torch.autograd.Function):
