@@ -61,7 +61,7 @@ def test_env_human_output(capsys):
     [
         (["env", "--device", "cuda:7"], "mmwb env: error: --device: device 'cuda:7' requested but"),
         (["env", "--dtype", "fp16", "--device", "cpu"], "fp16 is not supported on cpu"),
-        (["caption", "img.png"], "'mmwb caption' is planned but not available"),
+        (["data", "shapes", "--out", "x", "--n", "0"], "--n and --n-eval must be at least 1"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):

@@ -1,0 +1,37 @@
+"""Prompt templates of mmwb's VLMs, the same token layout the trainers use (mmwb.train.multimodal).
+
+``plain`` (stage-1 captioning): ``<|bos|><image>`` then the caption. ``chat`` (instruction tuning):
+``<|bos|><|user|><image>question<|assistant|>`` then the answer. One ``<image>`` per image; the model widens it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mmwb.data.tokenizer import ASSISTANT, BOS, IMAGE, USER
+from mmwb.errors import MmwbInputError
+
+TEMPLATES = ("plain", "chat")
+DEFAULT_CAPTION_QUESTION = "describe the image"
+
+
+def build_prompt(question: str | None, template: str = "chat", n_images: int = 1) -> str:
+    """The prompt text up to where the model starts writing; ``question=None`` asks for a caption."""
+    if template not in TEMPLATES:
+        raise MmwbInputError(f"template {template!r} is not one of {TEMPLATES}")
+    images = IMAGE * n_images
+    if template == "plain":
+        return f"{BOS}{images}" + (question or "")
+    return f"{BOS}{USER}{images}{question or DEFAULT_CAPTION_QUESTION}{ASSISTANT}"
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``(B, T)`` ids and mask (decoder-only generation appends on the right)."""
+    rows = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask

@@ -1,0 +1,171 @@
+"""``kimi_k25`` and ``llava`` checkpoint folders as mmwb VisionLanguageModels.
+
+Both layouts are read: the published one (``language_model.model.*``, ``vision_tower.*``, ...) and transformers'
+in-memory one (``model.language_model.*``, ``model.vision_tower.*``, ...). A text model mmwb's decoder knows
+(DeepSeek-V3, Qwen3-MoE, Mixtral) runs on mmwb's decoder; any other runs on transformers through
+``TransformersCausalLM``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmwb.errors import MmwbCheckpointError
+from mmwb.models.decoder.checkpoint import HF_MODEL_TYPES, TensorSource, _assemble, _ignorable_hf, hf_recipe
+from mmwb.models.decoder.config import DecoderConfig
+from mmwb.models.loading import read_config
+from mmwb.models.vlm import VisionLanguageModel, VLMConfig
+from mmwb.runtime import resolve_device
+
+# checkpoint prefix -> language-model prefix, published layout first
+_TEXT_PREFIXES = (
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.language_model.", "model."),
+    ("lm_head.", "lm_head."),
+)
+
+
+class RenamedSource:
+    """A TensorSource seen through a rename: only the tensors ``rename`` maps, under their new names."""
+
+    def __init__(self, source: TensorSource, rename: Callable[[str], str | None]) -> None:
+        self.source = source
+        self.original = {new: name for name in source.names() if (new := rename(name)) is not None}
+
+    def names(self) -> set[str]:
+        return set(self.original)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(self.original[name])
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.source.get(self.original[name])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {name: self.get(name) for name in self.original}
+
+
+def _prefix_rename(pairs: tuple[tuple[str, str], ...]) -> Callable[[str], str | None]:
+    def rename(name: str) -> str | None:
+        for old, new in pairs:
+            if name.startswith(old):
+                return new + name[len(old) :]
+        return None
+
+    return rename
+
+
+def load_text_model(
+    directory: Path, text_config: dict, device: torch.device, dtype: torch.dtype | None
+) -> nn.Module:
+    """The language model of a VLM folder: mmwb's decoder where it knows the family, else transformers'."""
+    source = RenamedSource(TensorSource(directory), _prefix_rename(_TEXT_PREFIXES))
+    if not source.names():
+        raise MmwbCheckpointError(f"{directory}: no language-model tensors found")
+    model_type = text_config.get("model_type")
+    if model_type in HF_MODEL_TYPES:
+        cfg = DecoderConfig.from_hf_config(text_config)
+        return _assemble(
+            cfg, source, hf_recipe(model_type, text_config, cfg), lambda n: _ignorable_hf(n, cfg),
+            device, dtype, directory,
+        )  # fmt: skip
+    from mmwb.models.hf_text import TransformersCausalLM
+
+    wrapper = TransformersCausalLM.from_config(text_config)
+    _load_strict(wrapper.model, source.state(), directory, "language model", tied_ok=("lm_head.weight",))
+    return wrapper.to(device, dtype or torch.float32).eval()
+
+
+def _load_strict(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    directory: Path,
+    what: str,
+    tied_ok: tuple[str, ...] = (),
+) -> None:
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in tied_ok and not k.endswith("inv_freq")]
+    if missing or result.unexpected_keys:
+        raise MmwbCheckpointError(
+            f"{directory}: {what} tensors do not fit (missing {missing[:8]}, unexpected {result.unexpected_keys[:8]})"
+        )
+
+
+def _tokenizer(directory: Path):
+    from mmwb.data.tokenizer import load_tokenizer
+
+    has = any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    return load_tokenizer(directory) if has else None
+
+
+def load_kimi_k25(path: str | Path, device=None, dtype: torch.dtype | None = None) -> VisionLanguageModel:
+    """MoonViT + pixel-shuffle projector + DeepSeek-V3 text from a kimi_k25 folder (either layout)."""
+    from mmwb.models.vision.kimi_checkpoint import build_kimi_vision, read_kimi_vision
+
+    directory = Path(path)
+    raw = read_config(directory)
+    device = resolve_device(device)
+    text = load_text_model(directory, raw["text_config"], device, dtype)
+    tower, projector = build_kimi_vision(read_kimi_vision(directory), device, dtype or text.dtype)
+    image_token = raw.get("image_token_id", raw.get("media_placeholder_token_id"))
+    if image_token is None:
+        raise MmwbCheckpointError(f"{directory}/config.json: image_token_id is missing")
+    cfg = VLMConfig(int(image_token), template="plain", source="kimi_k25")
+    return VisionLanguageModel(cfg, tower, projector, text, _tokenizer(directory)).eval()
+
+
+def load_llava(path: str | Path, device=None, dtype: torch.dtype | None = None) -> VisionLanguageModel:
+    """CLIP/SigLIP tower (penultimate layer, CLS dropped) + mlp2x_gelu + text model from a llava folder."""
+    from transformers import AutoConfig, CLIPVisionModel, SiglipVisionModel
+
+    from mmwb.models.projectors import MLP2xGelu
+    from mmwb.models.vision.hf import HFVisionTower
+
+    directory = Path(path)
+    raw = read_config(directory)
+    device = resolve_device(device)
+    text = load_text_model(directory, raw["text_config"], device, dtype)
+    dtype = dtype or next(text.parameters()).dtype
+    source = TensorSource(directory)
+
+    vision = dict(raw["vision_config"])
+    vision_config = AutoConfig.for_model(vision.pop("model_type"), **vision)
+    model_class = CLIPVisionModel if vision_config.model_type == "clip_vision_model" else SiglipVisionModel
+    tower_prefixes = (("vision_tower.", ""), ("model.vision_tower.", ""))
+    tower = HFVisionTower(
+        model_class(vision_config),
+        select_layer=int(raw.get("vision_feature_layer", -2)),
+        drop_cls=raw.get("vision_feature_select_strategy", "default") == "default",
+    )
+    kept = len(tower.model.encoder.layers)
+    tower_state = {
+        name: tensor
+        for name, tensor in RenamedSource(source, _prefix_rename(tower_prefixes)).state().items()
+        if not _dropped_layer(name, kept)
+    }
+    _load_strict(tower.model, tower_state, directory, "vision tower")
+
+    projector_prefixes = (("multi_modal_projector.", ""), ("model.multi_modal_projector.", ""))
+    projector_state = RenamedSource(source, _prefix_rename(projector_prefixes)).state()
+    projector = MLP2xGelu(vision_config.hidden_size, raw["text_config"]["hidden_size"])
+    _load_strict(projector, projector_state, directory, "projector")
+
+    cfg = VLMConfig(int(raw.get("image_token_id", raw.get("image_token_index", 32000))), template="plain")
+    cfg.source = "llava"
+    model = VisionLanguageModel(cfg, tower, projector, text, _tokenizer(directory))
+    model.vision_tower.to(device, dtype)
+    model.projector.to(device, dtype)
+    return model.eval()
+
+
+def _dropped_layer(name: str, kept: int) -> bool:
+    """Tensors of tower blocks after the chosen feature layer (never run, so never loaded)."""
+    parts = name.split(".")
+    if "layers" not in parts:
+        return False
+    return int(parts[parts.index("layers") + 1]) >= kept

@@ -1,0 +1,127 @@
+"""Caption and VQA pipelines: image files (or PIL images, arrays) in, texts out, in batches.
+
+A broken image does not stop a batch: it is reported by name in its result and the others are still captioned.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmwb.data.io import ImageSource, load_image
+from mmwb.errors import MmwbError, MmwbInputError
+from mmwb.models.chat import build_prompt, encode_prompts
+from mmwb.models.vlm import VisionLanguageModel
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "models" / "tiny-shapes-vlm"
+
+
+@dataclass
+class VLMResult:
+    """One image's answer, or the reason it has none."""
+
+    source: str
+    text: str | None = None
+    error: str | None = None
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def load_default_or(
+    path: str | Path | None, device=None, dtype: torch.dtype | None = None
+) -> VisionLanguageModel:
+    """The model in ``path``, or the shipped default, with a one-line error while that is not built."""
+    from mmwb.models.vlm_checkpoint import load_any_vlm
+
+    if path is None:
+        if not DEFAULT_MODEL.is_dir():
+            raise MmwbInputError(
+                f"the default model {DEFAULT_MODEL} is not built yet: run `mmwb recipe tiny-shapes` "
+                "(or pass --model DIR)"
+            )
+        path = DEFAULT_MODEL
+    return load_any_vlm(path, device=device, dtype=dtype)
+
+
+class VLMPipeline:
+    """``pipeline(images, prompt=None, **generation_args) -> texts``; ``prompt`` is a question (None: caption)."""
+
+    def __init__(self, model: VisionLanguageModel, batch_size: int = 8) -> None:
+        if model.tokenizer is None:
+            raise MmwbInputError("the model has no tokenizer; pipelines need one to build prompts")
+        self.model = model
+        self.batch_size = batch_size
+
+    def __call__(
+        self, images: Sequence[ImageSource] | ImageSource, prompt: str | None = None, **kwargs
+    ) -> list:
+        single = not isinstance(images, list | tuple)
+        results = self.run([images] if single else list(images), prompt, **kwargs)
+        texts = [r.text for r in results]
+        return texts[0] if single else texts
+
+    def run(
+        self,
+        images: Sequence[ImageSource],
+        prompt: str | None = None,
+        on_token: Callable[[int, str], None] | None = None,
+        progress: Callable[[int], None] | None = None,
+        **generation_args: Any,
+    ) -> list[VLMResult]:
+        """Per-image results in input order; ``on_token(i, text)`` streams image i's new text (batch size 1)."""
+        results = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            results.extend(self._batch(chunk, prompt, on_token, generation_args))
+            if progress is not None:
+                progress(len(chunk))
+        return results
+
+    def _batch(self, sources, prompt, on_token, generation_args) -> list[VLMResult]:
+        results, loaded = [], []
+        for source in sources:
+            result = VLMResult(str(source) if not hasattr(source, "size") else "image")
+            try:
+                loaded.append((result, load_image(source)))
+            except MmwbError as err:
+                result.error = str(err)
+            results.append(result)
+        if not loaded:
+            return results
+        tokenizer = self.model.tokenizer
+        text = build_prompt(prompt, self.model.config.template)
+        ids, mask = encode_prompts(tokenizer, [text] * len(loaded))
+        generation_args.setdefault("max_new_tokens", 32)
+        start = time.perf_counter()
+        images = [image for _, image in loaded]
+        if on_token is not None and len(loaded) == 1:
+            new = []
+            for tokens in self.model.stream(ids, attention_mask=mask, images=images, **generation_args):
+                new.append(int(tokens[0]))
+                on_token(0, tokenizer.decode(new[-1:], skip_special_tokens=True))
+            out = torch.tensor([new])
+        else:
+            out = self.model.generate(
+                ids, attention_mask=mask, images=images, new_tokens_only=True, **generation_args
+            )
+        seconds = time.perf_counter() - start
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        for (result, _), row in zip(loaded, out.tolist(), strict=True):
+            kept = [t for t in row if t not in (eos, pad)]
+            result.text = tokenizer.decode(kept, skip_special_tokens=True).strip()
+            result.tokens = len(kept)
+            result.seconds = seconds / len(loaded)
+        return results
+
+
+CaptionPipeline = VLMPipeline  # captions: prompt=None
+VQAPipeline = VLMPipeline  # questions: prompt="what colour is the circle?"

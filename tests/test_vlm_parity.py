@@ -1,0 +1,125 @@
+"""kimi_k25 and llava checkpoints through mmwb.from_pretrained against transformers on the same random weights."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_vision_moonvit import packed_inputs, tiny_config, to_original_layout
+from transformers import (
+    CLIPVisionConfig,
+    Kimi_K25ForConditionalGeneration,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
+
+import mmwb
+from mmwb.models.vlm import VisionLanguageModel
+
+GRIDS = [(4, 6), (2, 10), (8, 4)]  # non-square, mixed sizes in one packed batch
+IMAGE_ID = 60
+
+
+def _perturb(model):
+    with torch.no_grad():
+        for param in model.parameters():  # non-trivial norms and biases, so every tensor matters
+            param.add_(0.1 * torch.randn_like(param))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def kimi(tmp_path_factory):
+    torch.manual_seed(0)
+    config = tiny_config()
+    config.image_token_id = IMAGE_ID
+    reference = _perturb(Kimi_K25ForConditionalGeneration(config))
+    path = tmp_path_factory.mktemp("kimi_original")
+    reference.config.save_pretrained(path)
+    save_file(
+        to_original_layout(reference.state_dict()), path / "model.safetensors", metadata={"format": "pt"}
+    )
+    loaded = Kimi_K25ForConditionalGeneration.from_pretrained(path).eval()
+    for key, value in reference.state_dict().items():  # transformers reads the layout back identically
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    return reference, path
+
+
+def _kimi_prompts():
+    """Two rows: the first holds images 0 and 1, the second image 2; prompts already widened (transformers')."""
+    counts = [h * w // 4 for h, w in GRIDS]
+    g = torch.Generator().manual_seed(3)
+    text = lambda n: torch.randint(1, 50, (n,), generator=g).tolist()  # noqa: E731
+    rows = [
+        text(3) + [IMAGE_ID] * counts[0] + text(2) + [IMAGE_ID] * counts[1] + text(2),
+        text(4) + [IMAGE_ID] * counts[2] + text(3),
+    ]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])  # left-padded
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@pytest.mark.slow
+def test_kimi_k25_logits_and_greedy_match_transformers(kimi):
+    reference, path = kimi
+    model = mmwb.from_pretrained(path, device="cpu", dtype=torch.float32)
+    assert isinstance(model, VisionLanguageModel)
+    pixels, grid_hw = packed_inputs(GRIDS)
+    grid_thw = torch.cat([torch.ones(len(GRIDS), 1, dtype=torch.long), grid_hw], dim=1)
+    ids, mask = _kimi_prompts()
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid_thw)
+    with torch.no_grad():
+        expected = reference(**inputs).logits
+        got = model(**inputs).logits
+    real = mask.bool()
+    assert (got[real] - expected[real]).abs().max() <= 1e-4
+    hf = reference.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ours = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(hf, ours)
+
+
+def test_kimi_one_placeholder_per_image_equals_widened_prompt(kimi):
+    _, path = kimi
+    model = mmwb.from_pretrained(path, device="cpu", dtype=torch.float32)
+    pixels, grid_hw = packed_inputs(GRIDS[:1])
+    counts = GRIDS[0][0] * GRIDS[0][1] // 4
+    short = torch.tensor([[5, 6, IMAGE_ID, 7]])
+    wide = torch.tensor([[5, 6] + [IMAGE_ID] * counts + [7]])
+    with torch.no_grad():
+        a = model(input_ids=short, pixel_values=pixels, grid_hw=grid_hw).logits
+        b = model(input_ids=wide, pixel_values=pixels, grid_hw=grid_hw).logits
+    assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2, image_size=16,
+        patch_size=4, projection_dim=16,
+    )  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID)
+    reference = _perturb(LlavaForConditionalGeneration(config))
+    path = tmp_path_factory.mktemp("llava")
+    reference.save_pretrained(path)
+    return reference, path
+
+
+def test_llava_logits_and_greedy_match_transformers(llava):
+    reference, path = llava
+    model = mmwb.from_pretrained(path, device="cpu", dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randn(2, 3, 16, 16, generator=g)
+    text = lambda n: torch.randint(1, 50, (n,), generator=g).tolist()  # noqa: E731
+    ids = torch.tensor([text(2) + [IMAGE_ID] * 16 + text(3), text(2) + [IMAGE_ID] * 16 + text(3)])
+    inputs = dict(input_ids=ids, pixel_values=pixels)
+    with torch.no_grad():
+        expected = reference(**inputs).logits
+        got = model(**inputs).logits
+    assert (got - expected).abs().max() <= 1e-4
+    hf = reference.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ours = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(hf, ours)
