@@ -1,0 +1,131 @@
+"""Image-text training records (LLaVA JSON, caption JSONL, shapes QA) and a dataset that decodes images lazily.
+
+Records are plain text plus an image path, so a split of millions costs only its text in memory; each item's image
+is read when the item is asked for. A missing or unreadable image raises ``MmwbInputError`` naming the file, which
+the engine's ``SkipBadItems`` turns into a logged, counted skip instead of a crash inside collation.
+
+Formats, one record per image:
+- LLaVA JSON (a list) or JSONL: ``{"image": ..., "conversations": [{"from": "human"|"gpt", "value": ...}, ...]}``
+- caption JSONL: ``{"image": ..., "caption": ...}`` (a user turn holding only the image, then the caption)
+- shapes JSONL (``mmwb data shapes``): ``{"image": ..., "caption": ..., "qa": [{"question", "answer"}, ...]}``;
+  stage 1 reads its caption, stage 2 its QA pairs as a multi-turn conversation (``prefer="qa"``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from torch.utils.data import Dataset
+
+from mmwb.errors import MmwbInputError
+
+IMAGE_PLACEHOLDER = "<image>"
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+_PLACEHOLDER_RE = re.compile(r"\s*<image>\s*")
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: Literal["user", "assistant"]
+    text: str  # without the ``<image>`` placeholder: where the image goes is the chat format's business
+
+
+@dataclass(frozen=True)
+class ImageTextRecord:
+    """One image (a path relative to the image root) and the conversation about it."""
+
+    image: str
+    turns: tuple[Turn, ...]
+
+    @property
+    def caption(self) -> str:
+        """The first assistant turn: the caption of LLaVA's pretraining (stage 1) data."""
+        return next(turn.text for turn in self.turns if turn.role == "assistant")
+
+
+def read_records(path: str | Path, prefer: Literal["caption", "qa"] = "caption") -> list[ImageTextRecord]:
+    """Records of a ``.json`` list or a ``.jsonl`` file; errors name the file, the record and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise MmwbInputError(f"{path}: no such dataset file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            raw = json.loads(text)
+            if not isinstance(raw, list):
+                raise MmwbInputError(f"{path}: a LLaVA-format JSON file holds a list of records")
+            items = [(f"{path}[{i}]", item) for i, item in enumerate(raw)]
+        else:
+            items = [
+                (f"{path}:{n}", json.loads(line))
+                for n, line in enumerate(text.splitlines(), 1)
+                if line.strip()
+            ]
+    except json.JSONDecodeError as err:
+        raise MmwbInputError(f"{path}: not valid JSON ({err})") from err
+    records = [_record(where, item, prefer) for where, item in items]
+    if not records:
+        raise MmwbInputError(f"{path}: holds no records")
+    return records
+
+
+def _record(where: str, item: Any, prefer: str) -> ImageTextRecord:
+    if not isinstance(item, dict) or not isinstance(item.get("image"), str):
+        raise MmwbInputError(f"{where}: a record needs an 'image' path")
+    if "conversations" in item:
+        turns = tuple(_turn(where, turn) for turn in item["conversations"])
+    elif prefer == "qa" and "qa" in item:
+        turns = tuple(
+            Turn(role, qa[key])
+            for qa in item["qa"]
+            for role, key in (("user", "question"), ("assistant", "answer"))
+        )
+    elif "caption" in item:
+        turns = (Turn("user", ""), Turn("assistant", str(item["caption"])))
+    else:
+        raise MmwbInputError(f"{where}: a record needs 'conversations' or 'caption'")
+    if not any(turn.role == "assistant" for turn in turns):
+        raise MmwbInputError(f"{where}: the conversation has no assistant (gpt) turn")
+    return ImageTextRecord(item["image"], turns)
+
+
+def _turn(where: str, turn: Any) -> Turn:
+    role = _ROLES.get(turn.get("from", "")) if isinstance(turn, dict) else None
+    if role is None or not isinstance(turn.get("value"), str):
+        raise MmwbInputError(f"{where}: conversation turns need 'from' (human/gpt) and a string 'value'")
+    return Turn(role, _PLACEHOLDER_RE.sub(" ", turn["value"]).strip())  # type: ignore[arg-type]
+
+
+class ImageTextDataset(Dataset):
+    """``records`` with their images read on demand: item = ``load(image) | encode(record)``.
+
+    ``load(path)`` turns one image file into tensors (pixels through the tower's processor, or cached features);
+    ``encode(record)`` into token ids and labels. Both run per item, in the data loader's workers.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageTextRecord],
+        image_root: str | Path,
+        load: Callable[[Path], dict[str, Any]],
+        encode: Callable[[ImageTextRecord], dict[str, Any]],
+    ) -> None:
+        self.records = records
+        self.image_root = Path(image_root)
+        self.load = load
+        self.encode = encode
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image_path(self, index: int) -> Path:
+        return self.image_root / self.records[index].image
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        return {**self.load(self.image_root / record.image), **self.encode(record)}

@@ -1,0 +1,228 @@
+"""Stage 2: instruction tuning with LoRA (peft) on the decoder and the projector fully trained.
+
+LoRA goes on every attention projection, the shared experts' and dense layers' SwiGLU linears, and the routed
+experts. mmwb stores each layer's routed experts stacked, as two 3-D ``nn.Parameter`` tensors for grouped GEMM
+(``gate_up_proj (E, 2I, C)``, ``down_proj (E, C, I)``), not as ``nn.Linear`` modules, so ``target_modules`` cannot
+reach them; peft's ``target_parameters`` can: its ``ParamWrapper`` gives each expert its own rank-r A/B pair and,
+during the forward, parametrises the stacked tensor as ``W + scale * B_e A_e`` (a batched matmul), so mmwb's grouped
+expert kernel runs unchanged and ``merge_and_unload`` folds the update back into the same tensor. (peft requires
+``lora_dropout: 0`` for such parameters.) The router stays frozen, so routing only changes through the inputs.
+
+Loss is on the assistant turns (answers and their end token) only. The tower stays frozen and uses the same
+feature cache as stage 1. Checkpoints hold only the trained tensors (LoRA factors and projector); at the end the
+run writes ``train.out_dir/adapter`` (peft adapter + projector + where the base model is) and, in ``out_dir``, the
+merged VLM. ``mmwb export --merge-lora --model RUN_DIR --out DIR`` merges an adapter folder again at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mmwb.data.captions import read_records
+from mmwb.errors import MmwbCheckpointError
+from mmwb.models.vlm import VisionLanguageModel
+from mmwb.runtime import seed_everything
+from mmwb.train import checkpoint as ckpt
+from mmwb.train.config import TrainConfig
+from mmwb.train.engine import TrainResult
+from mmwb.train.multimodal import make_encoder
+from mmwb.train.vlm_parts import (
+    FeatureCacheConfig,
+    Unregistered,
+    freeze_all_but_projector,
+    load_vlm,
+    multimodal_loss,
+    save_model_folder,
+    vlm_trainer,
+)
+
+log = logging.getLogger(__name__)
+ADAPTER_DIR = "adapter"  # under train.out_dir
+PROJECTOR_FILE = "projector.safetensors"
+BASE_FILE = "base.json"
+
+
+@dataclass
+class LoraSettings:
+    """Which weights get LoRA factors; ``target_modules`` is matched whole against module names."""
+
+    r: int = 16
+    alpha: int = 32
+    # not the router (``mlp.gate``): routing only changes through the inputs
+    target_modules: str = (
+        r".*\.(q_proj|k_proj|v_proj|o_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj"  # GQA and MLA attention
+        r"|gate_proj|up_proj|down_proj)"  # SwiGLU of shared experts and dense layers
+    )
+    target_experts: bool = True  # the stacked routed experts, through peft's target_parameters
+
+    def peft_config(self) -> LoraConfig:
+        experts = ["experts.gate_up_proj", "experts.down_proj"] if self.target_experts else None
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=0.0,
+            target_modules=self.target_modules,
+            target_parameters=experts,
+            bias="none",
+        )
+
+
+@dataclass
+class InstructConfig:
+    """One stage-2 run on conversations: LLaVA JSON, or shapes JSONL whose QA pairs become turns."""
+
+    data_dir: Path = Path("data/shapes")
+    train_file: str = "train.jsonl"
+    model_dir: Path | None = None  # the aligned VLM (stage 1's out_dir)
+    vision_dir: Path | None = None  # or parts: tower folder, decoder folder ...
+    decoder_dir: Path | None = None
+    projector_from: Path | None = None  # ... and an align checkpoint (or run) whose projector starts stage 2
+    projector: str = "mlp2x_gelu"
+    select_layer: int = -2
+    max_length: int = 96
+    out_dir: Path = Path("runs/instruct/model")  # the merged VLM
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir=Path("runs/instruct")))
+
+
+InstructStageConfig = InstructConfig  # stage 4 of the tiny-shapes recipe
+
+
+class InstructTraining(nn.Module):
+    """The engine's model: the VLM's projector and LoRA-wrapped language model (registered); the tower frozen.
+
+    ``state_dict`` keeps only trainable tensors, so checkpoints hold the projector and the LoRA factors, and a
+    resume (which checks keys against ``state_dict``) expects exactly those.
+    """
+
+    def __init__(self, vlm: VisionLanguageModel) -> None:
+        super().__init__()
+        self.projector = vlm.projector  # the same modules the VLM runs
+        self.language_model = vlm.language_model
+        self.held = Unregistered(vlm)
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        return multimodal_loss(self.held.vlm, batch)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        trained = {prefix + name for name, param in self.named_parameters() if param.requires_grad}
+        return OrderedDict((key, value) for key, value in full.items() if key in trained)
+
+
+def add_lora(vlm: VisionLanguageModel, settings: LoraSettings) -> PeftModel:
+    """Freeze the VLM, inject LoRA adapters (fp32) into its language model in place, train the projector fully.
+
+    Returns peft's handle (for saving and merging); ``vlm.language_model`` stays the same module, now adapted."""
+    freeze_all_but_projector(vlm)
+    peft_model = get_peft_model(vlm.language_model, settings.peft_config())
+    for param in vlm.language_model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # adapters train in fp32 whatever the base dtype
+    return peft_model
+
+
+def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path]:
+    """LoRA + projector training; writes the adapter folder and the merged VLM; returns the result and the adapter."""
+    seed_everything(config.train.seed)
+    vlm = load_vlm(
+        config.model_dir, config.vision_dir, config.decoder_dir, config.projector, config.select_layer
+    )
+    if config.projector_from is not None:
+        load_projector(vlm.projector, config.projector_from)
+    peft_model = add_lora(vlm, config.lora)
+    records = read_records(Path(config.data_dir) / config.train_file, prefer="qa")
+    encode = make_encoder(vlm.tokenizer, "chat", config.max_length)
+    trainer = vlm_trainer(
+        InstructTraining(vlm), vlm, records, config.data_dir, encode, config.train, config.feature_cache
+    )
+    result = trainer.run()
+    adapter = Path(config.train.out_dir) / ADAPTER_DIR
+    if trainer.accelerator.is_main_process:
+        save_adapter(vlm, peft_model, base_of(config), adapter)
+        save_model_folder(merged(vlm, peft_model), Path(config.out_dir))
+    return result, adapter
+
+
+def base_of(config: InstructConfig) -> dict[str, Any]:
+    """Where the frozen base model comes from, as the adapter folder records it."""
+    keys = ("model_dir", "vision_dir", "decoder_dir", "projector", "select_layer")
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items() if k in keys}
+
+
+def save_adapter(vlm: VisionLanguageModel, peft_model: PeftModel, base: dict[str, Any], folder: Path) -> None:
+    """peft adapter files + the trained projector + ``base.json``, published as one folder."""
+    staging = ckpt.begin(folder)
+    peft_model.save_pretrained(staging)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in vlm.projector.state_dict().items()}
+    save_file(state, staging / PROJECTOR_FILE)
+    (staging / BASE_FILE).write_text(json.dumps(base, indent=2) + "\n")
+    ckpt.publish(staging, folder)
+
+
+def load_adapter(folder: Path) -> tuple[VisionLanguageModel, PeftModel]:
+    """The base VLM of an adapter folder with the adapter applied (not merged) and the trained projector."""
+    folder = _adapter_folder(folder)
+    base = json.loads((folder / BASE_FILE).read_text())
+    paths = {k: Path(base[k]) if base.get(k) else None for k in ("model_dir", "vision_dir", "decoder_dir")}
+    vlm = load_vlm(
+        paths["model_dir"], paths["vision_dir"], paths["decoder_dir"], base["projector"], base["select_layer"]
+    )
+    vlm.projector.load_state_dict(load_file(folder / PROJECTOR_FILE))
+    return vlm, PeftModel.from_pretrained(vlm.language_model, folder)
+
+
+def merged(vlm: VisionLanguageModel, peft_model: PeftModel) -> VisionLanguageModel:
+    """``vlm`` with the LoRA update folded into its language model's weights (a plain decoder again)."""
+    vlm.language_model = peft_model.merge_and_unload()
+    return vlm
+
+
+def _adapter_folder(path: Path) -> Path:
+    """An adapter folder, or a run folder holding one."""
+    for folder in (Path(path), Path(path) / ADAPTER_DIR):
+        if (folder / BASE_FILE).is_file():
+            return folder
+    raise MmwbCheckpointError(f"{path}: not an instruct run or adapter folder (no {BASE_FILE})")
+
+
+def load_projector(projector: nn.Module, source: Path) -> None:
+    """Projector weights from an align checkpoint folder (``projector.*`` keys) or the run folder holding them."""
+    source = Path(source)
+    if (source / "checkpoints").is_dir():
+        source = ckpt.find_checkpoint(source / "checkpoints", "latest")
+    weights = load_file(source / ckpt.MODEL_FILE)
+    state = {k.removeprefix("projector."): v for k, v in weights.items() if k.startswith("projector.")}
+    if not state:
+        raise MmwbCheckpointError(f"{source / ckpt.MODEL_FILE}: holds no projector.* tensors")
+    projector.load_state_dict(state)
+
+
+def run_instruct_stage(config: InstructConfig) -> dict[str, Any]:
+    """The tiny-shapes recipe's stage 4: instruction-tune, merge, and save the metrics beside the merged model."""
+    from mmwb.train.clip import write_metrics
+
+    started = time.perf_counter()
+    result, adapter = train_instruct(config)
+    metrics = {
+        "stage": "instruct",
+        "steps": result.step,
+        "last_loss": result.last_loss,
+        "adapter": str(adapter),
+    }
+    metrics["seconds"] = time.perf_counter() - started
+    write_metrics(metrics, Path(config.out_dir))
+    return metrics

@@ -1,0 +1,122 @@
+"""Image-text records (LLaVA JSON, caption JSONL, shapes QA), their token labels, and lazily read images."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from mmwb.data.captions import ImageTextDataset, Turn, read_records
+from mmwb.data.tokenizer import ASSISTANT, train_bpe_tokenizer
+from mmwb.errors import MmwbInputError
+from mmwb.train.data import BadItem, SkipBadItems, skip_bad_items
+from mmwb.train.multimodal import IGNORE_INDEX, collate, drop_image_tokens, make_encoder
+
+LLAVA = [
+    {
+        "id": "0",
+        "image": "a.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nwhat colour is the square?"},
+            {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "how many shapes?"},
+            {"from": "gpt", "value": "two"},
+        ],
+    }
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe_tokenizer(["what colour is the square? red how many shapes? two a red square"] * 4, 300)
+
+
+def test_llava_json_and_caption_jsonl(tmp_path):
+    (tmp_path / "llava.json").write_text(json.dumps(LLAVA))
+    record = read_records(tmp_path / "llava.json")[0]
+    assert record.image == "a.png"
+    assert record.turns[0] == Turn(
+        "user", "what colour is the square?"
+    )  # the placeholder is the format's job
+    assert record.caption == "red"
+    lines = [{"image": "b.png", "caption": "a red square", "qa": [{"question": "q?", "answer": "a"}]}]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert read_records(tmp_path / "c.jsonl")[0].caption == "a red square"
+    assert [t.text for t in read_records(tmp_path / "c.jsonl", prefer="qa")[0].turns] == ["q?", "a"]
+
+
+def test_bad_records_name_the_file_and_record(tmp_path):
+    (tmp_path / "x.jsonl").write_text(
+        json.dumps({"image": "a.png", "caption": "ok"}) + "\n" + json.dumps({"img": 1})
+    )
+    with pytest.raises(MmwbInputError, match=r"x.jsonl:2: a record needs an 'image'"):
+        read_records(tmp_path / "x.jsonl")
+    (tmp_path / "y.json").write_text(
+        json.dumps([{"image": "a.png", "conversations": [{"from": "human", "value": "hi"}]}])
+    )
+    with pytest.raises(MmwbInputError, match=r"y.json\[0\]: the conversation has no assistant"):
+        read_records(tmp_path / "y.json")
+
+
+def test_plain_format_labels_only_the_caption(tokenizer, tmp_path):
+    (tmp_path / "llava.json").write_text(json.dumps(LLAVA))
+    record = read_records(tmp_path / "llava.json")[0]
+    item = make_encoder(tokenizer, "plain", 64)(record)
+    ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
+    assert ids[:2] == [tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids("<image>")]
+    trained = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == "red<|eos|>"
+    assert all(label in (IGNORE_INDEX, i) for i, label in zip(ids, labels))
+
+
+def test_chat_format_labels_only_assistant_turns(tokenizer, tmp_path):
+    (tmp_path / "llava.json").write_text(json.dumps(LLAVA))
+    item = make_encoder(tokenizer, "chat", 64)(read_records(tmp_path / "llava.json")[0])
+    ids, labels = item["input_ids"], item["labels"]
+    assert tokenizer.decode(ids) == (
+        "<|bos|><|user|><image>what colour is the square?<|assistant|>red<|eos|>"
+        "<|user|>how many shapes?<|assistant|>two<|eos|>"
+    )
+    assert tokenizer.decode(ids[labels != IGNORE_INDEX]) == "red<|eos|>two<|eos|>"
+    assistant = tokenizer.convert_tokens_to_ids(ASSISTANT)
+    assert labels[ids == assistant].eq(IGNORE_INDEX).all()
+
+
+def test_text_only_baseline_drops_the_image_token(tokenizer, tmp_path):
+    (tmp_path / "llava.json").write_text(json.dumps(LLAVA))
+    short = make_encoder(tokenizer, "plain", 64)(read_records(tmp_path / "llava.json")[0])
+    long = make_encoder(tokenizer, "chat", 64)(read_records(tmp_path / "llava.json")[0])
+    batch = collate([short | {"features": torch.ones(3, 4)}, long | {"features": torch.ones(3, 4)}], 0)
+    image = tokenizer.convert_tokens_to_ids("<image>")
+    ids, mask, labels = drop_image_tokens(batch["input_ids"], batch["attention_mask"], batch["labels"], image)
+    assert mask.sum(1).tolist() == [len(short["input_ids"]) - 1, len(long["input_ids"]) - 1]
+    assert not (ids == image).any()
+    assert ids[0, : mask[0].sum()].tolist() == [i for i in short["input_ids"].tolist() if i != image]
+    assert labels[1, : mask[1].sum()].tolist() == long["labels"][long["input_ids"] != image].tolist()
+    assert batch["features"].shape == (2, 3, 4) and batch["token_counts"].tolist() == [3, 3]
+
+
+def test_images_are_read_per_item_and_broken_ones_are_skipped_by_name(tmp_path):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
+    lines = [{"image": name, "caption": "x"} for name in ("good.png", "broken.png", "missing.png")]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    opened = []
+
+    def load(path):
+        from mmwb.data.io import load_image
+
+        opened.append(path.name)
+        return {"pixel_values": torch.as_tensor(list(load_image(path).getpixel((0, 0))))[None]}
+
+    dataset = SkipBadItems(ImageTextDataset(read_records(tmp_path / "d.jsonl"), tmp_path, load, lambda r: {}))
+    assert opened == []  # nothing decoded up front
+    items = [dataset[i] for i in range(3)]
+    assert opened == ["good.png", "broken.png", "missing.png"]
+    assert [type(item) for item in items[1:]] == [BadItem, BadItem]
+    batch = skip_bad_items()(items)
+    assert batch.data["pixel_values"].tolist() == [[[255, 0, 0]]]
+    assert len(batch.skipped) == 2
+    assert "broken.png" in batch.skipped[0] and "missing.png" in batch.skipped[1]

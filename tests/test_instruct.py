@@ -1,0 +1,99 @@
+"""Stage 2: LoRA (attention, shared and routed experts) + projector train, nothing else; merging the adapter gives
+the logits of the unmerged adapter; ``mmwb export --merge-lora`` writes a model that loads without peft."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mmwb
+from mmwb.cli.main import main
+from mmwb.data.captions import read_records
+from mmwb.train.instruct import InstructConfig, load_adapter, merged, train_instruct
+from mmwb.train.multimodal import collate, make_encoder
+from mmwb.train.vlm_parts import FeatureCacheConfig, ProcessedPixels, batch_features
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vlm_train_fixtures import make_setup, tiny_train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A two-step instruct run on tiny random parts."""
+    root = tmp_path_factory.mktemp("instruct")
+    setup = make_setup(root, n=16)
+    config = InstructConfig(
+        data_dir=setup["data"],
+        vision_dir=setup["vision"],
+        decoder_dir=setup["decoder"],
+        max_length=48,
+        out_dir=root / "merged",
+        feature_cache=FeatureCacheConfig(root=root / "cache"),
+        train=tiny_train(root / "run", max_steps=2),
+    )
+    config.lora.r = 4
+    result, adapter = train_instruct(config)
+    return {"setup": setup, "config": config, "result": result, "adapter": adapter, "root": root}
+
+
+def _batch(vlm, setup, n=4):
+    records = read_records(setup["data"] / "val.jsonl", prefer="qa")[:n]
+    encode, load = make_encoder(vlm.tokenizer, "chat", 48), ProcessedPixels(vlm.image_processor())
+    return collate(
+        [{**load(setup["data"] / r.image), **encode(r)} for r in records], vlm.tokenizer.pad_token_id
+    )
+
+
+@torch.no_grad()
+def _logits(vlm, batch):
+    return vlm(
+        batch["input_ids"], attention_mask=batch["attention_mask"], vision_features=batch_features(vlm, batch)
+    ).logits
+
+
+@pytest.mark.slow
+def test_checkpoints_hold_only_lora_factors_and_the_projector(run):
+    saved = load_file(run["result"].checkpoint / "model.safetensors")
+    assert saved and all(k.startswith("projector.") or ".lora_" in k for k in saved)
+    names = {k.split(".lora_")[0].split("base_model.model.")[-1] for k in saved if ".lora_" in k}
+    for wanted in ("self_attn.q_proj", "self_attn.o_proj", "mlp.shared_experts.down_proj", "mlp.experts"):
+        assert any(name.endswith(wanted) or wanted + ".base_layer" in name for name in names), wanted
+    assert not any("mlp.gate." in name for name in names)  # the router stays frozen
+    assert any(k.startswith("projector.") for k in saved)
+
+
+@pytest.mark.slow
+def test_merged_lora_gives_the_logits_of_the_unmerged_adapter(run):
+    vlm, peft_model = load_adapter(run["adapter"])
+    torch.manual_seed(0)
+    with torch.no_grad():  # make every adapter matter: trained B factors are still close to zero
+        for name, param in vlm.language_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    batch = _batch(vlm, run["setup"])
+    with peft_model.disable_adapter():
+        without = _logits(vlm, batch)
+    unmerged = _logits(vlm, batch)
+    assert (unmerged - without).abs().max() > 1e-2  # the adapters (experts included) change the output
+    merged_vlm = merged(vlm, peft_model)
+    assert not any("lora" in name for name, _ in merged_vlm.named_parameters())
+    torch.testing.assert_close(_logits(merged_vlm, batch), unmerged, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_export_merges_into_a_folder_that_loads_without_peft(run):
+    out = run["root"] / "exported"
+    assert (
+        main(["export", "--merge-lora", "--model", str(run["config"].train.out_dir), "--out", str(out)]) == 0
+    )
+    exported = mmwb.from_pretrained(out)
+    assert not any("lora" in name for name, _ in exported.named_parameters())
+    vlm, _ = load_adapter(run["adapter"])
+    batch = _batch(exported, run["setup"])
+    torch.testing.assert_close(_logits(exported, batch), _logits(vlm, batch), atol=1e-5, rtol=1e-5)
+    final = mmwb.from_pretrained(run["config"].out_dir)  # the merged model the run wrote itself
+    torch.testing.assert_close(_logits(final, batch), _logits(exported, batch), atol=1e-5, rtol=1e-5)
