@@ -15,9 +15,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'
 	touch $@
 
+# Until the tiny-shapes VLM ships (issue 6), the demo shows the shipped score models and the shipped ControlNet.
 demo: $(STAMP)
 	$(BIN)/mmwb env
 	$(BIN)/python pipelines/runtime_demo.py --out $(OUT)
+	$(BIN)/mmwb sample --sampler heun --steps 24 --n 2000 --out $(OUT)/sde_checkerboard.png
+	$(BIN)/mmwb sample --model assets/models/sde-digits --sampler heun --steps 12 --n 64 --out $(OUT)/sde_digits.png
+	$(BIN)/mmwb generate --control-image assets/models/shapes-controlnet-canny/example_control.png \
+	  --preprocess canny --prompt "a small purple star, a large purple triangle and a large red circle" \
+	  --num-images 4 --guidance-scale 3 --out $(OUT)/controlnet
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

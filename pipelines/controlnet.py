@@ -3,16 +3,18 @@
     python pipelines/controlnet.py --model models/sd15 --controlnet models/sd15-canny --prompt "a watercolour town"
 
 --model: a diffusers SD folder or one .safetensors file; --controlnet: a ControlNet folder or .safetensors file.
+Without them the shipped tiny shapes model and its canny ControlNet draw (64x64, shapes only).
 """
 
 import argparse
 from pathlib import Path
 
+from mmwb.models.diffusion.shapes_sd import DEFAULT_CONTROLNET, DEFAULT_MODEL
 from mmwb.pipelines.controlnet import ControlNetGenerator, GenerationParams
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", required=True)
-parser.add_argument("--controlnet", required=True)
+parser.add_argument("--model", default=DEFAULT_MODEL)
+parser.add_argument("--controlnet", default=DEFAULT_CONTROLNET)
 parser.add_argument(
     "--image", type=Path, default=None, help="control image (default: the first in assets/images)"
 )

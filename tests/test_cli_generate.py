@@ -109,8 +109,10 @@ def test_record_round_trips_through_json(tiny, tmp_path):
 
 def test_missing_arguments_and_bad_records_are_named(tiny, tmp_path):
     model, controlnets, square = tiny
-    with pytest.raises(MmwbInputError, match="--model, --controlnet and --prompt are needed"):
-        generate.run(parse("--prompt", "p", "--control-image", square))
+    with pytest.raises(MmwbInputError, match="--prompt is needed"):
+        generate.run(parse("--control-image", square))
+    with pytest.raises(MmwbInputError, match="needs its --controlnet"):
+        generate.run(parse("--model", model, "--prompt", "p", "--control-image", square))
     (tmp_path / "bad.json").write_text('{"params": {}}')
     with pytest.raises(MmwbInputError, match="not an mmwb generate record .missing model, runtime"):
         generate.run(parse("--from", tmp_path / "bad.json"))

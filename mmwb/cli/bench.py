@@ -8,9 +8,15 @@ HELP = (
 )
 # sub-command -> (module, summary); None marks a planned benchmark
 SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
-    "decoder": (None, "MoE decoder prefill, decode and training step vs transformers"),
-    "vlm": (None, "end-to-end captioning vs transformers' Kimi-K2.5"),
-    "align": (None, "stage-1 alignment samples/s with and without the feature cache vs a transformers loop"),
-    "generate": (None, "ControlNet generation vs the plain diffusers pipeline; quality vs steps"),
-    "sde": (None, "quality vs number of function evaluations for each SDE sampler"),
+    "decoder": ("mmwb.bench.decoder", "MoE decoder prefill, decode and training step vs transformers"),
+    "vlm": ("mmwb.bench.vlm", "end-to-end captioning vs transformers' Kimi-K2.5"),
+    "align": (
+        "mmwb.bench.align",
+        "stage-1 alignment samples/s with and without the feature cache vs a transformers loop",
+    ),
+    "generate": (
+        "mmwb.bench.generate",
+        "ControlNet generation vs the plain diffusers pipeline; quality vs steps",
+    ),
+    "sde": ("mmwb.bench.sde", "quality vs number of function evaluations for each SDE sampler"),
 }

@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # every default is None so that, with --from, only the flags actually given replace the recorded values
     model = parser.add_argument_group("model (local files only)")
     model.add_argument(
-        "--model", help="Stable Diffusion 1.x/2.x/XL: a diffusers folder or one .safetensors file"
+        "--model",
+        help="Stable Diffusion 1.x/2.x/XL: a diffusers folder or one .safetensors file "
+        "(default: the shipped tiny shapes model with its canny ControlNet)",
     )
     model.add_argument(
         "--controlnet",
@@ -134,9 +136,14 @@ def resolve_request(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     if args.from_record is not None:
         source, runtime, params = read_record(_read_json(args.from_record), str(args.from_record))
     else:
-        if args.model is None or not args.controlnet or args.prompt is None:
-            raise MmwbInputError("--model, --controlnet and --prompt are needed (or --from RUN_JSON)")
-        source, runtime, params = ModelSource(args.model, []), RuntimeSpec(device=None), GenerationParams("")
+        if args.prompt is None:
+            raise MmwbInputError("--prompt is needed (or --from RUN_JSON)")
+        if args.model is not None and not args.controlnet:
+            raise MmwbInputError(
+                f"--model {args.model} needs its --controlnet (the default one fits the default model)"
+            )
+        source = default_source() if args.model is None else ModelSource(args.model, [])
+        runtime, params = RuntimeSpec(device=None), GenerationParams("")
     source = dataclasses.replace(
         source,
         model=args.model or source.model,
@@ -157,6 +164,14 @@ def resolve_request(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         low, high = args.canny_thresholds
         given["conditions"] = ConditionOptions(low, high, params.conditions.stroke_width)
     return source, runtime, dataclasses.replace(params, **given)
+
+
+def default_source() -> Any:
+    """The shipped tiny shapes Stable Diffusion and its canny ControlNet (assets/models)."""
+    from mmwb.models.diffusion.shapes_sd import DEFAULT_CONTROLNET, DEFAULT_MODEL
+    from mmwb.pipelines.controlnet import ModelSource
+
+    return ModelSource(str(DEFAULT_MODEL), [str(DEFAULT_CONTROLNET)])
 
 
 def write_outputs(result: Any, out: Path) -> dict[str, Any]:

@@ -21,15 +21,15 @@ from mmwb.errors import MmwbError
 # verb -> (module, one-line summary). Verbs whose module is None are planned and say so when run.
 VERBS: dict[str, tuple[str | None, str]] = {
     "env": ("mmwb.cli.env", "print versions, devices, supported dtypes and thread counts"),
-    "caption": (None, "caption images with a vision-language model"),
-    "ask": (None, "answer a question about an image"),
+    "caption": ("mmwb.cli.caption", "caption images with a vision-language model"),
+    "ask": ("mmwb.cli.ask", "answer a question about an image"),
     "generate": ("mmwb.cli.generate", "generate images with ControlNet-conditioned Stable Diffusion"),
-    "sample": (None, "sample a score-based SDE model"),
-    "likelihood": (None, "bits/dim of data under a score-based SDE model"),
+    "sample": ("mmwb.cli.sample", "sample a score-based SDE model"),
+    "likelihood": ("mmwb.cli.likelihood", "bits/dim of data under a score-based SDE model"),
     "train": ("mmwb.cli.train", "train a model: align, instruct, controlnet, sde, ..."),
     "data": ("mmwb.cli.data", "make datasets: shapes, ..."),
-    "recipe": (None, "run a whole training recipe: tiny-shapes, ..."),
-    "export": (None, "export a checkpoint (e.g. merge LoRA adapters)"),
+    "recipe": ("mmwb.cli.recipe", "run a whole training recipe: tiny-shapes, ..."),
+    "export": ("mmwb.cli.export", "export a checkpoint (e.g. merge LoRA adapters)"),
     "bench": ("mmwb.cli.bench", "benchmark mmwb against the reference: decoder, vlm, align, generate, sde"),
 }
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mmwb.errors import MmwbInputError
+
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {
     "red": (220, 30, 30),
@@ -206,6 +208,19 @@ def make_example(seed: int, split: str, index: int, size: int = 64) -> tuple[Ima
 def iter_split(seed: int, split: str, n: int, size: int = 64) -> Iterator[tuple[Image.Image, dict]]:
     for index in range(n):
         yield make_example(seed, split, index, size)
+
+
+def read_index(root: Path, split: str) -> list[dict]:
+    """The records of ``root/<split>.jsonl`` as written by ``write_dataset`` (``image`` is relative to ``root``)."""
+    path = Path(root) / f"{split}.jsonl"
+    if not path.is_file():
+        raise MmwbInputError(f"{path}: no such index; make the data with 'mmwb data shapes --out {root}'")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def record_texts(record: dict) -> list[str]:
+    """The plain text of one record: its caption and one 'question answer' line per QA pair."""
+    return [record["caption"], *(f"{qa['question']} {qa['answer']}" for qa in record["qa"])]
 
 
 def write_dataset(

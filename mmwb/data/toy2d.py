@@ -85,3 +85,18 @@ def toy2d(name: str, n: int, generator: torch.Generator | None = None) -> torch.
     if n < 1:
         raise MmwbInputError(f"toy data set {name!r}: n must be >= 1, got {n}")
     return TOY2D[name](n, generator)
+
+
+CHECKERBOARD_AREA = 32.0  # 8 squares of side 2
+
+
+def checkerboard_log_prob(x: torch.Tensor) -> torch.Tensor:
+    """Exact log-density ``(N,)`` in nats: ``-log 32`` on the dark squares, ``-inf`` elsewhere."""
+    inside = (x.abs() <= 4).all(dim=1) & ((torch.floor(x[:, 0] / 2) + torch.floor(x[:, 1] / 2)) % 2 == 0)
+    return torch.where(inside, -math.log(CHECKERBOARD_AREA), -math.inf).to(x.dtype)
+
+
+LOG_PROBS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "checkerboard": checkerboard_log_prob,
+    "8gaussians": eight_gaussians_log_prob,
+}

@@ -110,10 +110,18 @@ def train(
     collate_fn: Callable[[list[Any]], Any] | None = None,
     eval_fn: EvalFn | None = None,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    on_save: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` with ``loss_fn(model, batch) -> loss | (loss, metrics)``; see ``Trainer``."""
     return Trainer(
-        model, loss_fn, dataset, config, collate_fn=collate_fn, eval_fn=eval_fn, on_step=on_step
+        model,
+        loss_fn,
+        dataset,
+        config,
+        collate_fn=collate_fn,
+        eval_fn=eval_fn,
+        on_step=on_step,
+        on_save=on_save,
     ).run()
 
 
@@ -122,7 +130,8 @@ class Trainer:
 
     ``eval_fn(model) -> {name: value}`` runs on every process in eval mode without gradients (its values are
     logged with an ``eval_`` prefix, and again as ``ema_eval_`` on the EMA weights). ``on_step(step, record)``
-    is called on every process after each optimizer step.
+    is called on every process after each optimizer step. ``on_save(folder)`` runs on the main process while a
+    checkpoint is still staged, to add files of its own (a model config, say) that are published with it.
     """
 
     def __init__(
@@ -135,8 +144,10 @@ class Trainer:
         collate_fn: Callable[[list[Any]], Any] | None = None,
         eval_fn: EvalFn | None = None,
         on_step: Callable[[int, dict[str, Any]], None] | None = None,
+        on_save: Callable[[Path], None] | None = None,
     ) -> None:
         self.config = config
+        self.on_save = on_save
         self.loss_fn = loss_fn
         self.eval_fn = eval_fn
         self.on_step = on_step
@@ -436,6 +447,8 @@ class Trainer:
                 save_model(self.ema, str(staging / ckpt.EMA_FILE))
             meta = {"step": progress.step, "world_size": acc.num_processes, "config": _jsonable(self.config)}
             (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            if self.on_save is not None:
+                self.on_save(staging)
         acc.wait_for_everyone()
         if acc.is_main_process:
             ckpt.publish(staging, final)

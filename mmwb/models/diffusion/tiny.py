@@ -72,6 +72,18 @@ def tiny_unet(xl: bool) -> UNet2DConditionModel:
     )
 
 
+def sd_scheduler() -> DDIMScheduler:
+    """SD 1.x's noise schedule (scaled linear betas over 1000 steps, epsilon prediction) sampled by DDIM."""
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
 def tiny_sd_pipeline(seed: int = 0, xl: bool = False) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     """An SD 1.x-shaped (or SDXL-shaped) pipeline with 32-wide text encoders and a VAE downsampling by 2."""
     torch.manual_seed(seed)
@@ -83,14 +95,7 @@ def tiny_sd_pipeline(seed: int = 0, xl: bool = False) -> StableDiffusionPipeline
         latent_channels=4,
         norm_num_groups=32,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd_scheduler()
     parts = {
         "vae": vae,
         "text_encoder": CLIPTextModel(tiny_text_config(tokenizer)),

@@ -1,0 +1,148 @@
+"""mmwb recipe tiny-shapes: stages 1-2 end to end (--quick), loadable outputs, zero-shot metric, resumption."""
+
+import json
+import shutil
+
+import open_clip
+import pytest
+import torch
+
+from mmwb.cli.main import main
+from mmwb.data.shapes import Shape, read_index, record_texts
+from mmwb.data.tokenizer import load_tokenizer
+from mmwb.errors import MmwbConfigError
+from mmwb.models.decoder import DecoderForCausalLM
+from mmwb.models.vision import PixelInputs
+from mmwb.models.vision.open_clip import OpenClipTower
+from mmwb.train.clip import zero_shot_predict, zero_shot_scores
+from mmwb.train.lm import encode_texts, perplexity
+from mmwb.train.recipes import Stage, StageNotAvailableError, for_stage, run_recipe
+
+
+class OneHotClip:
+    """A CLIP stand-in: a text's embedding is the one-hot of the class it names, an image is its own feature."""
+
+    def encode_text(self, tokens, normalize=False):
+        return torch.nn.functional.one_hot(tokens[:, 0], 2).float()
+
+    def encode_image(self, images, normalize=False):
+        return torch.nn.functional.normalize(images, dim=-1)
+
+
+def class_id_tokenizer(texts):
+    return torch.tensor([[0 if "circle" in t else 1] for t in texts])
+
+
+def test_zero_shot_predict_picks_the_nearest_class_embedding():
+    images = torch.tensor([[1.0, 0.1], [0.2, 1.0], [1.0, 0.0], [0.0, 3.0]])
+    predicted = zero_shot_predict(
+        OneHotClip(), class_id_tokenizer, images, ["circle", "square"], batch_size=3
+    )
+    assert predicted.tolist() == [0, 1, 0, 1]
+
+
+def test_zero_shot_scores_on_a_hand_made_case():
+    truth = [Shape("circle", "red", "small", 0.2, 0.3)] * 4
+    predicted = [
+        Shape("circle", "red", "small", 0.5, 0.5),  # all right (position plays no part)
+        Shape("star", "red", "small", 0.5, 0.5),
+        Shape("circle", "blue", "small", 0.5, 0.5),
+        Shape("square", "red", "large", 0.5, 0.5),
+    ]
+    assert zero_shot_scores(predicted, truth) == {
+        "zero_shot_shape_acc": 2 / 4,
+        "zero_shot_colour_acc": 3 / 4,
+        "zero_shot_size_acc": 3 / 4,
+        "zero_shot_caption_acc": 1 / 4,
+    }
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("recipe") / "tiny"
+    return out, run_recipe("tiny-shapes", out, quick=True, stages=2, progress=False)
+
+
+@pytest.mark.slow
+def test_quick_recipe_runs_stages_1_and_2_with_metrics(quick_run):
+    out, report = quick_run
+    clip, lm = report["stages"]["stage1_clip"], report["stages"]["stage2_lm"]
+    assert clip["status"] == lm["status"] == "done" and report["data"]["splits"] == {
+        "train": 48,
+        "val": 16,
+        "test": 16,
+    }
+    for key in ("test_zero_shot_shape_acc", "test_zero_shot_colour_acc", "test_zero_shot_caption_acc"):
+        assert 0.0 <= clip["metrics"][key] <= 1.0
+    assert clip["metrics"]["steps"] == lm["metrics"]["steps"] == 3
+    assert json.loads((out / "stage1_clip" / "metrics.json").read_text()) == clip["metrics"]
+    assert 1.0 < lm["metrics"]["val_perplexity"] < 1000.0
+    assert (out / "runs" / "stage1_clip" / "metrics.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_stage_outputs_load_with_open_clip_the_tower_and_the_decoder(quick_run):
+    out, report = quick_run
+    folder = out / "stage1_clip"
+    tokenizer = open_clip.get_tokenizer(
+        f"local-dir:{folder}"
+    )  # open_clip finds the BPE tokenizer in the folder
+    bpe = load_tokenizer(folder)
+    assert tokenizer("a small red circle")[0, -1].item() == bpe("a small red circle").input_ids[-1]
+    clip = open_clip.create_model(f"local-dir:{folder}")
+    assert clip.token_embedding.num_embeddings == len(bpe)
+    tower = OpenClipTower.from_name(f"local-dir:{folder}")
+    pixels = tower.image_processor()([read_image(out, 0)]).pixel_values
+    assert tower.encode(PixelInputs(pixels)).features.shape == (1, 64, 64)  # 8x8 patches, no CLS, width 64
+
+    decoder = DecoderForCausalLM.from_pretrained(out / "stage2_lm")
+    lm_tokenizer = load_tokenizer(out / "stage2_lm")
+    rows = encode_texts(lm_tokenizer, [t for r in read_index(out / "data", "val") for t in record_texts(r)])
+    assert perplexity(decoder.eval(), lm_tokenizer, rows) == pytest.approx(
+        report["stages"]["stage2_lm"]["metrics"]["val_perplexity"], rel=1e-4
+    )
+
+
+def read_image(out, index):
+    from mmwb.data.io import load_image
+
+    return load_image(out / "data" / read_index(out / "data", "test")[index]["image"])
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_stages_and_resumes_an_unpublished_one(quick_run, capsys):
+    out, report = quick_run
+    assert main(["recipe", "tiny-shapes", "--quick", "--stages", "2", "--out", str(out), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["data"]["status"] == "skipped"
+    assert {s["status"] for s in again["stages"].values()} == {"skipped"}
+    assert again["stages"]["stage1_clip"]["metrics"] == report["stages"]["stage1_clip"]["metrics"]
+
+    # a stage killed after its last checkpoint but before publishing its folder resumes there: same model
+    shutil.rmtree(out / "stage2_lm")
+    resumed = run_recipe("tiny-shapes", out, quick=True, stages=2, progress=False)
+    assert resumed["stages"]["stage2_lm"]["status"] == "done"
+    assert resumed["stages"]["stage2_lm"]["metrics"]["val_perplexity"] == pytest.approx(
+        report["stages"]["stage2_lm"]["metrics"]["val_perplexity"], rel=1e-5
+    )
+
+
+def test_a_quick_folder_is_not_mixed_with_a_full_run(tmp_path):
+    (tmp_path / "recipe.json").write_text(json.dumps({"recipe": "tiny-shapes", "quick": True}))
+    with pytest.raises(MmwbConfigError, match="recipe.json: this folder holds a run of"):
+        run_recipe("tiny-shapes", tmp_path, quick=False)
+
+
+def test_a_stage_whose_module_is_missing_says_so():
+    stage = Stage("stage9_future", "mmwb.train.not_here:Config", "mmwb.train.not_here:run")
+    with pytest.raises(
+        StageNotAvailableError, match="stage9_future not available yet: there is no mmwb.train.not_here"
+    ):
+        stage.load()
+
+
+def test_overrides_reach_every_stage_or_the_one_they_name():
+    overrides = ("train.lr=1e-3", "stage2_lm.train.max_steps=5", "stage1_clip.model.text_layers=1")
+    names = {"stage1_clip", "stage2_lm"}
+    assert for_stage(overrides, "stage2_lm", names) == ("train.lr=1e-3", "train.max_steps=5")
+    assert for_stage(overrides, "stage1_clip", names) == ("train.lr=1e-3", "model.text_layers=1")
