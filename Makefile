@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'
 	touch $@
 
-# Until the tiny-shapes VLM ships (issue 6), the demo shows the shipped score models and the shipped ControlNet.
+# The main job first (the shipped tiny-shapes VLM captions and answers questions about fresh images, then a real
+# photo), then the shipped score models and the shipped ControlNet.
 demo: $(STAMP)
 	$(BIN)/mmwb env
+	$(BIN)/python pipelines/shapes_demo.py --out $(OUT)
 	$(BIN)/python pipelines/runtime_demo.py --out $(OUT)
 	$(BIN)/mmwb sample --sampler heun --steps 24 --n 2000 --out $(OUT)/sde_checkerboard.png
 	$(BIN)/mmwb sample --model assets/models/sde-digits --sampler heun --steps 12 --n 64 --out $(OUT)/sde_digits.png

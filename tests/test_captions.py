@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmwb.data.captions import ImageTextDataset, Turn, read_records
+from mmwb.data.captions import ImageTextDataset, Turn, read_records, split_turns
 from mmwb.data.tokenizer import ASSISTANT, train_bpe_tokenizer
 from mmwb.errors import MmwbInputError
 from mmwb.train.data import BadItem, SkipBadItems, skip_bad_items
@@ -76,10 +76,12 @@ def test_chat_format_labels_only_assistant_turns(tokenizer, tmp_path):
     item = make_encoder(tokenizer, "chat", 64)(read_records(tmp_path / "llava.json")[0])
     ids, labels = item["input_ids"], item["labels"]
     assert tokenizer.decode(ids) == (
-        "<|bos|><|user|><image>what colour is the square?<|assistant|>red<|eos|>"
-        "<|user|>how many shapes?<|assistant|>two<|eos|>"
+        "<|bos|><|user|><image>what colour is the square?<|assistant|> red<|eos|>"
+        "<|user|>how many shapes?<|assistant|> two<|eos|>"
     )
-    assert tokenizer.decode(ids[labels != IGNORE_INDEX]) == "red<|eos|>two<|eos|>"
+    assert tokenizer.decode(ids[labels != IGNORE_INDEX]) == " red<|eos|> two<|eos|>"
+    # the answer is one word token, as in "... square? red" (no bare-word splitting into rare pieces)
+    assert len(tokenizer(" red", add_special_tokens=False).input_ids) == 1
     assistant = tokenizer.convert_tokens_to_ids(ASSISTANT)
     assert labels[ids == assistant].eq(IGNORE_INDEX).all()
 
@@ -120,3 +122,13 @@ def test_images_are_read_per_item_and_broken_ones_are_skipped_by_name(tmp_path):
     assert batch.data["pixel_values"].tolist() == [[[255, 0, 0]]]
     assert len(batch.skipped) == 2
     assert "broken.png" in batch.skipped[0] and "missing.png" in batch.skipped[1]
+
+
+def test_split_turns_gives_every_question_the_first_position(tmp_path):
+    (tmp_path / "llava.json").write_text(json.dumps(LLAVA))
+    records = split_turns(read_records(tmp_path / "llava.json"))
+    assert [[(t.role, t.text) for t in r.turns] for r in records] == [
+        [("user", "what colour is the square?"), ("assistant", "red")],
+        [("user", "how many shapes?"), ("assistant", "two")],
+    ]
+    assert {r.image for r in records} == {"a.png"}

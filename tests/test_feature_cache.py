@@ -81,7 +81,7 @@ def test_key_is_the_content_not_the_name(tmp_path, images):
     assert tower.encoded == 3
 
 
-@pytest.mark.parametrize("change", ["preprocessing", "encoder weights", "encoder dtype"])
+@pytest.mark.parametrize("change", ["preprocessing", "encoder weights", "encoder dtype", "encoder settings"])
 def test_changed_encoder_or_preprocessing_misses(tmp_path, images, change):
     tower = PatchTower()
     cache, processor = _cache(tmp_path / "cache", tower)
@@ -93,8 +93,11 @@ def test_changed_encoder_or_preprocessing_misses(tmp_path, images, change):
         with torch.no_grad():
             tower.embed.bias.add_(1e-3)
         other, _ = _cache(tmp_path / "cache", tower)
-    else:
+    elif change == "encoder dtype":
         other, _ = _cache(tmp_path / "cache", tower, dtype=torch.bfloat16)
+    else:  # the same weights keeping other tokens (say, with the CLS token)
+        tower.feature_settings = lambda: {"drop_cls": False}
+        other, _ = _cache(tmp_path / "cache", tower)
     assert other.folder != cache.folder
     fill_cache(other, images, tower, processor, progress=False)
     assert (other.misses, other.hits) == (3, 0)

@@ -1,4 +1,4 @@
-"""mmwb recipe tiny-shapes: stages 1-2 end to end (--quick), loadable outputs, zero-shot metric, resumption."""
+"""mmwb recipe tiny-shapes: all four stages end to end (--quick), loadable outputs, metrics, resumption."""
 
 import json
 import shutil
@@ -7,15 +7,18 @@ import open_clip
 import pytest
 import torch
 
+import mmwb
 from mmwb.cli.main import main
-from mmwb.data.shapes import Shape, read_index, record_texts
+from mmwb.data.shapes import Shape, read_index
 from mmwb.data.tokenizer import load_tokenizer
 from mmwb.errors import MmwbConfigError
 from mmwb.models.decoder import DecoderForCausalLM
 from mmwb.models.vision import PixelInputs
 from mmwb.models.vision.open_clip import OpenClipTower
+from mmwb.pipelines.vlm import VLMPipeline
+from mmwb.pipelines.vlm_eval import normalize
 from mmwb.train.clip import zero_shot_predict, zero_shot_scores
-from mmwb.train.lm import encode_texts, perplexity
+from mmwb.train.lm import LMStageConfig, encode_texts, perplexity, stage_texts
 from mmwb.train.recipes import Stage, StageNotAvailableError, for_stage, run_recipe
 
 
@@ -60,11 +63,11 @@ def test_zero_shot_scores_on_a_hand_made_case():
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("recipe") / "tiny"
-    return out, run_recipe("tiny-shapes", out, quick=True, stages=2, progress=False)
+    return out, run_recipe("tiny-shapes", out, quick=True, progress=False)
 
 
 @pytest.mark.slow
-def test_quick_recipe_runs_stages_1_and_2_with_metrics(quick_run):
+def test_quick_recipe_runs_all_four_stages_with_their_metrics(quick_run):
     out, report = quick_run
     clip, lm = report["stages"]["stage1_clip"], report["stages"]["stage2_lm"]
     assert clip["status"] == lm["status"] == "done" and report["data"]["splits"] == {
@@ -78,6 +81,33 @@ def test_quick_recipe_runs_stages_1_and_2_with_metrics(quick_run):
     assert json.loads((out / "stage1_clip" / "metrics.json").read_text()) == clip["metrics"]
     assert 1.0 < lm["metrics"]["val_perplexity"] < 1000.0
     assert (out / "runs" / "stage1_clip" / "metrics.jsonl").is_file()
+    align, instruct = report["stages"]["stage3_align"], report["stages"]["stage4_instruct"]
+    assert align["metrics"]["steps"] == instruct["metrics"]["steps"] == 3
+    assert align["metrics"]["test_images"] == instruct["metrics"]["test_images"] == 16
+    assert (
+        0.0 <= align["metrics"]["test_caption_exact_match"] <= 1.0
+        and align["metrics"]["test_caption_cider"] >= 0
+    )
+    for key in ("test_vqa_accuracy", "test_vqa_accuracy_colour", "test_caption_exact_match"):
+        assert 0.0 <= instruct["metrics"][key] <= 1.0
+    assert (out / "feature_cache").is_dir()  # stages 3 and 4 share the tower features under OUT
+
+
+@pytest.mark.slow
+def test_the_recipes_model_answers_as_its_metrics_say(quick_run):
+    out, report = quick_run
+    vlm = mmwb.from_pretrained(out / "stage4_instruct")
+    assert vlm.config.template == "chat"
+    rows = [
+        json.loads(line)
+        for line in (out / "stage4_instruct" / "test_predictions.jsonl").read_text().splitlines()
+    ]
+    records = read_index(out / "data", "test")
+    question = records[0]["qa"][0]["question"]
+    answer = VLMPipeline(vlm)(out / "data" / records[0]["image"], question, max_new_tokens=32)
+    assert answer == rows[0]["qa"][0]["prediction"]
+    exact = sum(normalize(r["caption"]) == r["reference"] for r in rows) / len(rows)
+    assert exact == report["stages"]["stage4_instruct"]["metrics"]["test_caption_exact_match"]
 
 
 @pytest.mark.slow
@@ -97,7 +127,9 @@ def test_stage_outputs_load_with_open_clip_the_tower_and_the_decoder(quick_run):
 
     decoder = DecoderForCausalLM.from_pretrained(out / "stage2_lm")
     lm_tokenizer = load_tokenizer(out / "stage2_lm")
-    rows = encode_texts(lm_tokenizer, [t for r in read_index(out / "data", "val") for t in record_texts(r)])
+    rows = encode_texts(
+        lm_tokenizer, stage_texts(out / "data", "val", LMStageConfig())
+    )  # one document per image
     assert perplexity(decoder.eval(), lm_tokenizer, rows) == pytest.approx(
         report["stages"]["stage2_lm"]["metrics"]["val_perplexity"], rel=1e-4
     )
@@ -112,7 +144,7 @@ def read_image(out, index):
 @pytest.mark.slow
 def test_rerun_skips_finished_stages_and_resumes_an_unpublished_one(quick_run, capsys):
     out, report = quick_run
-    assert main(["recipe", "tiny-shapes", "--quick", "--stages", "2", "--out", str(out), "--json"]) == 0
+    assert main(["recipe", "tiny-shapes", "--quick", "--out", str(out), "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["data"]["status"] == "skipped"
     assert {s["status"] for s in again["stages"].values()} == {"skipped"}

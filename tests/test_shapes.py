@@ -12,6 +12,7 @@ from mmwb.data.shapes import (
     caption,
     make_example,
     questions,
+    record_document,
     render,
     sample_scene,
     split_rng,
@@ -64,16 +65,26 @@ def test_caption_and_answers_describe_the_scene(index):
         elif qa["type"] == "yesno":
             _, _, _, colour, shape = qa["question"].rstrip("?").split()
             assert (qa["answer"] == "yes") == any(o.colour == colour and o.shape == shape for o in objs)
-        else:
-            asked_relation = (
-                "left of"
-                if "left of" in qa["question"]
-                else "right of"
-                if "right of" in qa["question"]
-                else None
+        else:  # "is the red circle left of the blue star?": true to the named objects' coordinates
+            words = qa["question"].rstrip("?").split()
+            named = [o for o in objs if (o.colour, o.shape) == (words[2], words[3])]
+            other = [o for o in objs if o is not named[0]][0]
+            asked = " ".join(words[4:-3])
+            dx, dy = other.x - named[0].x, other.y - named[0].y
+            truth = {"left of": dx > 0, "right of": dx < 0, "above": dy > 0, "below": dy < 0}[asked]
+            assert (qa["answer"] == "yes") == truth
+
+
+def test_position_questions_name_either_object_first():
+    firsts = []
+    for index in range(200):
+        scene = sample_scene(split_rng(5, "train", index))
+        if scene.relation is not None:
+            asked = [q for q in questions(scene, split_rng(5, "train", index)) if q["type"] == "position"]
+            firsts.append(
+                asked[0]["question"].split()[2:4] == [scene.objects[0].colour, scene.objects[0].shape]
             )
-            asked_relation = asked_relation or ("above" if " above " in qa["question"] else "below")
-            assert (qa["answer"] == "yes") == (asked_relation == scene.relation)
+    assert 0.3 < sum(firsts) / len(firsts) < 0.8  # the caption's first object is not always named first
 
 
 def test_cli_writes_splits_and_index(tmp_path, capsys):
@@ -92,3 +103,12 @@ def test_cli_writes_splits_and_index(tmp_path, capsys):
 def test_cli_refuses_bad_sizes(tmp_path, capsys):
     assert main(["data", "shapes", "--out", str(tmp_path), "--n", "0"]) == 2
     assert "--n and --n-eval must be at least 1" in capsys.readouterr().err
+
+
+def test_a_record_document_holds_the_caption_then_every_qa_pair_as_chat_turns():
+    _, record = make_example(0, "test", 0)
+    text = record_document(record, np.random.default_rng(0))
+    assert text.startswith(record["caption"] + "<|user|>")
+    turns = text.removeprefix(record["caption"]).split("<|user|>")[1:]
+    assert sorted(turns) == sorted(f"{qa['question']}<|assistant|> {qa['answer']}" for qa in record["qa"])
+    assert text == record_document(record, np.random.default_rng(0))

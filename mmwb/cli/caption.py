@@ -50,7 +50,7 @@ def answer(args: argparse.Namespace, sources: list[str], prompt: str | None) -> 
     """Run the pipeline over ``sources``; print one line per image; exit code 2 if any image failed."""
     from tqdm import tqdm
 
-    from mmwb.pipelines.vlm import VLMPipeline, load_default_or
+    from mmwb.pipelines.vlm import DEFAULT_MODEL, VLMPipeline, load_default_or
     from mmwb.runtime import resolve_device, resolve_precision, seed_everything
 
     if args.seed is not None:
@@ -74,6 +74,7 @@ def answer(args: argparse.Namespace, sources: list[str], prompt: str | None) -> 
     if failed:
         log.error("%d of %d images failed", len(failed), len(results))
     return {
+        "model": str(args.model or DEFAULT_MODEL),
         "results": [
             {
                 "image": r.source,

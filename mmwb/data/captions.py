@@ -48,8 +48,13 @@ class ImageTextRecord:
         return next(turn.text for turn in self.turns if turn.role == "assistant")
 
 
-def read_records(path: str | Path, prefer: Literal["caption", "qa"] = "caption") -> list[ImageTextRecord]:
-    """Records of a ``.json`` list or a ``.jsonl`` file; errors name the file, the record and the key."""
+def read_records(
+    path: str | Path, prefer: Literal["caption", "qa"] = "caption", caption_question: str | None = None
+) -> list[ImageTextRecord]:
+    """Records of a ``.json`` list or a ``.jsonl`` file; errors name the file, the record and the key.
+
+    With ``prefer="qa"`` and a ``caption_question``, an item holding both QA pairs and a caption also gives a
+    one-turn record ``caption_question -> caption``, so instruction tuning keeps the model captioning."""
     path = Path(path)
     if not path.is_file():
         raise MmwbInputError(f"{path}: no such dataset file")
@@ -69,9 +74,29 @@ def read_records(path: str | Path, prefer: Literal["caption", "qa"] = "caption")
     except json.JSONDecodeError as err:
         raise MmwbInputError(f"{path}: not valid JSON ({err})") from err
     records = [_record(where, item, prefer) for where, item in items]
+    if prefer == "qa" and caption_question is not None:
+        records += [
+            ImageTextRecord(
+                item["image"], (Turn("user", caption_question), Turn("assistant", item["caption"]))
+            )
+            for _, item in items
+            if "qa" in item and isinstance(item.get("caption"), str)
+        ]
     if not records:
         raise MmwbInputError(f"{path}: holds no records")
     return records
+
+
+def split_turns(records: list[ImageTextRecord]) -> list[ImageTextRecord]:
+    """Each (question, answer) pair of each conversation as its own one-turn record, so that every question is
+    trained where ``mmwb ask`` puts it: first, right after the image. (In a fixed-order conversation the
+    later questions would only ever be trained after the earlier answers.)"""
+    return [
+        ImageTextRecord(r.image, r.turns[i : i + 2])
+        for r in records
+        for i in range(0, len(r.turns) - 1, 2)
+        if r.turns[i].role == "user" and r.turns[i + 1].role == "assistant"
+    ]
 
 
 def _record(where: str, item: Any, prefer: str) -> ImageTextRecord:

@@ -44,8 +44,11 @@ def content_hash(path: Path) -> str:
 
 
 def encoder_id(tower: nn.Module, dtype: torch.dtype) -> str:
-    """Identify a tower by its class, every weight (name, shape, dtype, bytes) and the dtype it computes in."""
+    """Identify a tower by its class, its feature settings (``drop_cls``, ...), every weight (name, shape, dtype,
+    bytes) and the dtype it computes in."""
     digest = hashlib.sha256(f"{type(tower).__module__}.{type(tower).__qualname__}|{dtype}".encode())
+    settings = tower.feature_settings() if hasattr(tower, "feature_settings") else {}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
     for name, tensor in tower.state_dict().items():
         digest.update(f"|{name}:{tuple(tensor.shape)}:{tensor.dtype}|".encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mmwb.data.tokenizer import ASSISTANT, USER
 from mmwb.errors import MmwbInputError
 
 SHAPES = ("circle", "square", "triangle", "star")
@@ -170,13 +171,19 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
                 {"question": f"what shape is the {obj.colour} object?", "answer": obj.shape, "type": "shape"}
             )
     if scene.relation is not None:
-        first, second = objs
+        first, second = objs  # in caption order: first is left of / above second
         flipped = {"left of": "right of", "above": "below"}[scene.relation]
+        # either object may be named first (unless both look the same), so the answer never follows from the
+        # word order alone
+        swapped = bool(rng.integers(2)) and (first.colour, first.shape) != (second.colour, second.shape)
+        truth = flipped if swapped else scene.relation
+        if swapped:
+            first, second = second, first
         asked = str(rng.choice([scene.relation, flipped]))
         qa.append(
             {
                 "question": f"is the {first.colour} {first.shape} {asked} the {second.colour} {second.shape}?",
-                "answer": "yes" if asked == scene.relation else "no",
+                "answer": "yes" if asked == truth else "no",
                 "type": "position",
             }
         )
@@ -221,6 +228,15 @@ def read_index(root: Path, split: str) -> list[dict]:
 def record_texts(record: dict) -> list[str]:
     """The plain text of one record: its caption and one 'question answer' line per QA pair."""
     return [record["caption"], *(f"{qa['question']} {qa['answer']}" for qa in record["qa"])]
+
+
+def record_document(record: dict, rng: np.random.Generator) -> str:
+    """One record as one text in the chat layout of mmwb's VLMs: its caption, then its QA pairs in a random order
+    as turns ("... circle<|user|>what colour is the circle?<|assistant|> red<|user|>..."). A language model
+    pretrained on these learns the turn markers and to answer by looking back at the description, which is where
+    the image's tokens stand later."""
+    turns = [f"{USER}{qa['question']}{ASSISTANT} {qa['answer']}" for qa in record["qa"]]
+    return record["caption"] + "".join(turns[i] for i in rng.permutation(len(turns)))
 
 
 def write_dataset(

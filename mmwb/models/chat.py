@@ -1,7 +1,9 @@
 """Prompt templates of mmwb's VLMs, the same token layout the trainers use (mmwb.train.multimodal).
 
 ``plain`` (stage-1 captioning): ``<|bos|><image>`` then the caption. ``chat`` (instruction tuning):
-``<|bos|><|user|><image>question<|assistant|>`` then the answer. One ``<image>`` per image; the model widens it.
+``<|bos|><|user|><image>question<|assistant|>`` then a space and the answer. One ``<image>`` per image; the model
+widens it. The space matters with a byte-level BPE: ``" triangle"`` is one word token, as in the language model's
+pretraining text ("question answer"), where a bare ``"triangle"`` splits into rare pieces (``t ri angle``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from mmwb.errors import MmwbInputError
 
 TEMPLATES = ("plain", "chat")
 DEFAULT_CAPTION_QUESTION = "describe the image"
+ANSWER_PREFIX = " "  # between <|assistant|> and the answer (chat template)
 
 
 def build_prompt(question: str | None, template: str = "chat", n_images: int = 1) -> str:

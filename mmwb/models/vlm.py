@@ -90,11 +90,13 @@ class VisionLanguageModel(nn.Module):
         """PIL images -> the tower's pixel inputs (native-resolution towers pack them into one sequence)."""
         return self.image_processor()(list(images))
 
-    @torch.no_grad()
     def encode_images(self, pixels: PixelInputs) -> VisionFeatures:
-        """The frozen tower alone (no gradient): what a feature cache stores."""
+        """The tower's features: without gradient unless the tower is being trained (a frozen tower's features
+        are what a feature cache stores)."""
         tower_param = next(self.vision_tower.parameters())
-        return self.vision_tower.encode(pixels.to(tower_param.device, tower_param.dtype))
+        trained = any(p.requires_grad for p in self.vision_tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trained):
+            return self.vision_tower.encode(pixels.to(tower_param.device, tower_param.dtype))
 
     def image_embeddings(self, vision_features: VisionFeatures) -> list[torch.Tensor]:
         """Tower features (fresh or cached) -> one ``(N_i, D)`` language-model embedding block per image."""

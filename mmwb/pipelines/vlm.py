@@ -18,6 +18,7 @@ from mmwb.errors import MmwbError, MmwbInputError
 from mmwb.models.chat import build_prompt, encode_prompts
 from mmwb.models.vlm import VisionLanguageModel
 
+Prompts = str | None | Sequence[str | None]
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "models" / "tiny-shapes-vlm"
 
 
@@ -53,7 +54,8 @@ def load_default_or(
 
 
 class VLMPipeline:
-    """``pipeline(images, prompt=None, **generation_args) -> texts``; ``prompt`` is a question (None: caption)."""
+    """``pipeline(images, prompt=None, **generation_args) -> texts``; ``prompt`` is a question (None: caption),
+    or a list with one question (or None) per image."""
 
     def __init__(self, model: VisionLanguageModel, batch_size: int = 8) -> None:
         if model.tokenizer is None:
@@ -61,9 +63,7 @@ class VLMPipeline:
         self.model = model
         self.batch_size = batch_size
 
-    def __call__(
-        self, images: Sequence[ImageSource] | ImageSource, prompt: str | None = None, **kwargs
-    ) -> list:
+    def __call__(self, images: Sequence[ImageSource] | ImageSource, prompt: Prompts = None, **kwargs) -> list:
         single = not isinstance(images, list | tuple)
         results = self.run([images] if single else list(images), prompt, **kwargs)
         texts = [r.text for r in results]
@@ -72,37 +72,40 @@ class VLMPipeline:
     def run(
         self,
         images: Sequence[ImageSource],
-        prompt: str | None = None,
+        prompt: Prompts = None,
         on_token: Callable[[int, str], None] | None = None,
         progress: Callable[[int], None] | None = None,
         **generation_args: Any,
     ) -> list[VLMResult]:
         """Per-image results in input order; ``on_token(i, text)`` streams image i's new text (batch size 1)."""
+        prompts = list(prompt) if isinstance(prompt, list | tuple) else [prompt] * len(images)
+        if len(prompts) != len(images):
+            raise MmwbInputError(f"{len(prompts)} prompts for {len(images)} images; give one per image")
         results = []
         for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            results.extend(self._batch(chunk, prompt, on_token, generation_args))
+            end = min(start + self.batch_size, len(images))
+            results.extend(self._batch(images[start:end], prompts[start:end], on_token, generation_args))
             if progress is not None:
-                progress(len(chunk))
+                progress(end - start)
         return results
 
-    def _batch(self, sources, prompt, on_token, generation_args) -> list[VLMResult]:
+    def _batch(self, sources, prompts, on_token, generation_args) -> list[VLMResult]:
         results, loaded = [], []
-        for source in sources:
+        for source, prompt in zip(sources, prompts, strict=True):
             result = VLMResult(str(source) if not hasattr(source, "size") else "image")
             try:
-                loaded.append((result, load_image(source)))
+                loaded.append((result, load_image(source), prompt))
             except MmwbError as err:
                 result.error = str(err)
             results.append(result)
         if not loaded:
             return results
         tokenizer = self.model.tokenizer
-        text = build_prompt(prompt, self.model.config.template)
-        ids, mask = encode_prompts(tokenizer, [text] * len(loaded))
+        texts = [build_prompt(prompt, self.model.config.template) for _, _, prompt in loaded]
+        ids, mask = encode_prompts(tokenizer, texts)
         generation_args.setdefault("max_new_tokens", 32)
         start = time.perf_counter()
-        images = [image for _, image in loaded]
+        images = [image for _, image, _ in loaded]
         if on_token is not None and len(loaded) == 1:
             new = []
             for tokens in self.model.stream(ids, attention_mask=mask, images=images, **generation_args):
@@ -115,7 +118,7 @@ class VLMPipeline:
             )
         seconds = time.perf_counter() - start
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-        for (result, _), row in zip(loaded, out.tolist(), strict=True):
+        for (result, _, _), row in zip(loaded, out.tolist(), strict=True):
             kept = [t for t in row if t not in (eos, pad)]
             result.text = tokenizer.decode(kept, skip_special_tokens=True).strip()
             result.tokens = len(kept)

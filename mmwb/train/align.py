@@ -27,15 +27,18 @@ from mmwb.data.captions import ImageTextRecord, read_records
 from mmwb.data.io import atomic_write_path
 from mmwb.errors import MmwbInputError
 from mmwb.models.vlm import VisionLanguageModel
+from mmwb.pipelines.vlm_eval import EvaluationConfig
 from mmwb.runtime import seed_everything
 from mmwb.train.config import TrainConfig
 from mmwb.train.engine import TrainResult
 from mmwb.train.multimodal import collate, make_encoder
+from mmwb.train.recipes import write_metrics
 from mmwb.train.vlm_parts import (
     FeatureCacheConfig,
     ProcessedPixels,
     Unregistered,
     caption_losses,
+    evaluate_saved,
     freeze_all_but_projector,
     load_vlm,
     multimodal_loss,
@@ -72,10 +75,15 @@ class AlignConfig:
     )
     projector: str = "mlp2x_gelu"
     select_layer: int = -2  # tower block whose tokens the projector reads (LLaVA: the penultimate)
+    drop_cls: bool = True  # LLaVA drops the CLS token; a tiny tower's last-layer CLS summarises the image
+    final_norm: bool = False  # pass the tokens through the tower's final LayerNorm (ln_post)
     max_length: int = 64  # text tokens per sequence (the image's tokens come on top)
     out_dir: Path = Path("runs/align/model")  # the aligned VLM folder (+ alignment_health.json)
     feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    evaluation: EvaluationConfig = field(
+        default_factory=EvaluationConfig
+    )  # captions of the test split, if any
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir=Path("runs/align")))
 
 
@@ -110,9 +118,16 @@ def train_align(
     seed_everything(config.train.seed)
     if vlm is None:
         vlm = load_vlm(
-            config.model_dir, config.vision_dir, config.decoder_dir, config.projector, config.select_layer
+            config.model_dir,
+            config.vision_dir,
+            config.decoder_dir,
+            config.projector,
+            config.select_layer,
+            config.drop_cls,
+            config.final_norm,
         )
     freeze_all_but_projector(vlm)
+    vlm.config.template = "plain"  # captions follow the image directly (mmwb.models.chat)
     train_records, val_records = align_records(config)
     encode = make_encoder(vlm.tokenizer, "plain", config.max_length)
     trainer = vlm_trainer(
@@ -227,14 +242,13 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def run_align_stage(config: AlignConfig) -> dict[str, Any]:
-    """The tiny-shapes recipe's stage 3: align, then return (and save) the metrics beside the model."""
-    from mmwb.train.clip import write_metrics
-
+    """The tiny-shapes recipe's stage 3: align, caption the test split, and save the metrics beside the model."""
     started = time.perf_counter()
     result, report = train_align(config)
     metrics = {"stage": "align", "steps": result.step, "last_loss": result.last_loss}
     metrics |= {f"val_{k}": v for k, v in report.items() if isinstance(v, float)}
     metrics["learned_from_images"] = report.get("learned_from_images")
+    metrics |= evaluate_saved(Path(config.out_dir), config.data_dir, config.evaluation, vqa=False)
     metrics["seconds"] = time.perf_counter() - started
     write_metrics(metrics, Path(config.out_dir))
     return metrics

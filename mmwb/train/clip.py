@@ -43,7 +43,7 @@ from mmwb.runtime import seed_everything
 from mmwb.train import checkpoint as ckpt
 from mmwb.train.config import TrainConfig
 from mmwb.train.engine import train
-from mmwb.train.recipes import publish_stage, write_metrics  # noqa: F401 - stages 3-4 import write_metrics from here
+from mmwb.train.recipes import publish_stage
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"

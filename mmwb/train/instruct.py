@@ -29,17 +29,21 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmwb.data.captions import read_records
+from mmwb.data.captions import read_records, split_turns
 from mmwb.errors import MmwbCheckpointError
+from mmwb.models.chat import DEFAULT_CAPTION_QUESTION
 from mmwb.models.vlm import VisionLanguageModel
+from mmwb.pipelines.vlm_eval import EvaluationConfig
 from mmwb.runtime import seed_everything
 from mmwb.train import checkpoint as ckpt
 from mmwb.train.config import TrainConfig
 from mmwb.train.engine import TrainResult
 from mmwb.train.multimodal import make_encoder
+from mmwb.train.recipes import write_metrics
 from mmwb.train.vlm_parts import (
     FeatureCacheConfig,
     Unregistered,
+    evaluate_saved,
     freeze_all_but_projector,
     load_vlm,
     multimodal_loss,
@@ -50,6 +54,7 @@ from mmwb.train.vlm_parts import (
 log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"  # under train.out_dir
 PROJECTOR_FILE = "projector.safetensors"
+TOWER_FILE = "vision_tower.safetensors"  # only when the tower trained
 BASE_FILE = "base.json"
 
 
@@ -91,9 +96,13 @@ class InstructConfig:
     projector: str = "mlp2x_gelu"
     select_layer: int = -2
     max_length: int = 96
+    caption_turn: bool = True  # shapes JSONL: each image also trains "describe the image" -> its caption
+    single_turn: bool = False  # each QA pair its own record (mmwb.data.captions.split_turns)
+    train_tower: bool = False  # also fine-tune the vision tower fully (Kimi-VL style); no feature cache then
     out_dir: Path = Path("runs/instruct/model")  # the merged VLM
     lora: LoraSettings = field(default_factory=LoraSettings)
     feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)  # captions + VQA of the test split
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir=Path("runs/instruct")))
 
 
@@ -101,16 +110,19 @@ InstructStageConfig = InstructConfig  # stage 4 of the tiny-shapes recipe
 
 
 class InstructTraining(nn.Module):
-    """The engine's model: the VLM's projector and LoRA-wrapped language model (registered); the tower frozen.
+    """The engine's model: the VLM's projector, LoRA-wrapped language model and, when it trains, the vision tower
+    (registered); a frozen tower rides along.
 
     ``state_dict`` keeps only trainable tensors, so checkpoints hold the projector and the LoRA factors, and a
     resume (which checks keys against ``state_dict``) expects exactly those.
     """
 
-    def __init__(self, vlm: VisionLanguageModel) -> None:
+    def __init__(self, vlm: VisionLanguageModel, train_tower: bool = False) -> None:
         super().__init__()
         self.projector = vlm.projector  # the same modules the VLM runs
         self.language_model = vlm.language_model
+        if train_tower:
+            self.vision_tower = vlm.vision_tower
         self.held = Unregistered(vlm)
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
@@ -144,15 +156,23 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path]:
     if config.projector_from is not None:
         load_projector(vlm.projector, config.projector_from)
     peft_model = add_lora(vlm, config.lora)
-    records = read_records(Path(config.data_dir) / config.train_file, prefer="qa")
+    cache = config.feature_cache
+    if config.train_tower:
+        vlm.vision_tower.requires_grad_(True).train()
+        cache = FeatureCacheConfig(enabled=False)  # the tower's features change as it trains
+    vlm.config.template = "chat"
+    question = DEFAULT_CAPTION_QUESTION if config.caption_turn else None
+    records = read_records(Path(config.data_dir) / config.train_file, "qa", caption_question=question)
+    if config.single_turn:
+        records = split_turns(records)
     encode = make_encoder(vlm.tokenizer, "chat", config.max_length)
     trainer = vlm_trainer(
-        InstructTraining(vlm), vlm, records, config.data_dir, encode, config.train, config.feature_cache
+        InstructTraining(vlm, config.train_tower), vlm, records, config.data_dir, encode, config.train, cache
     )
     result = trainer.run()
     adapter = Path(config.train.out_dir) / ADAPTER_DIR
     if trainer.accelerator.is_main_process:
-        save_adapter(vlm, peft_model, base_of(config), adapter)
+        save_adapter(vlm, peft_model, base_of(config), adapter, config.train_tower)
         save_model_folder(merged(vlm, peft_model), Path(config.out_dir))
     return result, adapter
 
@@ -163,12 +183,17 @@ def base_of(config: InstructConfig) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items() if k in keys}
 
 
-def save_adapter(vlm: VisionLanguageModel, peft_model: PeftModel, base: dict[str, Any], folder: Path) -> None:
-    """peft adapter files + the trained projector + ``base.json``, published as one folder."""
+def save_adapter(
+    vlm: VisionLanguageModel, peft_model: PeftModel, base: dict[str, Any], folder: Path, with_tower: bool
+) -> None:
+    """peft adapter files + the trained projector (and tower) + ``base.json``, published as one folder."""
     staging = ckpt.begin(folder)
     peft_model.save_pretrained(staging)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in vlm.projector.state_dict().items()}
-    save_file(state, staging / PROJECTOR_FILE)
+    trained = [(vlm.projector, PROJECTOR_FILE)] + ([(vlm.vision_tower, TOWER_FILE)] if with_tower else [])
+    for module, name in trained:
+        save_file(
+            {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}, staging / name
+        )
     (staging / BASE_FILE).write_text(json.dumps(base, indent=2) + "\n")
     ckpt.publish(staging, folder)
 
@@ -182,6 +207,8 @@ def load_adapter(folder: Path) -> tuple[VisionLanguageModel, PeftModel]:
         paths["model_dir"], paths["vision_dir"], paths["decoder_dir"], base["projector"], base["select_layer"]
     )
     vlm.projector.load_state_dict(load_file(folder / PROJECTOR_FILE))
+    if (folder / TOWER_FILE).is_file():
+        vlm.vision_tower.load_state_dict(load_file(folder / TOWER_FILE))
     return vlm, PeftModel.from_pretrained(vlm.language_model, folder)
 
 
@@ -212,9 +239,8 @@ def load_projector(projector: nn.Module, source: Path) -> None:
 
 
 def run_instruct_stage(config: InstructConfig) -> dict[str, Any]:
-    """The tiny-shapes recipe's stage 4: instruction-tune, merge, and save the metrics beside the merged model."""
-    from mmwb.train.clip import write_metrics
-
+    """The tiny-shapes recipe's stage 4: instruction-tune, merge, evaluate captions and VQA on the test split, and
+    save the metrics beside the merged model."""
     started = time.perf_counter()
     result, adapter = train_instruct(config)
     metrics = {
@@ -223,6 +249,7 @@ def run_instruct_stage(config: InstructConfig) -> dict[str, Any]:
         "last_loss": result.last_loss,
         "adapter": str(adapter),
     }
+    metrics |= evaluate_saved(Path(config.out_dir), config.data_dir, config.evaluation, vqa=True)
     metrics["seconds"] = time.perf_counter() - started
     write_metrics(metrics, Path(config.out_dir))
     return metrics

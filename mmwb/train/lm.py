@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from mmwb.data.shapes import read_index, record_texts
+from mmwb.data.shapes import SPLITS, read_index, record_document, record_texts
 from mmwb.data.tokenizer import load_tokenizer
 from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM
 from mmwb.models.decoder.model import IGNORE_INDEX
@@ -41,6 +42,9 @@ class LMStageConfig:
     tokenizer_dir: Path = Path("runs/tiny-shapes/stage1_clip")
     out_dir: Path = Path("runs/tiny-shapes/stage2_lm")  # the model folder; the engine's run is train.out_dir
     eval_batch_size: int = 256
+    # each image's caption and QA pairs as one text (mmwb.data.shapes.record_document), not one text per line:
+    # only then must the model look back over many tokens, the skill that later reads the image tokens
+    documents: bool = True
     model: DecoderConfig = field(default_factory=DecoderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -94,14 +98,21 @@ def decoder_config(config: DecoderConfig, tokenizer: PreTrainedTokenizerBase) ->
     )
 
 
+def stage_texts(data_dir: Path, split: str, config: LMStageConfig) -> list[str]:
+    """The split's training texts: one document per record, or one text per caption and QA line."""
+    records = read_index(data_dir, split)
+    if not config.documents:
+        return [t for r in records for t in record_texts(r)]
+    rng = np.random.default_rng([config.train.seed, SPLITS.index(split)])
+    return [record_document(r, rng) for r in records]
+
+
 def run_lm_stage(config: LMStageConfig) -> dict[str, Any]:
     """Train the decoder, measure validation perplexity, publish the model folder whole; returns the metrics."""
     started = time.perf_counter()
     tokenizer = load_tokenizer(config.tokenizer_dir)
     rows = {
-        split: encode_texts(
-            tokenizer, [t for r in read_index(Path(config.data_dir), split) for t in record_texts(r)]
-        )
+        split: encode_texts(tokenizer, stage_texts(Path(config.data_dir), split, config))
         for split in ("train", "val")
     }
     seed_everything(config.train.seed)

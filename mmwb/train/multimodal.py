@@ -2,8 +2,9 @@
 
 Stage 1 (alignment) uses LLaVA's *plain* format: ``<bos> <image> caption <eos>``, loss on the caption and its end.
 Stage 2 (instruction tuning) uses the chat format ``<bos> <|user|> <image> q1 <|assistant|> a1 <eos> <|user|> q2
-<|assistant|> a2 <eos> ...``, loss on the assistant turns (answers and their ``<eos>``) only. Each sequence holds one
-``<image>`` token per image; the VLM widens it to the image's feature count when it splices the features in.
+<|assistant|> a2 <eos> ...`` (each answer after mmwb.models.chat's ``ANSWER_PREFIX``), loss on the assistant
+turns (answers and their ``<eos>``) only. Each sequence holds one ``<image>`` token per image; the VLM widens it to
+the image's feature count when it splices the features in.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from mmwb.data.captions import ImageTextRecord
 from mmwb.data.tokenizer import ASSISTANT, IMAGE, USER
 from mmwb.errors import MmwbInputError
+from mmwb.models.chat import ANSWER_PREFIX
 
 IGNORE_INDEX = -100
 
@@ -41,7 +43,7 @@ def make_encoder(
                     prefix = [special[USER]] if index else []  # the first user turn follows the image
                     pieces.append(([*prefix, *text_ids(turn.text), special[ASSISTANT]], False))
                 else:
-                    pieces.append(([*text_ids(turn.text), eos], True))
+                    pieces.append(([*text_ids(ANSWER_PREFIX + turn.text), eos], True))
             pieces[0] = ([bos, special[USER], special[IMAGE]], False)
         ids = [i for piece, _ in pieces for i in piece][:max_length]
         labels = [i if trained else IGNORE_INDEX for piece, trained in pieces for i in piece][:max_length]

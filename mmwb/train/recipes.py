@@ -89,18 +89,21 @@ TINY_SHAPES = (
         "mmwb.train.lm:run_lm_stage",
         inputs=(("tokenizer_dir", "stage1_clip"),),
     ),
-    # hooks for stages 3 and 4: their trainers live in mmwb.train.align / mmwb.train.instruct
     Stage(
         "stage3_align",
         "mmwb.train.align:AlignStageConfig",
         "mmwb.train.align:run_align_stage",
-        inputs=(("vision_dir", "stage1_clip"), ("decoder_dir", "stage2_lm")),
+        inputs=(
+            ("vision_dir", "stage1_clip"),
+            ("decoder_dir", "stage2_lm"),
+            ("feature_cache.root", "feature_cache"),
+        ),
     ),
     Stage(
         "stage4_instruct",
         "mmwb.train.instruct:InstructStageConfig",
         "mmwb.train.instruct:run_instruct_stage",
-        inputs=(("model_dir", "stage3_align"),),
+        inputs=(("model_dir", "stage3_align"), ("feature_cache.root", "feature_cache")),
     ),
 )
 RECIPES: dict[str, tuple[Stage, ...]] = {"tiny-shapes": TINY_SHAPES}

@@ -22,12 +22,13 @@ from torch import nn
 
 from mmwb.data.captions import ImageTextDataset, ImageTextRecord
 from mmwb.data.feature_cache import FeatureCache, describe_preprocessing, encoder_id, fill_cache
-from mmwb.data.io import load_image
+from mmwb.data.io import atomic_write_path, load_image
 from mmwb.data.tokenizer import IMAGE, load_tokenizer
 from mmwb.errors import MmwbConfigError, MmwbInputError
 from mmwb.models.decoder import DecoderForCausalLM
 from mmwb.models.vision.base import ImageProcessor, VisionFeatures
 from mmwb.models.vlm import VisionLanguageModel, VLMConfig
+from mmwb.pipelines.vlm_eval import EvaluationConfig, evaluate_vlm
 from mmwb.train import checkpoint as ckpt
 from mmwb.train.config import TrainConfig
 from mmwb.train.engine import Trainer
@@ -59,8 +60,11 @@ def load_vlm(
     decoder_dir: Path | None,
     projector: str = "mlp2x_gelu",
     select_layer: int = -2,
+    drop_cls: bool = True,
+    final_norm: bool = False,
 ) -> VisionLanguageModel:
-    """An mmwb VLM folder, or an open_clip tower folder + an mmwb decoder folder joined by a new projector."""
+    """An mmwb VLM folder, or an open_clip tower folder + an mmwb decoder folder joined by a new projector (the
+    tower's tokens: block ``select_layer``'s, with or without the CLS token, optionally through ``ln_post``)."""
     if model_dir is not None:
         return VisionLanguageModel.from_pretrained(model_dir, device="cpu")
     if vision_dir is None or decoder_dir is None:
@@ -71,7 +75,9 @@ def load_vlm(
 
     if projector not in PROJECTORS:
         raise MmwbConfigError(f"projector {projector!r} is not one of {sorted(PROJECTORS)}")
-    tower = OpenClipTower.from_name(f"local-dir:{vision_dir}", select_layer=select_layer)
+    tower = OpenClipTower.from_name(
+        f"local-dir:{vision_dir}", select_layer=select_layer, drop_cls=drop_cls, final_norm=final_norm
+    )
     open_clip_config = json.loads((Path(vision_dir) / "open_clip_config.json").read_text())["model_cfg"]
     decoder = DecoderForCausalLM.from_pretrained(decoder_dir)
     return assemble(tower, PROJECTORS[projector](tower.hidden_size, decoder.config.hidden_size), decoder,
@@ -116,6 +122,19 @@ def save_model_folder(vlm: VisionLanguageModel, folder: Path) -> None:
     staging = ckpt.begin(Path(folder))
     vlm.save_pretrained(staging)
     ckpt.publish(staging, Path(folder))
+
+
+def evaluate_saved(folder: Path, data_dir: Path, config: EvaluationConfig, vqa: bool) -> dict[str, Any]:
+    """Metrics of the VLM saved in ``folder`` on ``data_dir``'s split (none when ``max_items`` is 0 or the split
+    is missing); the predictions go to ``folder/<split>_predictions.jsonl`` beside it."""
+    if config.max_items <= 0 or not (Path(data_dir) / f"{config.split}.jsonl").is_file():
+        return {}
+    vlm = VisionLanguageModel.from_pretrained(folder, device="cpu")
+    metrics, rows = evaluate_vlm(vlm, data_dir, config, vqa=vqa)
+    with atomic_write_path(Path(folder) / f"{config.split}_predictions.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    log.info("%s: %s", folder, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return metrics
 
 
 def vlm_trainer(

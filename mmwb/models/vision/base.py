@@ -70,6 +70,11 @@ class VisionTower(nn.Module, ABC):
     def image_processor(self) -> ImageProcessor:
         """The processor that turns PIL images into this tower's ``PixelInputs``."""
 
+    def feature_settings(self) -> dict[str, bool | int | str]:
+        """Settings outside the weights that change the features (which tokens are kept, a final norm); a
+        feature cache keys on them beside the weights."""
+        return {}
+
     def forward(self, inputs: PixelInputs) -> VisionFeatures:
         return self.encode(inputs)
 

@@ -91,6 +91,9 @@ class HFVisionTower(VisionTower):
         batch, count = hidden.shape[:2]
         return VisionFeatures(hidden, [count] * batch, [self.grid] * batch)
 
+    def feature_settings(self) -> dict[str, bool | int | str]:
+        return {"drop_cls": self.drop_cls, "final_norm": self.final_norm}
+
     def image_processor(self) -> FixedSizeImageProcessor:
         return self.processor
 

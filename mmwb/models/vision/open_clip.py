@@ -98,6 +98,9 @@ class OpenClipTower(VisionTower):
         batch, count = tokens.shape[:2]
         return VisionFeatures(tokens, [count] * batch, [tuple(self.visual.grid_size)] * batch)
 
+    def feature_settings(self) -> dict[str, bool | int | str]:
+        return {"drop_cls": self.drop_cls, "final_norm": self.final_norm}
+
     def image_processor(self) -> FixedSizeImageProcessor:
         cfg = self.visual.preprocess_cfg
         return FixedSizeImageProcessor(
