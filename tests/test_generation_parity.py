@@ -1,45 +1,33 @@
 """mmwb's ``generate`` against transformers' ``generate`` on a tiny random Llama (fp32, CPU).
 
-The adapter below gives the transformers model mmwb's ``StepModel`` interface (a DynamicCache fed one step at a
-time), so any difference in tokens comes from the generation loop, the thing under test.
+mmwb's own adapter (``TransformersCausalLM``) gives the transformers model the ``StepModel`` interface (a
+DynamicCache fed one step at a time), so any difference in tokens comes from the generation loop, the thing under
+test.
 """
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from mmwb.errors import MmwbInputError
 from mmwb.models.decoder.generate import generate, stream
+from mmwb.models.hf_text import TransformersCausalLM
 
 VOCAB, PAD, NEW = 61, 0, 32
 
 
-class LlamaStepper:
-    """``StepModel`` around a transformers causal LM; correctness over speed."""
+class LlamaStepper(TransformersCausalLM):
+    """mmwb's ``StepModel`` adapter for transformers models, recording every call's last-position logits."""
 
     def __init__(self, model: LlamaForCausalLM):
-        self.model = model
-        self.steps: list[torch.Tensor] = []  # last-position logits of every call, for the sampling checks
+        super().__init__(model)
+        self.steps: list[torch.Tensor] = []  # for the sampling checks
 
-    def allocate_cache(self, batch_size: int, max_length: int) -> DynamicCache:
-        return DynamicCache(config=self.model.config)
-
-    def step(self, input_ids, *, cache, cache_position, position_ids, attention_mask, inputs_embeds=None):
+    def step(self, input_ids, *, cache, cache_position, **kwargs):
         assert cache.get_seq_length() == cache_position
-        out = self.model(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            past_key_values=cache,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            use_cache=True,
-        )
-        self.steps.append(out.logits[:, -1].float())
-        return out.logits.float()
-
-    def reorder_cache(self, cache: DynamicCache, beam_idx: torch.Tensor) -> DynamicCache:
-        cache.reorder_cache(beam_idx)
-        return cache
+        logits = super().step(input_ids, cache=cache, cache_position=cache_position, **kwargs)
+        self.steps.append(logits[:, -1])
+        return logits
 
 
 @pytest.fixture(scope="module")

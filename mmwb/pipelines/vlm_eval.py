@@ -18,6 +18,7 @@ import torch
 from pycocoevalcap.cider.cider import Cider
 from tqdm.auto import tqdm
 
+from mmwb.data.io import load_image
 from mmwb.data.shapes import read_index
 from mmwb.models.vlm import VisionLanguageModel
 from mmwb.pipelines.vlm import VLMPipeline
@@ -76,7 +77,7 @@ def evaluate_vlm(
     """Caption (and, with ``vqa``, question) the split's first records; returns the metrics (prefixed with the
     split's name) and one row per record with the predictions beside the references."""
     records = read_index(data_dir, config.split)[: config.max_items]
-    images = [Path(data_dir) / r["image"] for r in records]
+    images = [load_image(Path(data_dir) / r["image"]) for r in records]  # decoded once, asked many times
     pipeline = VLMPipeline(vlm.eval(), batch_size=config.batch_size)
     generation = {"max_new_tokens": config.max_new_tokens, "do_sample": False}
     bar = tqdm(total=len(records), desc=f"{config.split} captions", disable=not progress)
