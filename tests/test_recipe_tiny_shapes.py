@@ -19,7 +19,7 @@ from mmwb.pipelines.vlm import VLMPipeline
 from mmwb.pipelines.vlm_eval import normalize
 from mmwb.train.clip import zero_shot_predict, zero_shot_scores
 from mmwb.train.lm import LMStageConfig, encode_texts, perplexity, stage_texts
-from mmwb.train.recipes import Stage, StageNotAvailableError, for_stage, run_recipe
+from mmwb.train.recipes import CONFIG_ROOT, Stage, StageNotAvailableError, for_stage, make_data, run_recipe
 
 
 class OneHotClip:
@@ -178,3 +178,9 @@ def test_overrides_reach_every_stage_or_the_one_they_name():
     names = {"stage1_clip", "stage2_lm"}
     assert for_stage(overrides, "stage2_lm", names) == ("train.lr=1e-3", "train.max_steps=5")
     assert for_stage(overrides, "stage1_clip", names) == ("train.lr=1e-3", "model.text_layers=1")
+
+
+def test_data_overrides_set_the_data_step_after_quick(tmp_path):
+    report = make_data(tmp_path, CONFIG_ROOT / "tiny-shapes", True, None, False, ("n=5", "n_eval=2"))
+    assert report["splits"] == {"train": 5, "val": 2, "test": 2}
+    assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 5

@@ -16,6 +16,7 @@ from mmwb.data.shapes import (
     render,
     sample_scene,
     split_rng,
+    write_dataset,
 )
 
 
@@ -98,6 +99,16 @@ def test_cli_writes_splits_and_index(tmp_path, capsys):
     assert len(lines) == 6
     first = json.loads(lines[0])
     assert (out / first["image"]).is_file() and first["caption"] == make_example(4, "train", 0)[1]["caption"]
+
+
+def test_worker_processes_write_the_same_files_as_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    write_dataset(one, 7, seed=3, size=16, n_eval=3, progress=False, workers=1)
+    write_dataset(two, 7, seed=3, size=16, n_eval=3, progress=False, workers=2, block=2)  # several blocks
+    written = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert len(written) == 7 + 3 + 3 + 4  # images, three indexes, meta.json
+    assert written == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
+    assert all((one / name).read_bytes() == (two / name).read_bytes() for name in written)
 
 
 def test_cli_refuses_bad_sizes(tmp_path, capsys):

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +35,7 @@ COLOURS = {
 SIZES = {"small": 0.11, "large": 0.19}  # radius as a fraction of the image side
 NUMBERS = ("zero", "one", "two", "three")
 SPLITS = ("train", "val", "test")
+WRITE_BLOCK = 500  # images per worker task in write_dataset
 SUPERSAMPLE = 4  # draw large and downsample: anti-aliased edges at any output size
 
 
@@ -240,25 +245,50 @@ def record_document(record: dict, rng: np.random.Generator) -> str:
 
 
 def write_dataset(
-    out: Path, n: int, seed: int = 0, size: int = 64, n_eval: int | None = None, progress: bool = True
+    out: Path,
+    n: int,
+    seed: int = 0,
+    size: int = 64,
+    n_eval: int | None = None,
+    progress: bool = True,
+    workers: int | None = None,
+    block: int = WRITE_BLOCK,
 ) -> dict[str, int]:
-    """Write PNGs under ``out/<split>/`` and one index ``out/<split>.jsonl`` per split; returns split sizes."""
+    """Write PNGs under ``out/<split>/`` and one index ``out/<split>.jsonl`` per split; returns split sizes.
+
+    ``workers`` processes (default: one per CPU, none for a single block) render ``block`` images at a time;
+    every example depends only on (seed, split, index), so the files are the same for any number of workers."""
     from tqdm.auto import tqdm
 
     counts = {"train": n, "val": n_eval if n_eval is not None else max(1, n // 5)}
     counts["test"] = counts["val"]
     out.mkdir(parents=True, exist_ok=True)
-    for split, count in counts.items():
-        (out / split).mkdir(exist_ok=True)
-        lines = []
-        examples = iter_split(seed, split, count, size)
-        for index, (image, record) in enumerate(
-            tqdm(examples, total=count, desc=split, disable=not progress)
-        ):
-            name = f"{split}/{index:06d}.png"
-            image.save(out / name)
-            lines.append(json.dumps({"image": name, "split": split, **record}))
-        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    if workers is None:
+        workers = 1 if sum(counts.values()) <= block else os.cpu_count() or 1
+    with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
+        for split, count in counts.items():
+            (out / split).mkdir(exist_ok=True)
+            blocks = [range(start, min(start + block, count)) for start in range(0, count, block)]
+            write = partial(_write_examples, out, seed, split, size=size)
+            done = pool.map(write, blocks) if pool is not None else map(write, blocks)
+            bar = tqdm(total=count, desc=split, disable=not progress)
+            lines = []
+            for block_lines in done:  # in block order
+                lines += block_lines
+                bar.update(len(block_lines))
+            bar.close()
+            (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     meta = {"dataset": "mmwb-shapes", "seed": seed, "size": size, "splits": counts}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return counts
+
+
+def _write_examples(out: Path, seed: int, split: str, indices: range, size: int) -> list[str]:
+    """Render and save one block of a split's images (a worker's share); returns their index lines."""
+    lines = []
+    for index in indices:
+        image, record = make_example(seed, split, index, size)
+        name = f"{split}/{index:06d}.png"
+        image.save(out / name)
+        lines.append(json.dumps({"image": name, "split": split, **record}))
+    return lines

@@ -32,7 +32,8 @@ from mmwb.train import checkpoint as ckpt
 log = logging.getLogger(__name__)
 
 CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs" / "recipes"  # the source tree's configs/
-DATA_CONFIG = "data.yaml"
+DATA_STEP = "data"  # the step before the stages: `data.n=40000` overrides its data.yaml
+DATA_CONFIG = f"{DATA_STEP}.yaml"
 STATE_FILE = "recipe.json"
 METRICS_FILE = "metrics.json"
 # --quick: every stage's own config with a few small steps on a few images, to test the whole chain
@@ -123,7 +124,7 @@ def run_recipe(
     """Run recipe ``name`` into ``out``, stopping after ``stages`` stages (default: all).
 
     ``overrides`` (``KEY=VALUE``) apply to every stage, or to one when the key starts with its name
-    (``stage2_lm.train.max_steps=200``).
+    (``stage2_lm.train.max_steps=200``); ``data.KEY=VALUE`` sets the data step's ``data.yaml``.
     """
     if name not in RECIPES:
         raise MmwbConfigError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
@@ -134,9 +135,10 @@ def run_recipe(
     started = time.perf_counter()
     _claim(out, name, quick)
     report: dict[str, Any] = {"recipe": name, "out": str(out), "quick": quick, "stages": {}}
-    report["data"] = make_data(out / "data", config_dir, quick, data_seed, progress)
+    names = {DATA_STEP} | {stage.name for stage in RECIPES[name]}
+    data_overrides = tuple(o.partition(".")[2] for o in overrides if o.partition(".")[0] == DATA_STEP)
+    report["data"] = make_data(out / "data", config_dir, quick, data_seed, progress, data_overrides)
     common = (*(QUICK_TRAIN if quick else ()), *overrides, f"train.progress={str(progress).lower()}")
-    names = {stage.name for stage in RECIPES[name]}
     for stage in RECIPES[name][:stages]:
         report["stages"][stage.name] = run_stage(stage, out, config_dir, for_stage(common, stage.name, names))
     report["seconds"] = time.perf_counter() - started
@@ -156,7 +158,12 @@ def for_stage(overrides: tuple[str, ...], stage: str, stages: set[str]) -> tuple
 
 
 def make_data(
-    folder: Path, config_dir: Path, quick: bool, seed: int | None, progress: bool
+    folder: Path,
+    config_dir: Path,
+    quick: bool,
+    seed: int | None,
+    progress: bool,
+    overrides: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Write the shapes dataset unless ``folder/meta.json`` (written last) says it is there."""
     from mmwb.data.shapes import write_dataset
@@ -165,10 +172,10 @@ def make_data(
     if meta.is_file():
         log.info("data: %s exists, skipped", folder)
         return {"status": "skipped", **json.loads(meta.read_text())}
-    overrides = [f"{k}={v}" for k, v in QUICK_DATA.items()] if quick else []
+    quick_and_seed = [f"{k}={v}" for k, v in QUICK_DATA.items()] if quick else []
     if seed is not None:
-        overrides.append(f"seed={seed}")
-    cfg = load_config(ShapesDataConfig, config_dir / DATA_CONFIG, overrides)
+        quick_and_seed.append(f"seed={seed}")
+    cfg = load_config(ShapesDataConfig, config_dir / DATA_CONFIG, [*quick_and_seed, *overrides])
     started = time.perf_counter()
     counts = write_dataset(folder, cfg.n, seed=cfg.seed, size=cfg.size, n_eval=cfg.n_eval, progress=progress)
     seconds = time.perf_counter() - started
