@@ -190,9 +190,8 @@ def time_llava(data: Path, weights: Path, args: argparse.Namespace, device: torc
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(0)).tolist()
     started, samples = 0.0, 0
     for step in range(args.steps):
-        batch = [
-            records[i % len(records)] for i in order[step * args.batch_size : (step + 1) * args.batch_size]
-        ]
+        positions = range(step * args.batch_size, (step + 1) * args.batch_size)
+        batch = [records[order[i % len(order)]] for i in positions]  # epochs repeat the one shuffled order
         pixels = processor([load_image(data / r.image) for r in batch], return_tensors="pt").pixel_values
         rows = [encode(r) for r in batch]
         ids = [
