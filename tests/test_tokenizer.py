@@ -1,5 +1,8 @@
 """BPE tokenizers trained offline: round trips, special tokens kept whole, save and load through transformers."""
 
+import subprocess
+import sys
+
 import pytest
 
 from mmwb.data.shapes import iter_split
@@ -42,3 +45,16 @@ def test_save_and_load_locally(corpus, tmp_path):
     assert loaded(text).input_ids == tok(text).input_ids and loaded.padding_side == "left"
     with pytest.raises(MmwbInputError, match="tokenizer folder not found"):
         load_tokenizer(tmp_path / "missing")
+
+
+def test_loading_from_an_mmwb_model_folder_is_quiet():
+    # a fresh process: transformers' log handler writes to the stderr it first saw, which pytest cannot capture
+    from mmwb.pipelines.vlm import DEFAULT_MODEL
+
+    code = (
+        "from mmwb.data.tokenizer import IMAGE, load_tokenizer; "
+        f"t = load_tokenizer({str(DEFAULT_MODEL)!r}); print(t.convert_tokens_to_ids(IMAGE) != t.unk_token_id)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True"  # the folder's config.json says model_type mmwb_vlm
+    assert "model of type" not in done.stderr

@@ -6,11 +6,13 @@ mmwb's small models are trained from scratch, so they get a vocabulary fitted to
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from mmwb.errors import MmwbInputError
 
@@ -47,6 +49,23 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if not path.is_dir():
         raise MmwbInputError(f"{path}: tokenizer folder not found")
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(
+            path, local_files_only=True, trust_remote_code=False, **_skip_own_config(path)
+        )
     except (OSError, ValueError) as err:
         raise MmwbInputError(f"{path}: cannot load a tokenizer from this folder ({err})") from err
+
+
+def _skip_own_config(path: Path) -> dict[str, Any]:
+    """An empty config for folders holding an mmwb model, whose config.json transformers cannot read.
+
+    Without it AutoTokenizer parses mmwb's config.json as a transformers one and warns on every load.
+    """
+    config = path / "config.json"
+    if not config.is_file():
+        return {}
+    try:
+        model_type = json.loads(config.read_text()).get("model_type", "")
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+    return {"config": PretrainedConfig()} if str(model_type).startswith("mmwb_") else {}
