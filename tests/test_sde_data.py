@@ -105,3 +105,19 @@ def test_sliced_wasserstein_of_a_shift():
     assert sliced_wasserstein(x, other, generator=gen).item() < 0.1  # same law, different sizes
     with pytest.raises(MmwbInputError, match="sliced_wasserstein"):
         sliced_wasserstein(x, x[:, :2])
+
+
+def test_density_metrics_score_samples_under_the_exact_density():
+    from mmwb.models.sde.data import density_metrics
+    from mmwb.models.sde.trained import DataSpec
+
+    gen = torch.Generator().manual_seed(0)
+    gaussians, board = DataSpec(name="8gaussians"), DataSpec(name="checkerboard")
+    real = toy2d("8gaussians", 20000, gen)
+    entropy = math.log(8) + math.log(2 * math.pi * math.e * EIGHT_GAUSSIANS_STD**2)  # separated components
+    assert density_metrics(gaussians, real)["sample_nll"] == pytest.approx(entropy, abs=0.03)
+    assert density_metrics(gaussians, 1.2 * real)["sample_nll"] > entropy + 1  # spread too wide
+    squares = toy2d("checkerboard", 2000, gen)
+    assert density_metrics(board, squares) == {"in_support": 1.0}
+    assert density_metrics(board, squares + torch.tensor([2.0, 0.0])) == {"in_support": 0.0}  # light squares
+    assert density_metrics(DataSpec(name="moons"), real) == {}  # density unknown

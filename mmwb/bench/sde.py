@@ -1,8 +1,9 @@
 """``mmwb bench sde``: sample quality against the number of score evaluations (NFE) for every sampler.
 
-Both shipped models are sampled by every sampler at a few step counts (adaptive ODE solvers at a few
+The shipped models are sampled by every sampler at a few step counts (adaptive ODE solvers at a few
 tolerances), all from the same seed, so each run starts from the same prior draw. Quality is the sliced
-Wasserstein distance to test points (checkerboard) or the Fréchet distance in the digit classifier's features
+Wasserstein distance to test points (2-D sets, with the samples' NLL under the exact 8-gaussians density or the
+share of samples on the checkerboard's squares) or the Fréchet distance in the digit classifier's features
 (digits, with the classifier's mean confidence); the reference is 1000-step predictor-corrector sampling, and
 every row is also given as a ratio to it. The floor is the same metric for real data of the same size (a
 fresh draw for the checkerboard, training images for digits): no sampler can be expected below it.
@@ -16,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 HELP = (
-    "Quality vs NFE for each SDE sampler on the shipped checkerboard (sliced Wasserstein) and digits (Fréchet "
-    "distance in the digit classifier's features) models, as ratios to 1000-step PC sampling, with a PNG of "
-    "the curves per model."
+    "Quality vs NFE for each SDE sampler on the shipped checkerboard and 8-gaussians (sliced Wasserstein; "
+    "exact-density NLL / share on the squares) and digits (Fréchet distance in the digit classifier's features) "
+    "models, as ratios to 1000-step PC sampling, with a PNG of the curves per model."
 )
 REFERENCE = ("pc", {"steps": 1000})
 GOAL_NFE, GOAL_RATIO = 50, 1.10
@@ -32,18 +33,22 @@ SETTINGS: dict[str, list[dict[str, Any]]] = {
     "ode": [{"rtol": 1e-3, "atol": 1e-3}, {"rtol": 1e-5, "atol": 1e-5}],
     "ode_torch": [{"rtol": 1e-3, "atol": 1e-3}, {"rtol": 1e-5, "atol": 1e-5}],
 }
-METRICS = {"checkerboard": "sliced_wasserstein", "digits": "fd"}
+METRICS = {"checkerboard": "sliced_wasserstein", "8gaussians": "sliced_wasserstein", "digits": "fd"}
+# a second column per model: what the samples score under the exact density, or the classifier's confidence
+SECOND = {"checkerboard": "in_support", "8gaussians": "sample_nll", "digits": "confidence"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--models",
         nargs="+",
-        default=["checkerboard", "digits"],
+        default=["checkerboard", "8gaussians", "digits"],
         choices=list(METRICS),
         help="which shipped models",
     )
-    parser.add_argument("--n-checkerboard", type=int, default=2000, help="samples per row (default: 2000)")
+    parser.add_argument(
+        "--n-2d", type=int, default=2000, help="samples per row for the 2-D models (default: 2000)"
+    )
     parser.add_argument("--n-digits", type=int, default=256, help="samples per row (default: 256)")
     parser.add_argument("--out", type=Path, default=Path("out/bench/sde"), help="folder for the PNG curves")
     parser.add_argument(
@@ -60,7 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = {name: SETTINGS[name] for name in (args.samplers or SETTINGS)}
     report: dict[str, Any] = {"machine": describe_machine(device), "seed": seed, "models": {}}
     for name in args.models:
-        n = args.n_checkerboard if name == "checkerboard" else args.n_digits
+        n = args.n_digits if name == "digits" else args.n_2d
         report["models"][name] = bench_model(
             name, n, settings, device, seed, args.out, progress=not args.json
         )
@@ -82,9 +87,10 @@ def bench_model(
     import sys
 
     from mmwb.models.sde import plots
-    from mmwb.pipelines.sde import DEFAULT_MODEL, DIGITS_MODEL, load_trained
+    from mmwb.pipelines.sde import DEFAULT_MODEL, DIGITS_MODEL, EIGHT_GAUSSIANS_MODEL, load_trained
 
-    trained = load_trained(DEFAULT_MODEL if name == "checkerboard" else DIGITS_MODEL, device)
+    folders = {"checkerboard": DEFAULT_MODEL, "8gaussians": EIGHT_GAUSSIANS_MODEL, "digits": DIGITS_MODEL}
+    trained = load_trained(folders[name], device)
     metric = METRICS[name]
     reference = measure(trained, REFERENCE[0], REFERENCE[1], n, seed)
     rows = []
@@ -99,6 +105,7 @@ def bench_model(
     picture = plots.quality_vs_nfe(rows, metric, out / f"quality_vs_nfe_{name}.png", title, reference[metric])
     return {
         "metric": metric,
+        "second": SECOND[name],
         "n": n,
         "reference": reference,
         "floor": floor,
@@ -163,17 +170,21 @@ def _setting(row: dict[str, Any]) -> str:
 def format_report(report: dict[str, Any]) -> str:
     lines = []
     for name, result in report["models"].items():
-        metric, ref = result["metric"], result["reference"]
+        metric, second, ref = result["metric"], result["second"], result["reference"]
         lines.append(f"\n{name} ({result['n']} samples, seed {report['seed']}): {metric}, lower is better")
-        lines.append(f"{'sampler':<34}{'NFE':>7}{metric:>20}{'ratio to ref':>14}{'seconds':>10}")
+        lines.append(f"{'sampler':<34}{'NFE':>7}{metric:>20}{'ratio to ref':>14}{second:>14}{'seconds':>10}")
         for row in [ref, *result["rows"]]:
             ratio = row.get("ratio", 1.0)
             tag = " (reference)" if row is ref else ""
             lines.append(
-                f"{_setting(row) + tag:<34}{row['nfe']:>7}{row[metric]:>20.4g}{ratio:>14.3f}{row['seconds']:>10.2f}"
+                f"{_setting(row) + tag:<34}{row['nfe']:>7}{row[metric]:>20.4g}{ratio:>14.3f}"
+                f"{row[second]:>14.4g}{row['seconds']:>10.2f}"
             )
-        floor = result["floor"][metric]
-        lines.append(f"{'real data (floor)':<34}{'':>7}{floor:>20.4g}{floor / ref[metric]:>14.3f}")
+        floor = result["floor"]
+        lines.append(
+            f"{'real data (floor)':<34}{'':>7}{floor[metric]:>20.4g}{floor[metric] / ref[metric]:>14.3f}"
+            f"{floor[second]:>14.4g}"
+        )
         g = result["goal"]
         if g.get("met") is not None:
             verdict = "met" if g["met"] else "NOT met"

@@ -1,7 +1,7 @@
 """What one does with a trained score model: sample it, measure its samples, compute its test likelihood.
 
-The shipped models live under ``assets/models``: a checkerboard and a digits score model, and the digit
-classifier whose features measure digit samples.
+The shipped models live under ``assets/models``: checkerboard, 8-gaussians and digits score models, and the
+digit classifier whose features measure digit samples.
 """
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ import torch
 
 from mmwb.data.digits import NUM_LEVELS, VALUE_RANGES, load_digits_tensors
 from mmwb.errors import MmwbInputError
-from mmwb.models.sde.data import VALUE_RANGE, dataset, log_prob, to_model_space, to_unit_images
+from mmwb.models.sde.data import (
+    VALUE_RANGE,
+    dataset,
+    density_metrics,
+    log_prob,
+    to_model_space,
+    to_unit_images,
+)
 from mmwb.models.sde.digit_metrics import DigitClassifier, digit_quality, load_classifier
 from mmwb.models.sde.likelihood import bits_per_dim, probability_flow_likelihood
 from mmwb.models.sde.metrics import sliced_wasserstein
@@ -25,6 +32,7 @@ from mmwb.runtime import make_generator
 
 ASSETS = Path(__file__).resolve().parents[3] / "assets" / "models"
 DEFAULT_MODEL = ASSETS / "sde-checkerboard"
+EIGHT_GAUSSIANS_MODEL = ASSETS / "sde-8gaussians"
 DIGITS_MODEL = ASSETS / "sde-digits"
 DIGITS_CLASSIFIER = ASSETS / "digits-classifier"
 LIKELIHOOD_EPS = 1e-5  # score_sde's eps for likelihoods (sampling stops at the SDE's own eps)
@@ -75,8 +83,9 @@ def reference_data(trained: TrainedSDE, seed: int = 0) -> torch.Tensor:
 def quality(
     trained: TrainedSDE, samples: torch.Tensor, seed: int = 0, classifier: DigitClassifier | None = None
 ) -> dict[str, float]:
-    """Toy data: sliced Wasserstein-2 distance to test points. Digits: Fréchet distance and confidence of the
-    digit classifier (the shipped one unless given)."""
+    """Toy data: sliced Wasserstein-2 distance to test points, and the samples' score under the exact density
+    where it is known. Digits: Fréchet distance and confidence of the digit classifier (the shipped one unless
+    given)."""
     reference = reference_data(trained, seed)
     if trained.spec.data.is_image:
         classifier = classifier if classifier is not None else load_classifier(DIGITS_CLASSIFIER)
@@ -84,7 +93,7 @@ def quality(
     sw = sliced_wasserstein(
         samples.cpu().double(), reference.double(), SW_PROJECTIONS, generator=make_generator(seed)
     )
-    return {"sliced_wasserstein": float(sw)}
+    return {"sliced_wasserstein": float(sw), **density_metrics(trained.spec.data, samples.cpu())}
 
 
 def likelihood(
