@@ -23,6 +23,8 @@ demo: $(STAMP)
 	$(BIN)/python pipelines/runtime_demo.py --out $(OUT)
 	$(BIN)/mmwb sample --sampler heun --steps 24 --n 2000 --out $(OUT)/sde_checkerboard.png
 	$(BIN)/mmwb sample --model assets/models/sde-digits --sampler heun --steps 12 --n 64 --out $(OUT)/sde_digits.png
+	$(BIN)/mmwb sample --model assets/models/sde-digits --label all --sampler heun --steps 24 --n 50 --quality \
+	  --out $(OUT)/sde_digits_0_to_9.png
 	$(BIN)/mmwb generate --control-image assets/models/shapes-controlnet-canny/example_control.png \
 	  --preprocess canny --prompt "a small purple star, a large purple triangle and a large red circle" \
 	  --num-images 4 --guidance-scale 3 --out $(OUT)/controlnet

@@ -129,12 +129,33 @@ def test_checkpoint_folders_load_as_models(capsys, tmp_path):
         (["sample", "--n", "0"], "--n must be >= 1"),
         (["sample", "--dtype", "bf16"], "fp32 only"),
         (["sample", "--schedule", "cubic"], "unknown schedule 'cubic'"),
+        (["sample", "--label", "3"], "--label needs a digits model; this one was trained on checkerboard"),
     ],
 )
 def test_bad_input_is_one_line(capsys, tmp_path, args, message):
     assert main([*args, "--out", str(tmp_path / "x.png")] if args[0] == "sample" else args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_label_outside_the_ten_classes_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--model", str(DIGITS_MODEL), "--label", "12"])
+    assert "'12' is not a digit class" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sample_draws_the_asked_digits(capsys, tmp_path):
+    args = ["--model", DIGITS_MODEL, "--sampler", "heun", "--steps", 24, "--n", 50, "--quality"]
+    guided = cli_json(capsys, "sample", *args, "--label", "all", "--out", tmp_path / "all.png")
+    assert guided["label"] == "all" and guided["guidance_scale"] == 2.0
+    assert guided["quality"]["accuracy"] >= 0.85 and (tmp_path / "all.png").is_file()
+    sevens = cli_json(capsys, "sample", *args, "--label", 7, "--out", tmp_path / "7.png")
+    assert sevens["quality"]["accuracy"] >= 0.85
+    unguided = cli_json(
+        capsys, "sample", *args, "--label", 7, "--guidance-scale", 0, "--out", tmp_path / "u.png"
+    )
+    assert unguided["quality"]["accuracy"] < 0.4  # the unconditional model draws a 7 about one time in ten
 
 
 def test_a_folder_that_is_no_model_names_itself(tmp_path):

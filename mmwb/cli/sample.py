@@ -10,7 +10,11 @@ from typing import Any
 HELP = (
     "Sample a score-based SDE model (default: the shipped checkerboard model) with any sampler: pc, "
     "euler_maruyama, reverse_diffusion, ancestral, ode (scipy RK45), ode_torch, heun. Writes a picture: a grid "
-    "for images, the samples over the data density (with the score field) for 2-D data."
+    "for images, the samples over the data density (with the score field) for 2-D data. Digits models draw a "
+    "chosen class with --label, guided by a noisy classifier."
+)
+DEFAULT_GUIDANCE = (
+    2.0  # 1 is the exact conditional score; 2 reads as the asked digit far more often (BENCHMARKS.md)
 )
 
 
@@ -23,10 +27,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", help="time grid: uniform or karras (default: karras for heun)")
     parser.add_argument("--snr", type=float, help="Langevin corrector signal-to-noise ratio (pc only)")
     parser.add_argument(
+        "--label",
+        type=_label,
+        help="digits models: the class to draw (0-9), or 'all' for 0, 1, ..., 9 in turn",
+    )
+    parser.add_argument(
+        "--classifier",
+        type=Path,
+        help="noisy classifier that guides --label (default: assets/models/digits-noisy-classifier)",
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=DEFAULT_GUIDANCE,
+        help=f"classifier gradient multiplier (default: {DEFAULT_GUIDANCE:g}; 1 is the exact conditional score)",
+    )
+    parser.add_argument(
         "--quality",
         action="store_true",
-        help="also measure the samples (sliced Wasserstein / Fréchet distance)",
+        help="also measure the samples (sliced Wasserstein / Fréchet distance; with --label, the accuracy)",
     )
+
+
+def _label(text: str) -> str | int:
+    if text == "all":
+        return text
+    if text.isdigit() and int(text) < 10:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is not a digit class: give 0-9 or 'all'")
+
+
+def guidance(args: argparse.Namespace, trained: Any, device: Any) -> dict[str, Any]:
+    """``generate``'s guidance arguments for ``--label``: the labels, the checked classifier and the scale."""
+    import torch
+
+    from mmwb.errors import MmwbInputError
+    from mmwb.pipelines.sde import DIGITS_NOISY_CLASSIFIER, check_compatible, load_noisy_classifier
+
+    if args.label is None:
+        return {}
+    if not trained.spec.data.is_image:
+        raise MmwbInputError(
+            f"--label needs a digits model; this one was trained on {trained.spec.data.name}"
+        )
+    classifier, spec = load_noisy_classifier(args.classifier or DIGITS_NOISY_CLASSIFIER, device)
+    check_compatible(spec, trained)
+    labels = torch.arange(args.n) % 10 if args.label == "all" else torch.full((args.n,), args.label)
+    return {"labels": labels.to(device), "classifier": classifier, "guidance_scale": args.guidance_scale}
 
 
 def check_model_args(args: argparse.Namespace) -> None:
@@ -53,6 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = args.model or DEFAULT_MODEL
     trained = load_trained(model, device)
     seed = args.seed if args.seed is not None else 0
+    guide = guidance(args, trained, device)
     started = time.perf_counter()
     samples, nfe = generate(
         trained,
@@ -62,11 +110,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         make_generator(seed, device),
         schedule=args.schedule,
         disable=args.json,
+        **guide,
         **options,
     )
     seconds = time.perf_counter() - started
-    title = f"{trained.spec.data.name}: {args.sampler}, {nfe} NFE, seed {seed}"
-    picture = save_samples_figure(trained, samples, args.out, title, seed)
+    asked = f", label {args.label} (scale {args.guidance_scale:g})" if guide else ""
+    title = f"{trained.spec.data.name}{asked}: {args.sampler}, {nfe} NFE, seed {seed}"
+    ncols = 10 if args.label == "all" else None  # one class per column
+    picture = save_samples_figure(trained, samples, args.out, title, seed, ncols)
     result: dict[str, Any] = {
         "model": str(model),
         "sampler": args.sampler,
@@ -77,8 +128,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seed": seed,
         "picture": str(picture),
     }
+    if guide:
+        result |= {"label": args.label, "guidance_scale": args.guidance_scale}
     if args.quality:
-        result["quality"] = quality(trained, samples, seed)
+        result["quality"] = quality(trained, samples, seed, labels=guide.get("labels"))
     if not args.json:
         measured = "".join(f", {k} {v:.4g}" for k, v in result.get("quality", {}).items())
         print(

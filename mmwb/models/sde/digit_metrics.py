@@ -93,12 +93,19 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def digit_quality(
-    classifier: DigitClassifier, samples: torch.Tensor, reference: torch.Tensor
+    classifier: DigitClassifier,
+    samples: torch.Tensor,
+    reference: torch.Tensor,
+    labels: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Fréchet distance of ``samples`` to ``reference`` (both ``(N, 1, 8, 8)`` in ``[0, 1]``) in the classifier's
-    features, and the classifier's mean confidence in its own prediction (a sharp digit scores near 1)."""
+    features, the classifier's mean confidence in its own prediction (a sharp digit scores near 1) and, for
+    samples drawn for ``labels`` ``(N,)``, the share it reads as their label."""
     device = next(classifier.parameters()).device
     feats = classifier.features(samples.to(device).float())
     ref_feats = classifier.features(reference.to(device).float())
     probs = classifier.head(feats).softmax(-1)
-    return {"fd": frechet_distance(feats, ref_feats), "confidence": float(probs.max(-1).values.mean())}
+    result = {"fd": frechet_distance(feats, ref_feats), "confidence": float(probs.max(-1).values.mean())}
+    if labels is not None:
+        result["accuracy"] = float((probs.argmax(-1).cpu() == labels.cpu()).float().mean())
+    return result

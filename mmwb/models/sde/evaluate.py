@@ -1,7 +1,8 @@
 """What one does with a trained score model: sample it, measure its samples, compute its test likelihood.
 
-The shipped models live under ``assets/models``: checkerboard, 8-gaussians and digits score models, and the
-digit classifier whose features measure digit samples.
+The shipped models live under ``assets/models``: checkerboard, 8-gaussians and digits score models, the
+digit classifier whose features measure digit samples, and the noisy digit classifier that guides sampling
+towards a class.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mmwb.models.sde.data import (
     to_unit_images,
 )
 from mmwb.models.sde.digit_metrics import DigitClassifier, digit_quality, load_classifier
+from mmwb.models.sde.guidance import Classifier, classifier_guided_score
 from mmwb.models.sde.likelihood import bits_per_dim, probability_flow_likelihood
 from mmwb.models.sde.metrics import sliced_wasserstein
 from mmwb.models.sde.samplers import SampleOutput, sample
@@ -35,6 +37,7 @@ DEFAULT_MODEL = ASSETS / "sde-checkerboard"
 EIGHT_GAUSSIANS_MODEL = ASSETS / "sde-8gaussians"
 DIGITS_MODEL = ASSETS / "sde-digits"
 DIGITS_CLASSIFIER = ASSETS / "digits-classifier"
+DIGITS_NOISY_CLASSIFIER = ASSETS / "digits-noisy-classifier"  # guides sde-digits towards a class
 LIKELIHOOD_EPS = 1e-5  # score_sde's eps for likelihoods (sampling stops at the SDE's own eps)
 TOY_REFERENCE_POINTS = 10_000  # test points the sliced Wasserstein distance compares samples with
 SW_PROJECTIONS = 512
@@ -51,17 +54,31 @@ def generate(
     steps: int | None = None,
     generator: torch.Generator | None = None,
     *,
+    labels: torch.Tensor | None = None,
+    classifier: Classifier | None = None,
+    guidance_scale: float = 1.0,
     disable: bool = False,
     **options: Any,
 ) -> SampleOutput:
-    """``n`` samples in model space (points, or images in ``[-1, 1]``) and the NFE; options go to the sampler."""
+    """``n`` samples in model space (points, or images in ``[-1, 1]``) and the NFE; options go to the sampler.
+
+    With ``labels`` ``(n,)`` each sample is guided towards its class by ``classifier(x_t, t) -> logits`` (a
+    noisy classifier of the same SDE), its log-probability gradient scaled by ``guidance_scale``.
+    """
     if n < 1:
         raise MmwbInputError(f"the number of samples must be >= 1, got {n}")
     shape = (n, *trained.spec.data.sample_shape())
+    score_fn: Any = trained.model
+    if labels is not None:
+        if classifier is None or labels.shape != (n,):
+            raise MmwbInputError(
+                f"guided sampling needs a classifier and {n} labels, got {tuple(labels.shape)}"
+            )
+        score_fn = classifier_guided_score(score_fn, classifier, labels, guidance_scale)
     with torch.no_grad():
         return sample(
             trained.sde,
-            trained.model,
+            score_fn,
             shape,
             sampler,
             steps,
@@ -81,15 +98,20 @@ def reference_data(trained: TrainedSDE, seed: int = 0) -> torch.Tensor:
 
 
 def quality(
-    trained: TrainedSDE, samples: torch.Tensor, seed: int = 0, classifier: DigitClassifier | None = None
+    trained: TrainedSDE,
+    samples: torch.Tensor,
+    seed: int = 0,
+    classifier: DigitClassifier | None = None,
+    labels: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Toy data: sliced Wasserstein-2 distance to test points, and the samples' score under the exact density
     where it is known. Digits: Fréchet distance and confidence of the digit classifier (the shipped one unless
-    given)."""
+    given), and its accuracy against ``labels`` for class-conditional samples."""
     reference = reference_data(trained, seed)
     if trained.spec.data.is_image:
         classifier = classifier if classifier is not None else load_classifier(DIGITS_CLASSIFIER)
-        return digit_quality(classifier, to_unit_images(trained.spec.data, samples.cpu()), reference)
+        unit = to_unit_images(trained.spec.data, samples.cpu())
+        return digit_quality(classifier, unit, reference, labels)
     sw = sliced_wasserstein(
         samples.cpu().double(), reference.double(), SW_PROJECTIONS, generator=make_generator(seed)
     )
