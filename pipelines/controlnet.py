@@ -3,7 +3,7 @@
     python pipelines/controlnet.py --model models/sd15 --controlnet models/sd15-canny --prompt "a watercolour town"
 
 --model: a diffusers SD folder or one .safetensors file; --controlnet: a ControlNet folder or .safetensors file.
-Without them the shipped tiny shapes model and its canny ControlNet draw (64x64, shapes only).
+Without them the shipped tiny shapes model and its canny ControlNet draw (32x32, shapes only).
 """
 
 import argparse
@@ -16,7 +16,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--model", default=DEFAULT_MODEL)
 parser.add_argument("--controlnet", default=DEFAULT_CONTROLNET)
 parser.add_argument(
-    "--image", type=Path, default=None, help="control image (default: the first in assets/images)"
+    "--image", type=Path, default=None, help="control image (default: the first photo in assets/images)"
 )
 parser.add_argument("--prompt", default="a watercolour painting, soft light")
 parser.add_argument("--steps", type=int, default=20)
@@ -24,7 +24,7 @@ parser.add_argument("--device", default=None)
 parser.add_argument("--out", type=Path, default=Path("out/controlnet"))
 args = parser.parse_args()
 
-image = args.image or sorted(Path("assets/images").glob("*.*"))[0]
+image = args.image or sorted((Path(__file__).resolve().parents[1] / "assets" / "images").glob("*.jpg"))[0]
 generator = ControlNetGenerator.from_pretrained(args.model, [args.controlnet], device=args.device)
 params = GenerationParams(
     prompt=args.prompt, control_images=[str(image)], preprocess=["canny"], steps=args.steps

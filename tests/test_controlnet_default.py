@@ -1,6 +1,9 @@
 """The shipped tiny shapes SD + canny ControlNet: ``mmwb generate`` uses it by default, and it follows control."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +41,11 @@ def test_shipped_default_follows_the_control_edges():
     scores = control_f1(generator, shapes_examples(6), params)
     assert scores["control"] >= MIN_CONTROL_F1, scores
     assert scores["control"] - scores["no_control"] >= MIN_MARGIN, scores
+
+
+def test_controlnet_example_script_runs(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "pipelines" / "controlnet.py"
+    args = [str(script), "--steps", "2", "--out", str(tmp_path)]
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert (tmp_path / "image.png").is_file() and (tmp_path / "condition.png").is_file()
+    assert "(2 steps, seed" in done.stdout

@@ -16,6 +16,7 @@ from mmwb.pipelines.sde import (
     DIGITS_MODEL,
     EIGHT_GAUSSIANS_MODEL,
     generate,
+    likelihood,
     quality,
 )
 from mmwb.runtime import make_generator
@@ -203,6 +204,14 @@ def test_every_sampler_matches_the_exact_8_gaussians_density(sampler, options):
     data_nll = _recorded(EIGHT_GAUSSIANS_MODEL)["likelihood"]["data_nll"]
     assert measured["sample_nll"] == pytest.approx(data_nll, abs=0.2)
     assert measured["sliced_wasserstein"] < 0.3  # 1000 real points score 0.05-0.23 (mixture weights vary)
+
+
+@pytest.mark.slow
+def test_shipped_8_gaussians_likelihood_is_near_the_data_entropy():
+    recorded = _recorded(EIGHT_GAUSSIANS_MODEL)["likelihood"]
+    measured = likelihood(load_trained(EIGHT_GAUSSIANS_MODEL), 500, disable=True)  # exact divergence
+    assert measured["exact_divergence"] and measured["nll"] == pytest.approx(recorded["nll"], abs=0.1)
+    assert measured["nll"] - measured["data_nll"] < 0.15  # the model's density is close to the true one
 
 
 @pytest.mark.slow
