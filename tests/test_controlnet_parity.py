@@ -166,8 +166,24 @@ def test_long_prompt_is_truncated_with_a_warning(mmwb_one, caplog):
     assert np.abs(long - short).max() <= TOLERANCE  # the words past the limit really are ignored
 
 
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpmpp_2m"])
+def test_sd2_layout_with_v_prediction_matches_diffusers(tmp_path_factory, scheduler):
+    model, controlnets = save_tiny_controlnet_sd(
+        tmp_path_factory.mktemp("sd2"), n_controlnets=1, layout="sd2"
+    )
+    generator = ControlNetGenerator.from_pretrained(model, controlnets, device="cpu")
+    assert generator.pipe.unet.config.upcast_attention and generator.pipe.unet.config.use_linear_projection
+    image = random_image(8)
+    ours = run_mmwb(generator, [image], scheduler=scheduler)
+    pipe = reference((model, controlnets), 1, DDIMScheduler)
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"  # switching scheduler keeps v-prediction
+    theirs = run_reference(pipe, image)
+    assert np.abs(ours.images - theirs).max() <= TOLERANCE
+
+
 def test_sdxl_controlnet_matches_diffusers(tmp_path):
-    model, controlnets = save_tiny_controlnet_sd(tmp_path, n_controlnets=1, xl=True)
+    model, controlnets = save_tiny_controlnet_sd(tmp_path, n_controlnets=1, layout="sdxl")
     generator = ControlNetGenerator.from_pretrained(model, controlnets, device="cpu")
     assert isinstance(generator.pipe, StableDiffusionXLControlNetPipeline)
     image = random_image(7)

@@ -1,7 +1,8 @@
-"""Tiny random Stable Diffusion (1.x or XL layout) + ControlNet checkpoints, built offline in seconds.
+"""Tiny random Stable Diffusion (1.x, 2.x or XL layout) + ControlNet checkpoints, built offline in seconds.
 
 Tests, benchmarks and demos need real diffusers folders without downloading anything; these have the layout of
-SD 1.x (CLIP text encoder, UNet, KL autoencoder) or SDXL (two text encoders, size conditioning) at well under a
+SD 1.x (CLIP text encoder, UNet, KL autoencoder), SD 2.x (the same with linear attention projections, per-block
+head counts, upcast attention and v-prediction) or SDXL (two text encoders, size conditioning) at well under a
 million parameters per part. The ControlNets' zero
 convolutions are given random weights on purpose: a freshly initialised ControlNet adds exactly nothing, and a
 parity test on one would not notice a ControlNet being ignored.
@@ -10,6 +11,7 @@ parity test on one would not notice a ControlNet being ignored.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 from diffusers import (
@@ -25,6 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_PROMPT_TOKENS = 77  # SD's text encoders read 77 positions; the tiny one keeps that so truncation is real
+Layout = Literal["sd1", "sd2", "sdxl"]
 
 
 def tiny_clip_tokenizer() -> CLIPTokenizer:
@@ -51,29 +54,40 @@ def tiny_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
     )
 
 
-def tiny_unet(xl: bool) -> UNet2DConditionModel:
-    """UNet with (32, 64) channels; the XL one reads two concatenated text encoders plus SDXL's size/crop
-    conditioning (6 time ids x 8 + a 32-wide pooled text embedding = 80 extra inputs)."""
-    xl_options = {
-        "cross_attention_dim": 64,
-        "addition_embed_type": "text_time",
-        "addition_time_embed_dim": 8,
-        "projection_class_embeddings_input_dim": 6 * 8 + 32,
-        "use_linear_projection": True,
-    }
+def tiny_unet(layout: Layout) -> UNet2DConditionModel:
+    """UNet with (32, 64) channels. SD 2.x's adds linear attention projections, a head count per block and
+    upcast attention; the XL one reads two concatenated text encoders plus SDXL's size/crop conditioning (6 time
+    ids x 8 + a 32-wide pooled text embedding = 80 extra inputs)."""
+    options = {
+        "sd1": {"cross_attention_dim": 32, "attention_head_dim": 4},
+        "sd2": {
+            "cross_attention_dim": 32,
+            "attention_head_dim": (2, 4),
+            "use_linear_projection": True,
+            "upcast_attention": True,
+        },
+        "sdxl": {
+            "cross_attention_dim": 64,
+            "attention_head_dim": 4,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 6 * 8 + 32,
+            "use_linear_projection": True,
+        },
+    }[layout]
     return UNet2DConditionModel(
         sample_size=16,
         block_out_channels=(32, 64),
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=4,
-        **(xl_options if xl else {"cross_attention_dim": 32}),
+        **options,
     )
 
 
-def sd_scheduler() -> DDIMScheduler:
-    """SD 1.x's noise schedule (scaled linear betas over 1000 steps, epsilon prediction) sampled by DDIM."""
+def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """SD's noise schedule (scaled linear betas over 1000 steps; epsilon prediction, v for SD 2.x) sampled by
+    DDIM."""
     return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -81,11 +95,14 @@ def sd_scheduler() -> DDIMScheduler:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type=prediction_type,
     )
 
 
-def tiny_sd_pipeline(seed: int = 0, xl: bool = False) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
-    """An SD 1.x-shaped (or SDXL-shaped) pipeline with 32-wide text encoders and a VAE downsampling by 2."""
+def tiny_sd_pipeline(
+    seed: int = 0, layout: Layout = "sd1"
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """An SD-shaped pipeline of ``layout`` with 32-wide text encoders and a VAE downsampling by 2."""
     torch.manual_seed(seed)
     tokenizer = tiny_clip_tokenizer()
     vae = AutoencoderKL(
@@ -95,15 +112,15 @@ def tiny_sd_pipeline(seed: int = 0, xl: bool = False) -> StableDiffusionPipeline
         latent_channels=4,
         norm_num_groups=32,
     )
-    scheduler = sd_scheduler()
+    scheduler = sd_scheduler("v_prediction" if layout == "sd2" else "epsilon")
     parts = {
         "vae": vae,
         "text_encoder": CLIPTextModel(tiny_text_config(tokenizer)),
         "tokenizer": tokenizer,
-        "unet": tiny_unet(xl),
+        "unet": tiny_unet(layout),
         "scheduler": scheduler,
     }
-    if xl:
+    if layout == "sdxl":
         text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(tokenizer))
         return StableDiffusionXLPipeline(
             **parts, text_encoder_2=text_encoder_2, tokenizer_2=tiny_clip_tokenizer(), add_watermarker=False
@@ -130,11 +147,11 @@ def tiny_controlnet(unet: UNet2DConditionModel, seed: int, scale: float = 0.1) -
 
 
 def save_tiny_controlnet_sd(
-    out_dir: str | Path, n_controlnets: int = 1, seed: int = 0, xl: bool = False
+    out_dir: str | Path, n_controlnets: int = 1, seed: int = 0, layout: Layout = "sd1"
 ) -> tuple[Path, list[Path]]:
     """Write ``out_dir/sd`` and ``out_dir/controlnet_<i>`` as diffusers folders; return their paths."""
     out_dir = Path(out_dir)
-    pipe = tiny_sd_pipeline(seed, xl)
+    pipe = tiny_sd_pipeline(seed, layout)
     model_dir = out_dir / "sd"
     pipe.save_pretrained(model_dir)
     controlnet_dirs = []
