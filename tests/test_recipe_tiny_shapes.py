@@ -9,15 +9,16 @@ import torch
 
 import mmwb
 from mmwb.cli.main import main
-from mmwb.data.shapes import Shape, read_index
+from mmwb.data.shapes import Shape, make_example, read_index
 from mmwb.data.tokenizer import load_tokenizer
 from mmwb.errors import MmwbConfigError
 from mmwb.models.decoder import DecoderForCausalLM
 from mmwb.models.vision import PixelInputs
+from mmwb.models.vision.base import rgb_uint8
 from mmwb.models.vision.open_clip import OpenClipTower
 from mmwb.pipelines.vlm import VLMPipeline
 from mmwb.pipelines.vlm_eval import normalize
-from mmwb.train.clip import zero_shot_predict, zero_shot_scores
+from mmwb.train.clip import contrastive_loss, swapped_twins, zero_shot_predict, zero_shot_scores
 from mmwb.train.lm import LMStageConfig, encode_texts, perplexity, stage_texts
 from mmwb.train.recipes import CONFIG_ROOT, Stage, StageNotAvailableError, for_stage, make_data, run_recipe
 
@@ -60,6 +61,33 @@ def test_zero_shot_scores_on_a_hand_made_case():
     }
 
 
+class DotClip(torch.nn.Module):
+    """A CLIP stand-in whose features are its inputs' first entries: the loss depends only on the pairs."""
+
+    def forward(self, images, tokens):
+        return images.flatten(1)[:, :4], tokens[:, :4].float(), torch.tensor(1.0)
+
+
+def test_grouped_items_are_one_batch_of_their_members():
+    pixels, tokens = torch.randint(0, 256, (3, 2, 3, 4, 4), dtype=torch.uint8), torch.randint(0, 9, (3, 2, 5))
+    grouped, _ = contrastive_loss(DotClip(), [pixels, tokens])
+    flat, _ = contrastive_loss(DotClip(), [pixels.flatten(0, 1), tokens.flatten(0, 1)])
+    torch.testing.assert_close(grouped, flat)
+    fewer, _ = contrastive_loss(DotClip(), [pixels[:, 0], tokens[:, 0]])
+    assert not torch.isclose(grouped, fewer)  # the twins really are in the batch
+
+
+def test_swapped_twins_are_drawn_on_the_images_backgrounds():
+    examples = [make_example(0, "train", i) for i in range(8)]
+    pixels, records = torch.stack([rgb_uint8(image) for image, _ in examples]), [r for _, r in examples]
+    twins, captions = swapped_twins(pixels, records, seed=0)
+    assert twins.shape == pixels.shape and twins.dtype == torch.uint8
+    assert all(twin != record["caption"] for twin, record in zip(captions, records))
+    corners = (twins[..., :3, :3].float() - pixels[..., :3, :3].float()).abs().mean()
+    assert corners < 8  # the original's background, up to the faint noise
+    assert (twins.float() - pixels.float()).abs().amax(dim=(1, 2, 3)).min() > 100  # the objects changed
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("recipe") / "tiny"
@@ -75,7 +103,12 @@ def test_quick_recipe_runs_all_four_stages_with_their_metrics(quick_run):
         "val": 16,
         "test": 16,
     }
-    for key in ("test_zero_shot_shape_acc", "test_zero_shot_colour_acc", "test_zero_shot_caption_acc"):
+    for key in (
+        "test_zero_shot_shape_acc",
+        "test_zero_shot_colour_acc",
+        "test_zero_shot_caption_acc",
+        "test_binding_acc",
+    ):
         assert 0.0 <= clip["metrics"][key] <= 1.0
     assert clip["metrics"]["steps"] == lm["metrics"]["steps"] == 3
     assert json.loads((out / "stage1_clip" / "metrics.json").read_text()) == clip["metrics"]

@@ -16,6 +16,7 @@ from mmwb.data.shapes import (
     render,
     sample_scene,
     split_rng,
+    swapped_scene,
     write_dataset,
 )
 
@@ -123,3 +124,19 @@ def test_a_record_document_holds_the_caption_then_every_qa_pair_as_chat_turns():
     turns = text.removeprefix(record["caption"]).split("<|user|>")[1:]
     assert sorted(turns) == sorted(f"{qa['question']}<|assistant|> {qa['answer']}" for qa in record["qa"])
     assert text == record_document(record, np.random.default_rng(0))
+
+
+def test_a_swapped_twin_keeps_the_words_and_changes_the_binding():
+    rng = np.random.default_rng(0)
+    for index in range(60):
+        _, record = make_example(0, "train", index)
+        twin = swapped_scene(record, (220, 220, 220), rng)
+        objects = record["objects"]
+        assert [(o.x, o.y, o.size) for o in twin.objects] == [(o["x"], o["y"], o["size"]) for o in objects]
+        assert caption(twin) != record["caption"]
+        looks = sorted((o["shape"], o["colour"]) for o in objects)
+        if len(set(looks)) > 1:  # same words in another order; otherwise one object is recoloured
+            assert sorted((o.shape, o.colour) for o in twin.objects) == looks
+            words = [sorted(text.replace(",", "").split()) for text in (caption(twin), record["caption"])]
+            assert words[0] == words[1]
+        render(twin, 32)

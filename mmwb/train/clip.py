@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import open_clip
 import torch
 import torch.distributed as dist
@@ -35,7 +36,17 @@ from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
 
 from mmwb.data.io import load_image
-from mmwb.data.shapes import COLOURS, SHAPES, SIZES, Shape, read_index, record_texts
+from mmwb.data.shapes import (
+    COLOURS,
+    SHAPES,
+    SIZES,
+    Shape,
+    caption,
+    read_index,
+    record_texts,
+    render,
+    swapped_scene,
+)
 from mmwb.data.tokenizer import train_bpe_tokenizer
 from mmwb.errors import MmwbConfigError
 from mmwb.models.vision.base import normalize, rgb_uint8, to_unit_float
@@ -85,6 +96,9 @@ class ClipStageConfig:
     )  # the model folder; the engine's run is train.out_dir
     vocab_size: int = 512  # BPE vocabulary, trained on the training split's captions and QA text
     eval_batch_size: int = 256
+    # each training image comes with its swapped twin (the objects' looks moved between places, its own caption)
+    # in the same batch: in-batch negatives that differ only in which object is which
+    hard_negatives: bool = False
     model: ClipModelConfig = field(default_factory=ClipModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -159,8 +173,11 @@ def _clip_loss() -> ClipLoss:
 def contrastive_loss(
     model: torch.nn.Module, batch: list[torch.Tensor]
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Symmetric InfoNCE over the batch (images against captions), open_clip's ClipLoss."""
+    """Symmetric InfoNCE over the batch (images against captions), open_clip's ClipLoss. Items may come in
+    groups (pixels ``(B, G, 3, S, S)``, tokens ``(B, G, L)``): each group's members are negatives of each other."""
     pixels, tokens = batch
+    if pixels.ndim == 5:
+        pixels, tokens = pixels.flatten(0, 1), tokens.flatten(0, 1)  # (B*G, 3, S, S), (B*G, L)
     image_features, text_features, logit_scale = model(model_inputs(pixels), tokens)
     return _clip_loss()(image_features, text_features, logit_scale), {"logit_scale": logit_scale.detach()}
 
@@ -194,6 +211,34 @@ def zero_shot_scores(predicted: Sequence[Shape], truth: Sequence[Shape]) -> dict
     return scores
 
 
+def swapped_twins(pixels: torch.Tensor, records: Sequence[dict], seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Each image's hard negative ``(N, 3, S, S)`` (``swapped_scene`` drawn on its background) and caption."""
+    rng = np.random.default_rng(seed)
+    twins, captions = [], []
+    for image, record in zip(pixels, records):
+        scene = swapped_scene(record, tuple(int(v) for v in image[:, 0, 0]), rng)
+        twins.append(rgb_uint8(render(scene, image.shape[-1], rng)))
+        captions.append(caption(scene))
+    return torch.stack(twins), captions
+
+
+@torch.no_grad()
+def binding_accuracy(
+    model: CLIP, tokenizer: HFTokenizer, pixels: torch.Tensor, records: Sequence[dict], seed: int = 0
+) -> float:
+    """How often a many-object image is closer to its caption than to its swapped twin's (chance: 0.5)."""
+    multi = [i for i, r in enumerate(records) if len(r["objects"]) > 1]
+    if not multi:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    twins = [caption(swapped_scene(records[i], (0, 0, 0), rng)) for i in multi]
+    device = next(model.parameters()).device
+    image = model.encode_image(model_inputs(pixels[multi]).to(device), normalize=True)
+    right = model.encode_text(tokenizer([records[i]["caption"] for i in multi]).to(device), normalize=True)
+    wrong = model.encode_text(tokenizer(twins).to(device), normalize=True)
+    return float(((image * right).sum(-1) > (image * wrong).sum(-1)).float().mean())
+
+
 def zero_shot_metrics(
     model: CLIP, tokenizer: HFTokenizer, pixels: torch.Tensor, records: Sequence[dict], batch_size: int = 256
 ) -> dict[str, float]:
@@ -215,6 +260,7 @@ def zero_shot_metrics(
     return {
         **zero_shot_scores([OBJECT_CLASSES[k] for k in predicted.tolist()], truth),
         "zero_shot_images": len(single),
+        "binding_acc": binding_accuracy(model, tokenizer, pixels, records),
     }
 
 
@@ -240,10 +286,17 @@ def run_clip_stage(config: ClipStageConfig) -> dict[str, Any]:
         with torch.no_grad():
             model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
+    items = TensorDataset(pixels["train"], tokens)
+    if config.hard_negatives:
+        twins, captions = swapped_twins(pixels["train"], records["train"], config.train.seed)
+        twin_tokens = tokenize_captions(tokenizer, captions, config.model.context_length)
+        items = TensorDataset(
+            torch.stack([pixels["train"], twins], 1), torch.stack([tokens, twin_tokens], 1)
+        )  # (N, 2, 3, S, S), (N, 2, L): each image beside its twin
     result = train(
         model,
         contrastive_loss,
-        TensorDataset(pixels["train"], tokens),
+        items,
         config.train,
         eval_fn=lambda _model: zero_shot_metrics(
             model, tokenizer, pixels["val"], records["val"], config.eval_batch_size
