@@ -161,3 +161,20 @@ def test_bad_data_files_are_named(setup, tmp_path, capsys):
     assert "broken.jsonl:2: not valid JSON" in capsys.readouterr().err
     assert main(["train", "controlnet", "--config", str(config), "data.nope=1"]) == 2
     assert "unknown config key 'data.nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_trains_the_same_weights_and_grids_come_every_n_steps(setup, tmp_path):
+    model, data, jsonl, _ = setup
+    runs = {}
+    for name, checkpointing in (("plain", False), ("ckpt", True)):
+        config = write_config(
+            tmp_path / f"{name}.yaml", model, data, jsonl, tmp_path / name, max_steps=2, eval_every=1
+        )
+        text = yaml.safe_load(config.read_text())
+        config.write_text(yaml.safe_dump({**text, "gradient_checkpointing": checkpointing}))
+        assert main(["train", "controlnet", "--config", str(config)]) == 0
+        runs[name] = weights(tmp_path / name / "checkpoints" / "step-00000002")
+        for step in (1, 2):  # a validation grid at every eval_every steps, not only at the end
+            assert (tmp_path / name / "validation" / f"step-0000000{step}.png").is_file()
+    assert all(torch.allclose(runs["ckpt"][k], v, atol=1e-6) for k, v in runs["plain"].items())
