@@ -58,10 +58,21 @@ like_line = (
     f"{like['nfe']} NFE); the data's own NLL is {like.get('data_nll', float('nan')):.4f}"
 )
 limit = f" --likelihood-n {args.likelihood_n}" if args.likelihood_n else ""
+# the spec keys that mean something for this model (config.json keeps them all)
+sde_keys = (
+    ("type", "sigma_min", "sigma_max", "N")
+    if trained.spec.sde.type == "ve"
+    else ("type", "beta_min", "beta_max", "N")
+)
+net_keys = (
+    ("block_out_channels", "layers_per_block", "attention") if is_image else ("hidden", "depth", "embed_dim")
+)
+sde_text = json.dumps({k: config["sde"][k] for k in sde_keys})
+net_text = json.dumps({k: config["network"][k] for k in (*net_keys, "embedding")})
 card = f"""# {args.out.name}
 
 A score-based SDE model (Song et al. 2021) trained by mmwb on {trained.spec.data.name}:
-{trained.spec.sde.type.upper()} SDE ({json.dumps(config["sde"])}), network {json.dumps(config["network"])}.
+{trained.spec.sde.type.upper()} SDE ({sde_text}), network {net_text}.
 `model.safetensors` holds the EMA weights (decay {info["train"]["ema_decay"]}); `config.json` describes the model.
 
 ## Reproduce
