@@ -100,6 +100,5 @@ LOG_PROBS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "checkerboard": checkerboard_log_prob,
     "8gaussians": eight_gaussians_log_prob,
 }
-BOUNDED_SUPPORT = frozenset(
-    {"checkerboard"}
-)  # log-density -inf outside: samples are scored by the share inside
+# log-density -inf outside the support: samples of these are scored by the share inside it
+BOUNDED_SUPPORT = frozenset({"checkerboard"})

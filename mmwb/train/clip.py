@@ -225,11 +225,12 @@ def swapped_twins(pixels: torch.Tensor, records: Sequence[dict], seed: int) -> t
 @torch.no_grad()
 def binding_accuracy(
     model: CLIP, tokenizer: HFTokenizer, pixels: torch.Tensor, records: Sequence[dict], seed: int = 0
-) -> float:
-    """How often a many-object image is closer to its caption than to its swapped twin's (chance: 0.5)."""
+) -> float | None:
+    """How often a many-object image is closer to its caption than to its swapped twin's (chance: 0.5);
+    ``None`` without such images."""
     multi = [i for i, r in enumerate(records) if len(r["objects"]) > 1]
     if not multi:
-        return float("nan")
+        return None
     rng = np.random.default_rng(seed)
     twins = [caption(swapped_scene(records[i], (0, 0, 0), rng)) for i in multi]
     device = next(model.parameters()).device
@@ -257,10 +258,11 @@ def zero_shot_metrics(
         model, tokenizer, images, [c.phrase for c in OBJECT_CLASSES], batch_size=batch_size
     )
     truth = [Shape(**records[i]["objects"][0]) for i in single]
+    binding = binding_accuracy(model, tokenizer, pixels, records)
     return {
         **zero_shot_scores([OBJECT_CLASSES[k] for k in predicted.tolist()], truth),
         "zero_shot_images": len(single),
-        "binding_acc": binding_accuracy(model, tokenizer, pixels, records),
+        **({"binding_acc": binding} if binding is not None else {}),
     }
 
 

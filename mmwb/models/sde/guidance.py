@@ -29,10 +29,8 @@ def replacement_constraint(sde: SDE, y: torch.Tensor, observe: LinearMap, adjoin
 
     def constraint(x: torch.Tensor, t: float, generator: torch.Generator | None) -> torch.Tensor:
         tt = torch.full((y.shape[0],), t, device=y.device, dtype=y.dtype)
-        mean, std = sde.marginal_prob(y, tt)
         noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-        y_t = mean + std.reshape(std.shape + (1,) * (y.ndim - 1)) * noise
-        return x + adjoint(y_t - observe(x))
+        return x + adjoint(sde.perturb(y, tt, noise) - observe(x))
 
     return constraint
 

@@ -103,6 +103,5 @@ def classifier_loss(
     """Cross-entropy of ``classifier(x_t, t)`` on perturbed data at ``t ~ U[eps, T]``: trains the noise-
     conditioned classifier that classifier guidance differentiates."""
     t = eps + (sde.T - eps) * torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
-    mean, std = sde.marginal_prob(x0, t)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    return F.cross_entropy(classifier(mean + append_dims(std, x0.ndim) * noise, t), labels)
+    return F.cross_entropy(classifier(sde.perturb(x0, t, noise), t), labels)

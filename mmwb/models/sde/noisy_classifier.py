@@ -9,6 +9,7 @@ model trained differently instead of guiding it with gradients that mean somethi
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,7 @@ class NoisyClassifierSpec:
 
 
 def build_noisy_classifier(spec: NoisyClassifierSpec) -> TimeClassifier:
-    dim = 1
-    for side in spec.data.sample_shape():
-        dim *= side
+    dim = math.prod(spec.data.sample_shape())
     return TimeClassifier(dim, NUM_CLASSES, spec.hidden, spec.depth, spec.embed_dim)
 
 

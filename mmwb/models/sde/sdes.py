@@ -82,6 +82,11 @@ class SDE(ABC):
         """Mean (like ``x``) and std (``(B,)``) of ``p_t(x_t | x_0 = x)``."""
         return append_dims(self.scale(t), x.ndim) * x, self.std(t)
 
+    def perturb(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """``x_t`` drawn from ``p_t(x_t | x_0 = x)`` with the standard normal ``noise`` (like ``x``)."""
+        mean, std = self.marginal_prob(x, t)
+        return mean + append_dims(std, x.ndim) * noise
+
     def prior_sampling(
         self,
         shape: tuple[int, ...],
