@@ -42,7 +42,8 @@ class VLMConfig:
 
 
 _IMAGE_ARGUMENTS = (
-    "attention_mask", "pixel_values", "image_grid_thw", "grid_hw", "images", "vision_features"
+    "attention_mask", "pixel_values", "image_grid_thw", "grid_hw", "images", "vision_features",
+    "qformer_input_ids", "qformer_attention_mask",
 )  # fmt: skip
 
 
@@ -98,15 +99,46 @@ class VisionLanguageModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and trained):
             return self.vision_tower.encode(pixels.to(tower_param.device, tower_param.dtype))
 
-    def image_embeddings(self, vision_features: VisionFeatures) -> list[torch.Tensor]:
-        """Tower features (fresh or cached) -> one ``(N_i, D)`` language-model embedding block per image."""
+    def image_embeddings(
+        self, vision_features: VisionFeatures, instructions: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """Tower features (fresh or cached) -> one ``(N_i, D)`` language-model embedding block per image.
+
+        A projector that reads instructions (the Q-Former) gets ``instructions``: ``(I, L)`` ids and mask, one row
+        per image (see ``image_instructions``)."""
         param = next(self.projector.parameters())
         features = VisionFeatures(
             vision_features.features.to(param.device, param.dtype),
             list(vision_features.token_counts),
             list(vision_features.grid_hw),
         )
-        return self.projector(features).per_image()
+        if not getattr(self.projector, "reads_instruction", False):
+            return self.projector(features).per_image()
+        if instructions is None:
+            raise MmwbInputError("this model's Q-Former needs each image's instruction (its prompt tokens)")
+        ids, mask = (t.to(param.device) for t in instructions)
+        return self.projector(features, ids, mask).per_image()
+
+    def image_instructions(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None, images: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a Q-Former reads beside each image: its row's prompt, the text tokens that are not padding, not
+        image placeholders and not trained on (labels -100), so training and generation see the same prompt.
+
+        Returns ``(images, L)`` ids right-padded with the Q-Former's pad id and their mask; the images of a row
+        (one ``<image>`` token each, or as many tokens as the projector makes if already widened) share it."""
+        is_image = (input_ids == self.config.image_token_id) & attention_mask.bool()
+        keep = attention_mask.bool() & ~is_image
+        if labels is not None:
+            keep &= labels == IGNORE_INDEX
+        per_row = is_image.sum(1)
+        if int(per_row.sum()) != images:  # widened prompts: every image has the same number of query tokens
+            per_row = per_row // self.projector.config.num_queries
+        rows = [ids[k] for ids, k in zip(input_ids, keep)]
+        ids = _pad(rows, self.projector.config.pad_token_id, "right")
+        mask = _pad([torch.ones_like(r) for r in rows], 0, "right")
+        index = torch.repeat_interleave(torch.arange(len(rows), device=input_ids.device), per_row)
+        return ids[index], mask[index]
 
     def _features(
         self,
@@ -141,21 +173,34 @@ class VisionLanguageModel(nn.Module):
         images: Sequence[Image.Image] | None = None,
         vision_features: VisionFeatures | None = None,
         padding_side: str | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """``input_ids``, ``inputs_embeds``, ``attention_mask`` and ``labels`` with the images spliced in.
 
         Rows widened to different lengths are padded on ``padding_side`` (None: the side the input was padded on,
-        right if it was not padded; generation passes "left")."""
+        right if it was not padded; generation passes "left"). A Q-Former reads ``qformer_input_ids`` (one row
+        per image, as transformers' InstructBLIP takes them) or, by default, each image's prompt."""
         if image_grid_thw is not None:  # transformers' Kimi layout: (N, 3) with t = 1 for images
             grid_hw = image_grid_thw[:, 1:]
-        features = self._features(pixel_values, grid_hw, images, vision_features)
-        blocks = self.image_embeddings(features) if features is not None else []
         device = self.device
         input_ids = input_ids.to(device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(device)
         labels = labels.to(device) if labels is not None else None
+        features = self._features(pixel_values, grid_hw, images, vision_features)
+        blocks = []
+        if features is not None:
+            instructions = None
+            if qformer_input_ids is not None:
+                instructions = (qformer_input_ids, qformer_attention_mask)
+                if qformer_attention_mask is None:
+                    instructions = (qformer_input_ids, torch.ones_like(qformer_input_ids))
+            elif getattr(self.projector, "reads_instruction", False):
+                count = len(features.token_counts)
+                instructions = self.image_instructions(input_ids, attention_mask, labels, count)
+            blocks = self.image_embeddings(features, instructions)
         input_ids, attention_mask, labels = expand_image_tokens(
             input_ids,
             attention_mask,
@@ -189,10 +234,21 @@ class VisionLanguageModel(nn.Module):
         images: Sequence[Image.Image] | None = None,
         vision_features: VisionFeatures | None = None,
         logits_to_keep: int = 0,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
     ) -> VLMOutput:
         """Logits over the widened sequence, and the language model's loss when ``labels`` are given."""
         inputs = self.prepare_inputs(
-            input_ids, attention_mask, labels, pixel_values, image_grid_thw, grid_hw, images, vision_features
+            input_ids,
+            attention_mask,
+            labels,
+            pixel_values,
+            image_grid_thw,
+            grid_hw,
+            images,
+            vision_features,
+            qformer_input_ids=qformer_input_ids,
+            qformer_attention_mask=qformer_attention_mask,
         )
         out = self.language_model(
             inputs_embeds=inputs["inputs_embeds"],

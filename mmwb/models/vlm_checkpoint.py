@@ -98,8 +98,10 @@ def build_tower(spec: dict[str, Any]) -> VisionTower:
 
 
 def projector_spec(projector: nn.Module) -> dict[str, Any]:
-    from mmwb.models.projectors import MLP2xGelu, PixelShuffleMLP
+    from mmwb.models.projectors import MLP2xGelu, PixelShuffleMLP, QFormer
 
+    if isinstance(projector, QFormer):
+        return {"type": "qformer", "config": dataclasses.asdict(projector.config)}
     if isinstance(projector, PixelShuffleMLP):
         merged = projector.in_proj.in_features
         kh, kw = projector.kernel
@@ -121,9 +123,11 @@ def projector_spec(projector: nn.Module) -> dict[str, Any]:
 
 
 def build_projector(spec: dict[str, Any]) -> nn.Module:
-    from mmwb.models.projectors import MLP2xGelu, PixelShuffleMLP
+    from mmwb.models.projectors import MLP2xGelu, PixelShuffleMLP, QFormer, QFormerConfig
 
     kind = spec.get("type")
+    if kind == "qformer":
+        return QFormer(QFormerConfig(**spec["config"]))
     if kind == "pixel_shuffle_mlp":
         return PixelShuffleMLP(spec["vision_dim"], spec["out_dim"], tuple(spec["kernel"]), spec["norm_eps"])
     if kind == "mlp2x_gelu":
@@ -132,7 +136,9 @@ def build_projector(spec: dict[str, Any]) -> nn.Module:
             projector.linear_1 = nn.Linear(spec["vision_dim"], spec["out_dim"], bias=False)
             projector.linear_2 = nn.Linear(spec["out_dim"], spec["out_dim"], bias=False)
         return projector
-    raise MmwbCheckpointError(f"projector type {kind!r} is not one of ['mlp2x_gelu', 'pixel_shuffle_mlp']")
+    raise MmwbCheckpointError(
+        f"projector type {kind!r} is not one of ['mlp2x_gelu', 'pixel_shuffle_mlp', 'qformer']"
+    )
 
 
 def text_spec(language_model: nn.Module) -> dict[str, Any]:

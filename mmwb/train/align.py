@@ -26,6 +26,7 @@ from torch import nn
 from mmwb.data.captions import ImageTextRecord, read_records
 from mmwb.data.io import atomic_write_path
 from mmwb.errors import MmwbInputError
+from mmwb.models.projectors.qformer import QFormerSize
 from mmwb.models.vlm import VisionLanguageModel
 from mmwb.pipelines.vlm_eval import EvaluationConfig
 from mmwb.runtime import seed_everything
@@ -77,6 +78,9 @@ class AlignConfig:
     select_layer: int = -2  # tower block whose tokens the projector reads (LLaVA: the penultimate)
     drop_cls: bool = True  # LLaVA drops the CLS token; a tiny tower's last-layer CLS summarises the image
     final_norm: bool = False  # pass the tokens through the tower's final LayerNorm (ln_post)
+    qformer: QFormerSize = field(
+        default_factory=QFormerSize
+    )  # the shape of a new Q-Former (projector: qformer)
     max_length: int = 64  # text tokens per sequence (the image's tokens come on top)
     out_dir: Path = Path("runs/align/model")  # the aligned VLM folder (+ alignment_health.json)
     feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
@@ -125,6 +129,7 @@ def train_align(
             config.select_layer,
             config.drop_cls,
             config.final_norm,
+            config.qformer,
         )
     freeze_all_but_projector(vlm)
     vlm.config.template = "plain"  # captions follow the image directly (mmwb.models.chat)

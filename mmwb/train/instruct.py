@@ -32,6 +32,7 @@ from torch import nn
 from mmwb.data.captions import read_records, split_turns
 from mmwb.errors import MmwbCheckpointError
 from mmwb.models.chat import DEFAULT_CAPTION_QUESTION
+from mmwb.models.projectors.qformer import QFormerSize
 from mmwb.models.vlm import VisionLanguageModel
 from mmwb.pipelines.vlm_eval import EvaluationConfig
 from mmwb.runtime import seed_everything
@@ -95,6 +96,9 @@ class InstructConfig:
     projector_from: Path | None = None  # ... and an align checkpoint (or run) whose projector starts stage 2
     projector: str = "mlp2x_gelu"
     select_layer: int = -2
+    qformer: QFormerSize = field(
+        default_factory=QFormerSize
+    )  # the shape of a new Q-Former (projector: qformer)
     max_length: int = 96
     caption_turn: bool = True  # shapes JSONL: each image also trains "describe the image" -> its caption
     single_turn: bool = False  # each QA pair its own record (mmwb.data.captions.split_turns)
@@ -151,7 +155,12 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path]:
     """LoRA + projector training; writes the adapter folder and the merged VLM; returns the result and the adapter."""
     seed_everything(config.train.seed)
     vlm = load_vlm(
-        config.model_dir, config.vision_dir, config.decoder_dir, config.projector, config.select_layer
+        config.model_dir,
+        config.vision_dir,
+        config.decoder_dir,
+        config.projector,
+        config.select_layer,
+        qformer=config.qformer,
     )
     if config.projector_from is not None:
         load_projector(vlm.projector, config.projector_from)
@@ -179,7 +188,7 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path]:
 
 def base_of(config: InstructConfig) -> dict[str, Any]:
     """Where the frozen base model comes from, as the adapter folder records it."""
-    keys = ("model_dir", "vision_dir", "decoder_dir", "projector", "select_layer")
+    keys = ("model_dir", "vision_dir", "decoder_dir", "projector", "select_layer", "qformer")
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items() if k in keys}
 
 
@@ -204,7 +213,12 @@ def load_adapter(folder: Path) -> tuple[VisionLanguageModel, PeftModel]:
     base = json.loads((folder / BASE_FILE).read_text())
     paths = {k: Path(base[k]) if base.get(k) else None for k in ("model_dir", "vision_dir", "decoder_dir")}
     vlm = load_vlm(
-        paths["model_dir"], paths["vision_dir"], paths["decoder_dir"], base["projector"], base["select_layer"]
+        paths["model_dir"],
+        paths["vision_dir"],
+        paths["decoder_dir"],
+        base["projector"],
+        base["select_layer"],
+        qformer=QFormerSize(**base["qformer"]) if "qformer" in base else None,
     )
     vlm.projector.load_state_dict(load_file(folder / PROJECTOR_FILE))
     if (folder / TOWER_FILE).is_file():

@@ -26,6 +26,7 @@ from mmwb.data.io import atomic_write_path, load_image
 from mmwb.data.tokenizer import IMAGE, load_tokenizer
 from mmwb.errors import MmwbConfigError, MmwbInputError
 from mmwb.models.decoder import DecoderForCausalLM
+from mmwb.models.projectors.qformer import QFormerSize
 from mmwb.models.vision.base import ImageProcessor, VisionFeatures
 from mmwb.models.vlm import VisionLanguageModel, VLMConfig
 from mmwb.pipelines.vlm_eval import EvaluationConfig, evaluate_vlm
@@ -62,26 +63,33 @@ def load_vlm(
     select_layer: int = -2,
     drop_cls: bool = True,
     final_norm: bool = False,
+    qformer: QFormerSize | None = None,
 ) -> VisionLanguageModel:
     """An mmwb VLM folder, or an open_clip tower folder + an mmwb decoder folder joined by a new projector (the
-    tower's tokens: block ``select_layer``'s, with or without the CLS token, optionally through ``ln_post``)."""
+    tower's tokens: block ``select_layer``'s, with or without the CLS token, optionally through ``ln_post``;
+    ``qformer`` shapes a new Q-Former)."""
     if model_dir is not None:
         return VisionLanguageModel.from_pretrained(model_dir, device="cpu")
     if vision_dir is None or decoder_dir is None:
         raise MmwbConfigError("set model_dir (a VLM folder), or both vision_dir and decoder_dir")
-    from mmwb.models.projectors import PROJECTORS
+    from mmwb.models.projectors import make_projector
     from mmwb.models.vision.open_clip import OpenClipTower
     from mmwb.models.vlm_checkpoint import tower_spec
 
-    if projector not in PROJECTORS:
-        raise MmwbConfigError(f"projector {projector!r} is not one of {sorted(PROJECTORS)}")
     tower = OpenClipTower.from_name(
         f"local-dir:{vision_dir}", select_layer=select_layer, drop_cls=drop_cls, final_norm=final_norm
     )
     open_clip_config = json.loads((Path(vision_dir) / "open_clip_config.json").read_text())["model_cfg"]
     decoder = DecoderForCausalLM.from_pretrained(decoder_dir)
-    return assemble(tower, PROJECTORS[projector](tower.hidden_size, decoder.config.hidden_size), decoder,
-                    load_tokenizer(decoder_dir), tower_spec(tower, open_clip_config))  # fmt: skip
+    tokenizer = load_tokenizer(decoder_dir)
+    dims = (
+        tower.hidden_size,
+        decoder.config.hidden_size,
+        decoder.config.vocab_size,
+        tokenizer.pad_token_id or 0,
+    )
+    return assemble(tower, make_projector(projector, *dims, qformer=qformer), decoder, tokenizer,
+                    tower_spec(tower, open_clip_config))  # fmt: skip
 
 
 def assemble(

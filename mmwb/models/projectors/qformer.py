@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,29 @@ class QFormerConfig:
     max_positions: int = 512
     norm_eps: float = 1e-12
     pad_token_id: int = 0
+
+    @classmethod
+    def for_vlm(
+        cls, size: QFormerSize, vision_dim: int, out_dim: int, vocab_size: int, pad_token_id: int
+    ) -> QFormerConfig:
+        """A new Q-Former between a tower of width ``vision_dim`` and a language model of width ``out_dim`` whose
+        tokenizer (``vocab_size`` ids) also writes the instructions."""
+        return cls(vision_dim=vision_dim, out_dim=out_dim, vocab_size=vocab_size, pad_token_id=pad_token_id,
+                   norm_eps=1e-6, **asdict(size))  # fmt: skip
+
+
+@dataclass
+class QFormerSize:
+    """The shape of a Q-Former trained from scratch (a training config's ``qformer:`` section); its widths to the
+    tower and to the language model come from those parts."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    cross_attention_frequency: int = 1
+    num_queries: int = 16
+    max_positions: int = 128
 
 
 class _Attention(nn.Module):
@@ -96,6 +119,9 @@ class _Layer(nn.Module):
 
 class QFormer(nn.Module):
     """Image features ``(B, N, vision_dim)`` (+ instruction ids) -> ``(B, num_queries, out_dim)`` tokens."""
+
+    # the VLM passes each image's prompt tokens (see VisionLanguageModel.image_instructions)
+    reads_instruction = True
 
     def __init__(self, config: QFormerConfig) -> None:
         super().__init__()
