@@ -348,25 +348,26 @@ def expand_image_tokens(
         )
     if padding_side is None:  # left-padded input (generation) stays left-padded
         padding_side = "left" if bool((attention_mask[:, 0] == 0).any()) else "right"
-    image_index = 0
-    rows, masks, row_labels = [], [], []
-    for b in range(input_ids.shape[0]):
-        keep = attention_mask[b].bool()
-        ids = input_ids[b][keep]
-        lab = labels[b][keep] if labels is not None else None
-        repeats = torch.ones_like(ids)
-        slots = (ids == image_token_id).nonzero().flatten()
-        for slot in slots.tolist():
-            repeats[slot] = counts[image_index]
-            image_index += 1
-        rows.append(ids.repeat_interleave(repeats))
-        masks.append(torch.ones_like(rows[-1]))
-        if lab is not None:
-            lab = lab.masked_fill(ids == image_token_id, IGNORE_INDEX)
-            row_labels.append(lab.repeat_interleave(repeats))
-    pad_id = int(input_ids[~attention_mask.bool()][0]) if not bool(attention_mask.all()) else 0
-    out_labels = _pad(row_labels, IGNORE_INDEX, padding_side) if labels is not None else None
-    return _pad(rows, pad_id, padding_side), _pad(masks, 0, padding_side), out_labels
+    keep = attention_mask.bool()
+    repeats = keep.long()  # (B, T): copies of each token; padding 0, image placeholders their token counts
+    repeats[is_image] = torch.as_tensor(counts, device=input_ids.device)  # images in row-major order
+    lengths = repeats.sum(1)  # (B,) widened rows
+    row = torch.repeat_interleave(torch.arange(len(lengths), device=input_ids.device), lengths)  # (sum,)
+    starts = torch.cumsum(lengths, 0) - lengths
+    col = torch.arange(row.numel(), device=input_ids.device) - starts[row]
+    if padding_side == "left":
+        col += int(lengths.max()) - lengths[row]
+    pad_id = int(input_ids[~keep][0]) if not bool(keep.all()) else 0
+
+    def widen(values: torch.Tensor, fill: int) -> torch.Tensor:
+        out = values.new_full((len(lengths), int(lengths.max())), fill)
+        out[row, col] = values.flatten().repeat_interleave(repeats.flatten())
+        return out
+
+    out_labels = (
+        widen(labels.masked_fill(is_image, IGNORE_INDEX), IGNORE_INDEX) if labels is not None else None
+    )
+    return widen(input_ids, pad_id), widen(keep.long(), 0).to(attention_mask.dtype), out_labels
 
 
 def _pad(rows: list[torch.Tensor], value: int, side: str) -> torch.Tensor:
