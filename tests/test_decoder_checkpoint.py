@@ -53,6 +53,41 @@ def test_mmwb_round_trip(tmp_path, shard_bytes):
     assert torch.equal(_logits(model, ids), _logits(loaded, ids))
 
 
+def _column_major(t: torch.Tensor) -> bool:
+    return t.transpose(-1, -2).is_contiguous() and not t.is_contiguous()
+
+
+def test_decode_layout_keeps_names_shapes_and_values(tmp_path):
+    """Projection weights are stored column-major (faster batch-1 decode on CPU), checkpoints stay row-major
+    and equal, and a model in that layout still trains."""
+    model = DecoderForCausalLM(CFG)
+    params = dict(model.named_parameters())
+    routers_and_embeddings = (
+        "mlp.gate.weight",
+        "embed_tokens.weight",
+    )  # fp32 routing, row lookups: row-major
+    projections = [n for n, p in params.items() if p.dim() >= 2 and not n.endswith(routers_and_embeddings)]
+    assert projections and all(_column_major(params[n]) for n in projections)
+    assert params["model.embed_tokens.weight"].is_contiguous()
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert all(saved[n].is_contiguous() and torch.equal(saved[n], p) for n, p in params.items())
+    loaded = DecoderForCausalLM.from_pretrained(tmp_path)
+    assert all(_column_major(dict(loaded.named_parameters())[n]) for n in projections)
+    ids = torch.randint(0, VOCAB, (2, 6))
+    assert torch.equal(_logits(model.eval(), ids), _logits(loaded, ids))
+
+    loaded.train()
+    optimizer = torch.optim.AdamW(loaded.parameters(), lr=1e-2)
+    loaded(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    trained = dict(loaded.named_parameters())
+    assert all(
+        not torch.equal(trained[n], params[n])
+        for n in ("lm_head.weight", "model.layers.1.mlp.experts.down_proj")
+    )
+
+
 def test_dtype_and_fp32_bias_on_load(tmp_path):
     DecoderForCausalLM(CFG).save_pretrained(tmp_path)
     loaded = from_pretrained(tmp_path, dtype=torch.bfloat16)

@@ -36,7 +36,11 @@ def from_pretrained(
             f"{directory}/config.json: model_type {model_type!r} is not one of {sorted(LOADERS)}"
         )
     module, function = LOADERS[model_type].split(":")
-    return getattr(importlib.import_module(module), function)(directory, device=device, dtype=dtype)
+    model = getattr(importlib.import_module(module), function)(directory, device=device, dtype=dtype)
+    decoder = getattr(model, "language_model", model)  # a VLM's, or the model itself
+    if hasattr(decoder, "use_decode_layout"):
+        decoder.use_decode_layout()
+    return model
 
 
 def read_config(directory: Path) -> dict:

@@ -176,7 +176,7 @@ def save_vlm(model: VisionLanguageModel, path: Path) -> None:
         **dataclasses.asdict(cfg),
     }
     with atomic_write_path(path / WEIGHTS_NAME) as tmp:
-        save_model(model, str(tmp), metadata={"format": "pt"})
+        save_model(model, str(tmp), metadata={"format": "pt"}, force_contiguous=True)
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(path)
     with atomic_write_path(path / "config.json") as tmp:

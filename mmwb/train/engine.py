@@ -444,7 +444,7 @@ class Trainer:
         if acc.is_main_process:
             ckpt.save_state(self._trainer_state(progress), staging / ckpt.STATE_FILE)
             if self.ema is not None:
-                save_model(self.ema, str(staging / ckpt.EMA_FILE))
+                save_model(self.ema, str(staging / ckpt.EMA_FILE), force_contiguous=True)
             meta = {"step": progress.step, "world_size": acc.num_processes, "config": _jsonable(self.config)}
             (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
             if self.on_save is not None:

@@ -89,6 +89,7 @@ class DecoderForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
         self.init_weights()
+        self.use_decode_layout()
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
@@ -107,6 +108,26 @@ class DecoderForCausalLM(nn.Module):
                     module.e_score_correction_bias.zero_()
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
+
+    @torch.no_grad()
+    def use_decode_layout(self) -> DecoderForCausalLM:
+        """Store the projection weights column-major on CPU: same shapes, values and names, transposed strides.
+
+        A decode step multiplies one row per sequence by every weight. CPU BLAS streams a weight kept (in, out) in
+        memory up to twice as fast as nn.Linear's (out, in) for such products, and prefill and training run as
+        fast either way (BENCHMARKS.md, "decode layout"). New decoders start so and the loaders call this after
+        assigning a checkpoint's tensors; checkpoints are unchanged (every saver writes contiguous copies). A tied
+        LM head stays an embedding table, row-major."""
+        if self.device.type != "cpu":
+            return self
+        tied = self.lm_head.weight is self.model.embed_tokens.weight
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and not (tied and module is self.lm_head):
+                module.weight.data = _column_major(module.weight.data)
+            elif isinstance(module, Experts):
+                module.gate_up_proj.data = _column_major(module.gate_up_proj.data)
+                module.down_proj.data = _column_major(module.down_proj.data)
+        return self
 
     def reset_rope(self, device: torch.device) -> None:
         """Recompute the RoPE frequencies (non-persistent; needed after building on the meta device)."""
@@ -243,7 +264,12 @@ class DecoderForCausalLM(nn.Module):
     def from_pretrained(cls, path, device=None, dtype=None) -> DecoderForCausalLM:
         from mmwb.models.decoder.checkpoint import load_decoder
 
-        return load_decoder(path, device=device, dtype=dtype)
+        return load_decoder(path, device=device, dtype=dtype).use_decode_layout()
+
+
+def _column_major(weight: torch.Tensor) -> torch.Tensor:
+    """The same (..., out, in) tensor stored with its last two dimensions transposed in memory."""
+    return weight.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
 def positions_from_mask(
