@@ -216,3 +216,35 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path):
     one, both = load_file(tmp_path / "one" / final), load_file(tmp_path / "two" / final)
     assert one.keys() == both.keys()
     assert max((one[k] - both[k]).abs().max().item() for k in one) < 1e-5
+
+
+def test_sequence_losses_equal_the_full_logits_loss(setup):
+    """The LM head runs only from the first labelled position on; the per-sequence losses are those of full
+    logits, with and without images, including a row that has no label at all."""
+    import torch.nn.functional as F
+
+    from mmwb.data.captions import read_records
+    from mmwb.train.multimodal import IGNORE_INDEX, collate, make_encoder
+    from mmwb.train.vlm_parts import ProcessedPixels, drop_image_tokens, sequence_losses
+
+    vlm = load_vlm(None, setup["vision"], setup["decoder"]).eval()
+    records = read_records(setup["data"] / "train.jsonl")[:4]
+    encode, pixels = make_encoder(vlm.tokenizer, "plain", 32), ProcessedPixels(vlm.image_processor())
+    items = [{**encode(r), **pixels(setup["data"] / r.image)} for r in records]
+    items[1]["labels"] = torch.full_like(items[1]["labels"], IGNORE_INDEX)
+    batch = collate(items, vlm.tokenizer.pad_token_id)
+    for with_images in (True, False):
+        with torch.no_grad():
+            losses = sequence_losses(vlm, batch, with_images)
+            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+            if with_images:
+                inputs = vlm.prepare_inputs(ids, mask, labels, pixel_values=batch["pixel_values"])
+            else:
+                inputs = vlm.prepare_inputs(*drop_image_tokens(ids, mask, labels, vlm.config.image_token_id))
+            logits = vlm.language_model(
+                inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"]
+            ).logits
+        targets = F.pad(inputs["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
+        full = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+        expected = full.sum(1) / (targets != IGNORE_INDEX).sum(1).clamp(min=1)
+        assert losses[1] == 0 and torch.allclose(losses, expected, atol=1e-6), (losses, expected)

@@ -254,11 +254,16 @@ def sequence_losses(
         inputs = vlm.prepare_inputs(ids, mask, labels, vision_features=batch_features(vlm, batch))
     else:
         inputs = vlm.prepare_inputs(*drop_image_tokens(ids, mask, labels, vlm.config.image_token_id))
-    logits = vlm.language_model(
-        inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"]
-    )
-    logits = logits.logits.float()  # (B, T, V)
     targets = F.pad(inputs["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T): the next token's label
+    # the LM head runs only from the first position any row has a target at: not over the image tokens
+    labelled = (targets != IGNORE_INDEX).any(0).nonzero()
+    start = int(labelled[0]) if len(labelled) else targets.shape[1] - 1
+    out = vlm.language_model(
+        inputs_embeds=inputs["inputs_embeds"],
+        attention_mask=inputs["attention_mask"],
+        logits_to_keep=targets.shape[1] - start,
+    )
+    logits, targets = out.logits.float(), targets[:, start:]  # (B, T - start, V), (B, T - start)
     loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
     return loss.sum(1) / (targets != IGNORE_INDEX).sum(1).clamp(min=1)
 
