@@ -230,3 +230,41 @@ def test_greedy_generation_matches_transformers(tmp_path):
         )
     got = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
     assert torch.equal(got[:, -16:], want[:, -16:])
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_last_layer_runs_only_the_kept_positions(name):
+    """logits_to_keep=k: the last layer computes only the last k queries (keys and values from every position);
+    the logits equal the full forward's last k, padded or not, in forward and in a cached step (a 3-token step
+    takes the decode path, an 11-token one the prefill path)."""
+    model = _model(name)
+    ids = torch.randint(0, VOCAB, (2, 11))
+    padded = torch.ones_like(ids)
+    padded[1, :4] = 0
+    for mask in (None, padded):
+        with torch.no_grad():
+            full = model(input_ids=ids, attention_mask=mask).logits
+            for keep in (1, 3, 11):
+                kept = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+                assert kept.shape[1] == keep and (kept - full[:, -keep:]).abs().max() <= 1e-5
+        for length, keep in ((3, 2), (11, 3)):
+            step_mask = None if mask is None else mask[:, -length:]
+            cache = model.allocate_cache(2, length)
+            positions = torch.arange(length).expand(2, -1)
+            if step_mask is not None:
+                positions = (step_mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.no_grad():
+                expected = model(input_ids=ids[:, -length:], attention_mask=step_mask).logits[:, -keep:]
+            stepped = model.step(ids[:, -length:], cache=cache, cache_position=0, position_ids=positions,
+                                 attention_mask=step_mask, logits_to_keep=keep)  # fmt: skip
+            assert (stepped - expected).abs().max() <= 1e-5
+
+
+def test_kept_positions_are_cheaper():
+    """The last layer's MoE sees only the kept tokens: its expert counts add up to keep x top-k per row."""
+    model = _model("gqa")
+    ids = torch.randint(0, VOCAB, (2, 11))
+    with torch.no_grad():
+        counts = model(input_ids=ids, logits_to_keep=2).expert_counts  # (MoE layers, E)
+    assert counts[:-1].sum(1).tolist() == [2 * 11 * 2] * (len(counts) - 1)
+    assert counts[-1].sum().item() == 2 * 2 * 2

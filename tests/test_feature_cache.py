@@ -127,3 +127,17 @@ def test_a_torn_entry_is_a_miss(tmp_path, images):
     assert cache.get(hashes[images[0]]) is None
     fill_cache(cache, images, tower, processor, progress=False)
     assert tower.encoded == 4  # recomputed by the next fill, the others reused
+
+
+def test_entries_read_back_stay_in_memory_up_to_the_budget(tmp_path, images):
+    tower = PatchTower()
+    cache, processor = _cache(tmp_path / "cache", tower)
+    hashes = fill_cache(cache, images, tower, processor, progress=False)
+    entry_bytes = sum(t.numel() * t.element_size() for t in CachedFeatures(cache, hashes)(images[0]).values())
+    loader = CachedFeatures(cache, hashes, memory_bytes=2 * entry_bytes)  # room for two of the three
+    hits = cache.hits
+    first = [loader(path) for path in images]
+    again = [loader(path) for path in images]
+    assert cache.hits - hits == 3 + 1  # the third image is read from disk again; the first two are not
+    assert all(a is b for a, b in zip(first[:2], again[:2])) and again[2] is not first[2]
+    assert all(torch.equal(a["features"], b["features"]) for a, b in zip(first, again))

@@ -46,6 +46,9 @@ class FeatureCacheConfig:
     enabled: bool = True
     root: Path = Path("runs/feature_cache")
     batch_size: int = 64  # images per tower call while filling the cache
+    memory_mb: int = (
+        1024  # entries read back are also kept in memory up to this size (per data-loading process)
+    )
 
 
 @dataclass
@@ -175,17 +178,28 @@ def _no_loader(path: Path) -> dict[str, torch.Tensor]:
 
 
 class CachedFeatures:
-    """Dataset image loader: the cached tower features of an image file, by its content hash."""
+    """Dataset image loader: the cached tower features of an image file, by its content hash.
 
-    def __init__(self, cache: FeatureCache, hashes: dict[Path, str | None]) -> None:
+    The first ``memory_bytes`` of entries read stay in memory, so later epochs of a small data set skip opening
+    a file per item (a fixed set, not an LRU: under shuffled epochs every entry is as likely to come back)."""
+
+    def __init__(self, cache: FeatureCache, hashes: dict[Path, str | None], memory_bytes: int = 0) -> None:
         self.cache = cache
         self.hashes = hashes
+        self.memory: dict[str, dict[str, torch.Tensor]] = {}
+        self.room = memory_bytes
 
     def __call__(self, path: Path) -> dict[str, torch.Tensor]:
         image_hash = self.hashes.get(path)
+        if image_hash in self.memory:
+            return self.memory[image_hash]
         entry = self.cache.get(image_hash) if image_hash is not None else None
         if entry is None:
             raise MmwbInputError(f"{path}: missing or unreadable image (no cached features)")
+        size = sum(t.numel() * t.element_size() for t in entry.values())
+        if size <= self.room:
+            self.memory[image_hash] = entry
+            self.room -= size
         return entry
 
 
@@ -229,7 +243,7 @@ def image_loader(
     if accelerator is not None:
         accelerator.wait_for_everyone()  # every rank reads entries the others wrote
     log.info("feature cache %s: %d images hit, %d computed", cache.folder, cache.hits, cache.misses)
-    return CachedFeatures(cache, hashes)
+    return CachedFeatures(cache, hashes, config.memory_mb * 2**20)
 
 
 def batch_features(vlm: VisionLanguageModel, batch: dict[str, torch.Tensor]) -> VisionFeatures:

@@ -9,7 +9,7 @@ from torch import nn
 from mmwb.models.decoder.cache import KVCache
 from mmwb.models.decoder.config import DecoderConfig
 from mmwb.models.decoder.norm import RMSNorm
-from mmwb.models.decoder.rope import apply_rope
+from mmwb.models.decoder.rope import apply_rope, last_positions
 
 
 class GroupedQueryAttention(nn.Module):
@@ -35,30 +35,33 @@ class GroupedQueryAttention(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
         cache_position: int = 0,
+        queries: int = 0,
     ) -> torch.Tensor:
+        """``queries`` > 0: outputs for the last ``queries`` positions only (keys and values from all of ``x``)."""
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
+        xq = x[:, -queries:] if queries else x
+        q = self.q_proj(xq).view(batch, xq.shape[1], self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = apply_rope(q, *last_positions(rope, q.shape[2])), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v, cache_position)  # (B, H_kv, S, D)
         if cache is not None and length <= self.decode_max_tokens:
             out = grouped_attention(q, k, v, mask, self.scale)
-            return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+            return self.o_proj(out.transpose(1, 2).flatten(2))
         out = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=mask,
-            is_causal=mask is None and length > 1,
+            is_causal=mask is None and q.shape[2] > 1,
             scale=self.scale,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
 def grouped_attention(

@@ -27,3 +27,14 @@ def attention_mask_for(
         raise MmwbInputError(f"attention_mask has {attention_mask.shape[-1]} columns, expected {total}")
     allowed = causal[None] & attention_mask[:, None, :total].bool()  # (B, T, S)
     return (allowed | (slots[None, :] == query_slots)[None])[:, None]
+
+
+def last_query_rows(
+    mask: torch.Tensor | None, queries: int, total: int, device: torch.device
+) -> torch.Tensor | None:
+    """The mask of a layer that keeps only the last ``queries`` of ``total`` slots as queries: those rows of
+    ``mask``, or for plain causal attention (None) the causal rows of the last slots (None again for a single
+    query, which sees every slot)."""
+    if mask is not None:
+        return mask[:, :, -queries:]
+    return attention_mask_for(None, queries, total - queries, device)

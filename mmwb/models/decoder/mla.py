@@ -17,7 +17,7 @@ from mmwb.models.decoder.attention import grouped_attention
 from mmwb.models.decoder.cache import LatentCache
 from mmwb.models.decoder.config import DecoderConfig
 from mmwb.models.decoder.norm import RMSNorm
-from mmwb.models.decoder.rope import apply_rope
+from mmwb.models.decoder.rope import apply_rope, last_positions
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -54,11 +54,16 @@ class MultiHeadLatentAttention(nn.Module):
         mask: torch.Tensor | None,
         cache: LatentCache | None = None,
         cache_position: int = 0,
+        queries: int = 0,
     ) -> torch.Tensor:
+        """``queries`` > 0: outputs for the last ``queries`` positions only (the latent from all of ``x``)."""
         batch, length, _ = x.shape
-        q = self._query(x).view(batch, length, self.num_heads, -1).transpose(1, 2)  # (B, H, T, dn + dr)
+        xq = x[:, -queries:] if queries else x
+        q = (
+            self._query(xq).view(batch, xq.shape[1], self.num_heads, -1).transpose(1, 2)
+        )  # (B, H, Tq, dn + dr)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_rope = apply_rope(q_rope, *rope)
+        q_rope = apply_rope(q_rope, *last_positions(rope, q.shape[2]))
         kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
         kv_latent = self.kv_a_layernorm(kv_latent)[:, None]  # (B, 1, T, r)
         k_rope = apply_rope(k_rope[:, None], *rope)  # (B, 1, T, dr)
@@ -66,8 +71,8 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is not None:
             latent = cache.update(latent, cache_position)  # (B, 1, S, r + dr)
         attend = self._absorbed if cache is not None and length <= self.decode_max_tokens else self._expanded
-        out = attend(q_nope, q_rope, latent, mask)  # (B, H, T, dv)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        out = attend(q_nope, q_rope, latent, mask)  # (B, H, Tq, dv)
+        return self.o_proj(out.transpose(1, 2).flatten(2))
 
     def _expanded(
         self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None

@@ -18,7 +18,7 @@ from mmwb.errors import MmwbInputError
 from mmwb.models.decoder.attention import GroupedQueryAttention
 from mmwb.models.decoder.cache import DecoderCache, KVCache, LatentCache, cache_bytes_per_token
 from mmwb.models.decoder.config import DecoderConfig
-from mmwb.models.decoder.mask import attention_mask_for
+from mmwb.models.decoder.mask import attention_mask_for, last_query_rows
 from mmwb.models.decoder.mla import MultiHeadLatentAttention
 from mmwb.models.decoder.mlp import SwiGLU
 from mmwb.models.decoder.moe import Experts, MoEBlock, Router, Routing, load_balancing_loss, router_z_loss
@@ -59,8 +59,12 @@ class DecoderLayer(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | LatentCache | None,
         position: int,
+        queries: int = 0,
     ) -> tuple[torch.Tensor, Routing | None]:
-        h = h + self.self_attn(self.input_layernorm(h), rope, mask, cache, position)
+        """``queries`` > 0: the outputs of the last ``queries`` positions only (the model's last layer, when only
+        their logits are wanted: the other positions are needed there just for their keys and values)."""
+        attended = self.self_attn(self.input_layernorm(h), rope, mask, cache, position, queries)
+        h = (h[:, -queries:] if queries else h) + attended
         out = self.mlp(self.post_attention_layernorm(h))
         routing = None
         if isinstance(out, tuple):
@@ -163,7 +167,9 @@ class DecoderForCausalLM(nn.Module):
         layer); 0 keeps all, as transformers does."""
         if labels is not None and logits_to_keep:
             raise MmwbInputError("labels need logits for every position; leave logits_to_keep at 0")
-        hidden, routings = self._hidden(input_ids, inputs_embeds, attention_mask, position_ids, None, 0)
+        hidden, routings = self._hidden(
+            input_ids, inputs_embeds, attention_mask, position_ids, None, 0, logits_to_keep
+        )
         logits = self.lm_head(hidden[:, -logits_to_keep:])
         out = DecoderOutput(logits=logits)
         if routings:
@@ -185,7 +191,9 @@ class DecoderForCausalLM(nn.Module):
         position_ids: torch.Tensor | None,
         cache: DecoderCache | None,
         cache_position: int,
+        keep: int = 0,
     ) -> tuple[torch.Tensor, list[Routing]]:
+        """Final hidden states (B, T, C), or (B, keep, C) for the last ``keep`` positions when keep > 0."""
         if (input_ids is None) == (inputs_embeds is None):
             raise MmwbInputError("pass exactly one of input_ids and inputs_embeds")
         h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -197,14 +205,18 @@ class DecoderForCausalLM(nn.Module):
             attention_mask = None  # nothing padded: plain causal SDPA skips the masked half of the scores
         mask = attention_mask_for(attention_mask, length, cache_position, h.device)
         routings = []
+        last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
             layer_cache = cache.layers[i] if cache is not None else None
+            queries = keep if i == last and 0 < keep < length else 0
+            if queries:
+                mask = last_query_rows(mask, queries, cache_position + length, h.device)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 h, routing = checkpoint(
-                    layer, h, rope, mask, layer_cache, cache_position, use_reentrant=False
+                    layer, h, rope, mask, layer_cache, cache_position, queries, use_reentrant=False
                 )
             else:
-                h, routing = layer(h, rope, mask, layer_cache, cache_position)
+                h, routing = layer(h, rope, mask, layer_cache, cache_position, queries)
             if routing is not None:
                 routings.append(routing)
         return self.model.norm(h), routings
@@ -239,7 +251,7 @@ class DecoderForCausalLM(nn.Module):
                 f"cache holds {cache.max_length} tokens, step needs {cache_position + length}; allocate a longer one"
             )
         hidden, _ = self._hidden(
-            input_ids, inputs_embeds, attention_mask, position_ids, cache, cache_position
+            input_ids, inputs_embeds, attention_mask, position_ids, cache, cache_position, logits_to_keep
         )
         return self.lm_head(hidden[:, -logits_to_keep:]).float()
 

@@ -81,3 +81,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate pairs (x_i, x_{i+D/2}) of x (B, H, T, D) by the angles in cos/sin (B, 1, T, D/2)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def last_positions(rope: tuple[torch.Tensor, torch.Tensor], count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (cos, sin) pair of the last ``count`` positions (queries of a layer that keeps only those)."""
+    cos, sin = rope
+    return cos[:, :, -count:], sin[:, :, -count:]
