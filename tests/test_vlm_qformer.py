@@ -9,48 +9,33 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
-from mmwb.data.tokenizer import IMAGE, train_bpe_tokenizer
+from mmwb.data.tokenizer import IMAGE
 from mmwb.errors import MmwbInputError
 from mmwb.models.chat import build_prompt, encode_prompts
-from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM
 from mmwb.models.decoder.model import IGNORE_INDEX
 from mmwb.models.projectors import QFormer, QFormerSize, make_projector
-from mmwb.models.vision import MoonViT, MoonViTConfig
-from mmwb.models.vlm import VisionLanguageModel, VLMConfig
+from mmwb.models.vlm import VisionLanguageModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vlm_fixtures import WIDTH, images, tiny_vlm  # noqa: E402
 from vlm_train_fixtures import make_setup, tiny_train  # noqa: E402
 
-TEXTS = ["a red circle", "a blue square left of a green star", "what colour is the circle?", "yes", "no"] * 4
 QUERIES = 4
 
 
 @pytest.fixture(scope="module")
 def model() -> VisionLanguageModel:
-    torch.manual_seed(0)
-    tokenizer = train_bpe_tokenizer(TEXTS, vocab_size=300)
-    tower = MoonViT(MoonViTConfig(patch_size=4, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=48,
-                                  pos_emb_height=6, pos_emb_width=6))  # fmt: skip
-    decoder = DecoderForCausalLM(DecoderConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-        intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-        max_position_embeddings=512,
-    ))  # fmt: skip
     size = QFormerSize(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48, num_queries=QUERIES)
-    projector = make_projector("qformer", 32, 32, len(tokenizer), tokenizer.pad_token_id, size)
-    torch.nn.init.normal_(projector.query_tokens, std=1.0)  # distinct queries (a new Q-Former starts at zero)
-    cfg = VLMConfig(tokenizer.convert_tokens_to_ids(IMAGE))
-    return VisionLanguageModel(cfg, tower, projector, decoder, tokenizer).eval()
 
+    def qformer(tokenizer) -> QFormer:
+        projector = make_projector("qformer", WIDTH, WIDTH, len(tokenizer), tokenizer.pad_token_id, size)
+        torch.nn.init.normal_(
+            projector.query_tokens, std=1.0
+        )  # distinct queries (a new Q-Former starts at zero)
+        return projector
 
-def images(*sizes):
-    g = torch.Generator().manual_seed(0)
-    return [
-        Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
-        for w, h in sizes
-    ]
+    return tiny_vlm(qformer)
 
 
 def _training_rows(model, question: str, answers: list[str]):

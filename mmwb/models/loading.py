@@ -36,11 +36,7 @@ def from_pretrained(
             f"{directory}/config.json: model_type {model_type!r} is not one of {sorted(LOADERS)}"
         )
     module, function = LOADERS[model_type].split(":")
-    model = getattr(importlib.import_module(module), function)(directory, device=device, dtype=dtype)
-    decoder = getattr(model, "language_model", model)  # a VLM's, or the model itself
-    if hasattr(decoder, "use_decode_layout"):
-        decoder.use_decode_layout()
-    return model
+    return getattr(importlib.import_module(module), function)(directory, device=device, dtype=dtype)
 
 
 def read_config(directory: Path) -> dict:

@@ -194,9 +194,11 @@ class VisionLanguageModel(nn.Module):
         if features is not None:
             instructions = None
             if qformer_input_ids is not None:
-                instructions = (qformer_input_ids, qformer_attention_mask)
-                if qformer_attention_mask is None:
-                    instructions = (qformer_input_ids, torch.ones_like(qformer_input_ids))
+                given = qformer_attention_mask
+                instructions = (
+                    qformer_input_ids,
+                    torch.ones_like(qformer_input_ids) if given is None else given,
+                )
             elif getattr(self.projector, "reads_instruction", False):
                 count = len(features.token_counts)
                 instructions = self.image_instructions(input_ids, attention_mask, labels, count)

@@ -78,9 +78,8 @@ class AlignConfig:
     select_layer: int = -2  # tower block whose tokens the projector reads (LLaVA: the penultimate)
     drop_cls: bool = True  # LLaVA drops the CLS token; a tiny tower's last-layer CLS summarises the image
     final_norm: bool = False  # pass the tokens through the tower's final LayerNorm (ln_post)
-    qformer: QFormerSize = field(
-        default_factory=QFormerSize
-    )  # the shape of a new Q-Former (projector: qformer)
+    # the shape of a new Q-Former (projector: qformer)
+    qformer: QFormerSize = field(default_factory=QFormerSize)
     max_length: int = 64  # text tokens per sequence (the image's tokens come on top)
     out_dir: Path = Path("runs/align/model")  # the aligned VLM folder (+ alignment_health.json)
     feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)

@@ -96,9 +96,8 @@ class InstructConfig:
     projector_from: Path | None = None  # ... and an align checkpoint (or run) whose projector starts stage 2
     projector: str = "mlp2x_gelu"
     select_layer: int = -2
-    qformer: QFormerSize = field(
-        default_factory=QFormerSize
-    )  # the shape of a new Q-Former (projector: qformer)
+    # the shape of a new Q-Former (projector: qformer)
+    qformer: QFormerSize = field(default_factory=QFormerSize)
     max_length: int = 96
     caption_turn: bool = True  # shapes JSONL: each image also trains "describe the image" -> its caption
     single_turn: bool = False  # each QA pair its own record (mmwb.data.captions.split_turns)

@@ -188,7 +188,8 @@ def _assemble(
     device = resolve_device(device)  # None: $MMWB_DEVICE or the best available, as everywhere in mmwb
     with torch.device("meta"):
         model = DecoderForCausalLM(cfg)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    meta_state = model.state_dict()  # meta tensors, with the strides of the decoder's CPU layout
+    expected = {name: tuple(t.shape) for name, t in meta_state.items()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     available = source.names()
@@ -200,8 +201,14 @@ def _assemble(
     for name, recipe in plan.items():
         tensor = recipe.combine([source.get(s) for s in recipe.sources])
         keep_fp32 = name.endswith(FP32_BUFFERS)
-        # A fresh allocation is aligned for vector kernels; safetensors' buffers sit at arbitrary file offsets.
-        target = torch.empty(tensor.shape, device=device, dtype=torch.float32 if keep_fp32 else dtype)
+        # A fresh allocation is aligned for vector kernels (safetensors' buffers sit at arbitrary file offsets),
+        # and on CPU it takes the decoder's decode layout (see use_decode_layout) without a second copy.
+        target = torch.empty_like(
+            meta_state[name],
+            device=device,
+            dtype=torch.float32 if keep_fp32 else dtype,
+            memory_format=torch.preserve_format if device.type == "cpu" else torch.contiguous_format,
+        )
         state[name] = target.copy_(tensor)
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]

@@ -59,9 +59,7 @@ class MultiHeadLatentAttention(nn.Module):
         """``queries`` > 0: outputs for the last ``queries`` positions only (the latent from all of ``x``)."""
         batch, length, _ = x.shape
         xq = x[:, -queries:] if queries else x
-        q = (
-            self._query(xq).view(batch, xq.shape[1], self.num_heads, -1).transpose(1, 2)
-        )  # (B, H, Tq, dn + dr)
+        q = self._query(xq).view(batch, xq.shape[1], self.num_heads, -1).transpose(1, 2)  # (B, H, Tq, dn+dr)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_rope = apply_rope(q_rope, *last_positions(rope, q.shape[2]))
         kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)

@@ -119,10 +119,10 @@ class DecoderForCausalLM(nn.Module):
 
         A decode step multiplies one row per sequence by every weight. CPU BLAS streams a weight kept (in, out) in
         memory up to twice as fast as nn.Linear's (out, in) for such products, and prefill and training run as
-        fast either way (BENCHMARKS.md, "decode layout"). New decoders start so and the loaders call this after
-        assigning a checkpoint's tensors; checkpoints are unchanged (every saver writes contiguous copies). A tied
+        fast either way (BENCHMARKS.md, "decode layout"). New decoders start so, and checkpoint loading allocates
+        its CPU tensors with these strides; checkpoints are unchanged (every saver writes contiguous copies). A tied
         LM head stays an embedding table, row-major."""
-        if self.device.type != "cpu":
+        if self.device.type not in ("cpu", "meta"):  # meta: the strides checkpoint loading allocates
             return self
         tied = self.lm_head.weight is self.model.embed_tokens.weight
         for module in self.modules():
@@ -276,7 +276,7 @@ class DecoderForCausalLM(nn.Module):
     def from_pretrained(cls, path, device=None, dtype=None) -> DecoderForCausalLM:
         from mmwb.models.decoder.checkpoint import load_decoder
 
-        return load_decoder(path, device=device, dtype=dtype).use_decode_layout()
+        return load_decoder(path, device=device, dtype=dtype)
 
 
 def _column_major(weight: torch.Tensor) -> torch.Tensor:
