@@ -46,9 +46,8 @@ class FeatureCacheConfig:
     enabled: bool = True
     root: Path = Path("runs/feature_cache")
     batch_size: int = 64  # images per tower call while filling the cache
-    memory_mb: int = (
-        1024  # entries read back are also kept in memory up to this size (per data-loading process)
-    )
+    # entries read back are also kept in memory up to this size (per data-loading process)
+    memory_mb: int = 1024
 
 
 @dataclass
