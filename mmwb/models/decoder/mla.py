@@ -16,8 +16,10 @@ from torch import nn
 from mmwb.models.decoder.attention import grouped_attention
 from mmwb.models.decoder.cache import LatentCache
 from mmwb.models.decoder.config import DecoderConfig
+from mmwb.models.decoder.linear import Linear
 from mmwb.models.decoder.norm import RMSNorm
 from mmwb.models.decoder.rope import apply_rope, last_positions
+from mmwb.runtime.cpu_kernels import applies, latent_attention
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -30,17 +32,17 @@ class MultiHeadLatentAttention(nn.Module):
         self.decode_max_tokens = cfg.decode_max_tokens
         q_out = cfg.num_heads * (self.nope_dim + self.rope_dim)
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=False)
+            self.q_proj = Linear(cfg.hidden_size, q_out, bias=False)
         else:
-            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_out, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(
+            self.q_b_proj = Linear(cfg.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = Linear(
             cfg.hidden_size, self.kv_rank + self.rope_dim, bias=cfg.attention_bias
         )
         self.kv_a_layernorm = RMSNorm(self.kv_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.kv_rank, cfg.num_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.kv_b_proj = Linear(self.kv_rank, cfg.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(cfg.num_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
@@ -58,6 +60,15 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> torch.Tensor:
         """``queries`` > 0: outputs for the last ``queries`` positions only (the latent from all of ``x``)."""
         batch, length, _ = x.shape
+        if (
+            cache is not None
+            and batch == length == 1 <= self.decode_max_tokens
+            and mask is None
+            and applies(x, self.kv_b_proj.weight)
+        ):
+            out = self._decode_on_cpu(x, rope, cache, cache_position)
+            if out is not None:
+                return self.o_proj(out.view(1, 1, -1))
         xq = x[:, -queries:] if queries else x
         q = self._query(xq).view(batch, xq.shape[1], self.num_heads, -1).transpose(1, 2)  # (B, H, Tq, dn+dr)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
@@ -71,6 +82,23 @@ class MultiHeadLatentAttention(nn.Module):
         attend = self._absorbed if cache is not None and length <= self.decode_max_tokens else self._expanded
         out = attend(q_nope, q_rope, latent, mask)  # (B, H, Tq, dv)
         return self.o_proj(out.transpose(1, 2).flatten(2))
+
+    def _decode_on_cpu(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: LatentCache, position: int
+    ) -> torch.Tensor | None:
+        """One token at batch 1, absorbed, in one kernel call after the projections (None where it cannot run)."""
+        return latent_attention(
+            self._query(x),
+            self.kv_a_proj_with_mqa(x),
+            self.kv_a_layernorm.weight,
+            self.kv_a_layernorm.eps,
+            rope,
+            cache.latent,
+            position,
+            self.kv_b_proj.weight,
+            (self.num_heads, self.nope_dim, self.rope_dim, self.v_dim),
+            self.scale,
+        )
 
     def _expanded(
         self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None

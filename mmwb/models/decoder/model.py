@@ -18,6 +18,7 @@ from mmwb.errors import MmwbInputError
 from mmwb.models.decoder.attention import GroupedQueryAttention
 from mmwb.models.decoder.cache import DecoderCache, KVCache, LatentCache, cache_bytes_per_token
 from mmwb.models.decoder.config import DecoderConfig
+from mmwb.models.decoder.linear import Linear
 from mmwb.models.decoder.mask import attention_mask_for, last_query_rows
 from mmwb.models.decoder.mla import MultiHeadLatentAttention
 from mmwb.models.decoder.mlp import SwiGLU
@@ -88,7 +89,7 @@ class DecoderForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False

@@ -17,6 +17,7 @@ from torch import nn
 from mmwb.errors import MmwbConfigError
 from mmwb.models.decoder.config import DecoderConfig
 from mmwb.models.decoder.mlp import SwiGLU
+from mmwb.runtime.cpu_kernels import MAX_ROWS, linear, swiglu_sum
 
 # Inference with at most this many (token, expert) assignments (decode steps) takes Experts._few_tokens.
 FEW_ASSIGNMENTS = 64
@@ -119,16 +120,27 @@ class Experts(nn.Module):
         are read once, with no copy. Same sum over slots, in the same order, as the grouped path.
         """
         tokens, top_k = indices.shape
+        counts = torch.bincount(indices.reshape(-1), minlength=self.gate_up_proj.shape[0])
         flat = indices.reshape(-1).tolist()  # assignment a = n * k + slot
+        if tokens == 1:  # one decode token: its experts in one kernel call where the kernel applies
+            gate_up, inter = self.gate_up_proj, self.down_proj.shape[-1]
+            fused = swiglu_sum(
+                x,
+                [gate_up[e, :inter] for e in flat],
+                [gate_up[e, inter:] for e in flat],
+                [self.down_proj[e] for e in flat],
+                weights.reshape(-1).tolist(),
+            )
+            if fused is not None:
+                return fused.to(x.dtype), counts
         rows: dict[int, list[int]] = {}
         for a, e in enumerate(flat):
             rows.setdefault(e, []).append(a)
         y = x.new_empty(tokens * top_k, x.shape[-1])  # (N*k, C) expert outputs per assignment
         for e, assigned in rows.items():
             xe = x if tokens == 1 else x[[a // top_k for a in assigned]]  # (n_e, C)
-            gate, up = F.linear(xe, self.gate_up_proj[e]).chunk(2, dim=-1)
-            y[assigned] = F.linear(F.silu(gate) * up, self.down_proj[e])
-        counts = torch.bincount(indices.reshape(-1), minlength=self.gate_up_proj.shape[0])
+            gate, up = linear(xe, self.gate_up_proj[e]).chunk(2, dim=-1)
+            y[assigned] = linear(F.silu(gate) * up, self.down_proj[e])
         out = (y.view(tokens, top_k, -1) * weights[..., None]).sum(1)
         return out.to(x.dtype), counts
 
@@ -173,7 +185,9 @@ class _LoopedGroupedLinear(torch.autograd.Function):
         ctx.sizes = sizes
         out = x.new_empty(x.shape[0], weight.shape[1])
         for e, (rows, dst) in enumerate(zip(x.split(sizes), out.split(sizes))):
-            if sizes[e]:
+            if 0 < sizes[e] <= MAX_ROWS:  # a handful of rows: the streaming kernel (mmwb.runtime.cpu_kernels)
+                dst.copy_(linear(rows, weight[e]))
+            elif sizes[e]:
                 torch.mm(rows, weight[e].t(), out=dst)
         return out
 

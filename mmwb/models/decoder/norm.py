@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from mmwb.runtime.cpu_kernels import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -14,5 +15,4 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one fused op instead of five
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)

@@ -1,0 +1,425 @@
+"""Small CPU kernels for decode steps, where eager PyTorch spends its time in memory stalls and dispatch.
+
+- ``linear``: few rows times a weight. At batch 1 a decode step multiplies one row by every weight, so its speed is
+  how fast the weights stream from memory. This CPU's BLAS (MKL) reaches 7-10 GB/s on the 0.25-2 MB weights of a
+  small decoder where a plain sum of the same bytes runs at 20 GB/s (its gemm packs the weight before using it
+  once). The kernel reads a column-major (in, out) weight (the decoder's decode layout) front to back into an
+  accumulator that stays in cache, threads taking contiguous row ranges.
+- ``rms_norm``: one pass over a few rows instead of the ~10 ops (20 us) of ``F.rms_norm`` plus the weight.
+
+The C source below is compiled with the machine's C compiler on first use (about 0.2 s, cached per source,
+compiler and CPU). Without a compiler, or with ``MMWB_CPU_KERNELS=0``, both functions are their torch equivalents,
+which they also fall back to outside their case (more rows, not fp32, autograd or autocast on, other strides).
+BENCHMARKS.md ("CPU decode kernels") has the measurements.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DISABLE_ENV = "MMWB_CPU_KERNELS"
+CACHE_ENV = "MMWB_CACHE"
+MAX_ROWS = 4  # rows of x handled per call; more rows is prefill, where BLAS wins
+MAX_COLS = 4096  # output width whose accumulator still sits in cache; wider weights go to BLAS
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* acc[i, :n] = sum over k in [k0, k1) of x[i, k] * w[k, :n]; w's rows are contiguous, ldw floats apart. */
+static void accumulate(const float *x, int64_t ldx, const float *w, int64_t ldw, float *acc,
+                       int64_t m, int64_t k0, int64_t k1, int64_t n) {
+    memset(acc, 0, sizeof(float) * m * n);
+    for (int64_t k = k0; k < k1; k++) {
+        const float *wk = w + k * ldw;
+        for (int64_t i = 0; i < m; i++) {
+            const float xk = x[i * ldx + k];
+            float *a = acc + i * n;
+            for (int64_t j = 0; j < n; j++) a[j] += xk * wk[j];
+        }
+    }
+}
+
+/* y (m, n) = x (m, k) @ w (k, n). Threads take contiguous row ranges of w, then sum their partials in order. */
+int mmwb_rows_times_matrix(const float *x, int64_t ldx, const float *w, int64_t ldw, float *y,
+                           int64_t m, int64_t k, int64_t n, int threads) {
+#ifdef _OPENMP
+    if (threads > 1 && k >= 2 * threads) {
+        float *partial = malloc(sizeof(float) * threads * m * n);
+        if (!partial) return 1;
+        #pragma omp parallel num_threads(threads)
+        {
+            int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            accumulate(x, ldx, w, ldw, partial + t * m * n, m, k * t / nt, k * (t + 1) / nt, n);
+            #pragma omp barrier
+            #pragma omp for
+            for (int64_t j = 0; j < m * n; j++) {
+                float s = 0.0f;
+                for (int u = 0; u < nt; u++) s += partial[u * m * n + j];
+                y[j] = s;
+            }
+        }
+        free(partial);
+        return 0;
+    }
+#endif
+    accumulate(x, ldx, w, ldw, y, m, 0, k, n);
+    return 0;
+}
+
+/* y[i] = w * (x[i] / sqrt(mean(x[i]^2) + eps)) for each of the m contiguous rows of length n. */
+void mmwb_rms_norm(const float *x, const float *w, float *y, int64_t m, int64_t n, float eps) {
+    for (int64_t i = 0; i < m; i++) {
+        const float *xi = x + i * n;
+        float *yi = y + i * n, sum = 0.0f;
+        for (int64_t j = 0; j < n; j++) sum += xi[j] * xi[j];
+        const float r = 1.0f / sqrtf(sum / (float)n + eps);
+        for (int64_t j = 0; j < n; j++) yi[j] = w[j] * (xi[j] * r);
+    }
+}
+
+/* y (m, c) = sum over e of coef[e] * (silu(x gate_e) * (x up_e)) down_e: a SwiGLU MLP, or a token's chosen experts,
+   in one call. gate_e, up_e: (c, inter) rows ld_in apart (one pass over both when up_e directly follows gate_e in
+   each row, as in stacked experts); down_e: (inter, c) rows ld_down apart. */
+int mmwb_swiglu_sum(const float *x, int64_t m, int64_t c, int64_t inter, int64_t count,
+                    const float *const *gate, const float *const *up, int64_t ld_in,
+                    const float *const *down, int64_t ld_down, const float *coef, float *y, int threads) {
+    float *gu = malloc(sizeof(float) * m * (3 * inter + c));
+    if (!gu) return 1;
+    float *act = gu + 2 * m * inter, *d = act + m * inter;
+    int status = 0;
+    memset(y, 0, sizeof(float) * m * c);
+    for (int64_t e = 0; e < count && !status; e++) {
+        const int fused = up[e] == gate[e] + inter && ld_in == 2 * inter;
+        /* gate of row i, column j at gu[i * gs + j]; up at gu[i * gs + uo + j] */
+        const int64_t gs = fused ? 2 * inter : inter, uo = fused ? inter : m * inter;
+        if (fused) {
+            status = mmwb_rows_times_matrix(x, c, gate[e], ld_in, gu, m, c, 2 * inter, threads);
+        } else {
+            status = mmwb_rows_times_matrix(x, c, gate[e], ld_in, gu, m, c, inter, threads)
+                  || mmwb_rows_times_matrix(x, c, up[e], ld_in, gu + m * inter, m, c, inter, threads);
+        }
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t j = 0; j < inter; j++) {
+                const float g = gu[i * gs + j];
+                act[i * inter + j] = g / (1.0f + expf(-g)) * gu[i * gs + uo + j];
+            }
+        status = status || mmwb_rows_times_matrix(act, inter, down[e], ld_down, d, m, inter, c, threads);
+        for (int64_t j = 0; j < m * c && !status; j++) y[j] += coef[e] * d[j];
+    }
+    free(gu);
+    return status;
+}
+
+/* Rotate the half-split pairs (x[j], x[j + d/2]) of x (d floats) by the angles whose cos/sin are given (d/2). */
+static void rope(const float *x, const float *cos, const float *sin, int64_t d, float *y) {
+    const int64_t h = d / 2;
+    for (int64_t j = 0; j < h; j++) {
+        y[j] = x[j] * cos[j] - x[j + h] * sin[j];
+        y[j + h] = x[j + h] * cos[j] + x[j] * sin[j];
+    }
+}
+
+/* One decode token of multi-head latent attention (DeepSeek-V2/V3 MLA), batch 1, on the latent cache.
+   q (heads, dn + dr) and kv (rank + dr) are the token's projections. Here: rope on both rope parts, RMSNorm on the
+   latent, the token's latent row written to cache[pos] (rows rank + dr floats), then for each head
+   out (heads, dv) = softmax(scale * q . K) V with the absorbed weights of kv_b (out, in) = (heads * (dn + dv), rank)
+   stored column-major, rows ld_kvb apart: q_nope goes through the key half, the attended latent through the value
+   half, so the cache is never expanded. */
+int mmwb_latent_attention(const float *q, const float *kv, const float *norm_w, float eps, const float *cos,
+                          const float *sin, float *cache, int64_t pos, const float *wkvb, int64_t ld_kvb,
+                          int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t rank, float scale,
+                          float *out) {
+    const int64_t width = rank + dr, seq = pos + 1, stride = dn + dv;
+    float *query = malloc(sizeof(float) * heads * (width + seq + rank));
+    if (!query) return 1;
+    float *scores = query + heads * width, *attended = scores + heads * seq;
+    float *row = cache + pos * width, sum = 0.0f;
+    for (int64_t j = 0; j < rank; j++) sum += kv[j] * kv[j];
+    const float r = 1.0f / sqrtf(sum / (float)rank + eps);
+    for (int64_t j = 0; j < rank; j++) row[j] = norm_w[j] * (kv[j] * r);
+    rope(kv + rank, cos, sin, dr, row + rank);
+    memset(query, 0, sizeof(float) * heads * width);
+    for (int64_t j = 0; j < rank; j++) {  /* query[h, :rank] = q_nope[h] W_uk[h] */
+        const float *w = wkvb + j * ld_kvb;
+        for (int64_t h = 0; h < heads; h++) {
+            float acc = 0.0f;
+            for (int64_t d = 0; d < dn; d++) acc += q[h * (dn + dr) + d] * w[h * stride + d];
+            query[h * width + j] = acc;
+        }
+    }
+    for (int64_t h = 0; h < heads; h++) rope(q + h * (dn + dr) + dn, cos, sin, dr, query + h * width + rank);
+    for (int64_t t = 0; t < seq; t++) {
+        const float *k = cache + t * width;
+        for (int64_t h = 0; h < heads; h++) {
+            float acc = 0.0f;
+            for (int64_t j = 0; j < width; j++) acc += query[h * width + j] * k[j];
+            scores[h * seq + t] = acc * scale;
+        }
+    }
+    for (int64_t h = 0; h < heads; h++) {
+        float *s = scores + h * seq, top = s[0], total = 0.0f;
+        for (int64_t t = 1; t < seq; t++) top = s[t] > top ? s[t] : top;
+        for (int64_t t = 0; t < seq; t++) total += (s[t] = expf(s[t] - top));
+        for (int64_t t = 0; t < seq; t++) s[t] /= total;
+    }
+    memset(attended, 0, sizeof(float) * heads * rank);
+    for (int64_t t = 0; t < seq; t++) {
+        const float *v = cache + t * width;
+        for (int64_t h = 0; h < heads; h++) {
+            const float p = scores[h * seq + t];
+            for (int64_t j = 0; j < rank; j++) attended[h * rank + j] += p * v[j];
+        }
+    }
+    memset(out, 0, sizeof(float) * heads * dv);
+    for (int64_t j = 0; j < rank; j++) {  /* out[h] = attended[h] W_uv[h]^T */
+        const float *w = wkvb + j * ld_kvb;
+        for (int64_t h = 0; h < heads; h++) {
+            const float a = attended[h * rank + j];
+            for (int64_t d = 0; d < dv; d++) out[h * dv + d] += a * w[h * stride + dn + d];
+        }
+    }
+    free(query);
+    return 0;
+}
+"""
+
+# Tried in order: the fastest build this compiler accepts.
+_FLAG_SETS = (
+    ("-O3", "-march=native", "-fopenmp"),
+    ("-O3", "-march=native"),
+    ("-O3",),
+)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; through the streaming kernel for at most MAX_ROWS rows of x when weight
+    (out, in) is stored column-major (strides (1, >= out)) with out <= MAX_COLS."""
+    out_features, in_features = weight.shape
+    if (
+        not applies(x, weight)
+        or x.numel() > MAX_ROWS * in_features
+        or out_features > MAX_COLS
+        or weight.stride(0) != 1
+        or weight.stride(1) < out_features
+        or not x.is_contiguous()
+    ):
+        return F.linear(x, weight, bias)
+    y = x.new_empty((*x.shape[:-1], out_features))
+    status = _kernels().rows_times_matrix(
+        x.data_ptr(), in_features, weight.data_ptr(), weight.stride(1), y.data_ptr(),
+        x.numel() // in_features, in_features, out_features, torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:  # the threads' scratch could not be allocated
+        return F.linear(x, weight, bias)
+    return y if bias is None else y.add_(bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * F.rms_norm(x, (C,), eps=eps)`` over the last dimension C, in one pass for a few fp32 rows."""
+    if (
+        not applies(x, weight)
+        or x.numel() > MAX_ROWS * x.shape[-1]
+        or not (x.is_contiguous() and weight.is_contiguous())
+    ):
+        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    y = x.new_empty(x.shape)
+    _kernels().rms_norm(
+        x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps
+    )
+    return y
+
+
+def swiglu_sum(
+    x: torch.Tensor,
+    gate: list[torch.Tensor],
+    up: list[torch.Tensor],
+    down: list[torch.Tensor],
+    coef: list[float],
+) -> torch.Tensor | None:
+    """sum_e coef[e] * down_e(silu(gate_e(x)) * up_e(x)) for a few rows of x, in one call: a SwiGLU MLP (one
+    term, coef 1) or one token's chosen experts. Weights are (out, in) as for F.linear, column-major. None where the
+    kernel does not apply; the caller then runs its torch code."""
+    if not applies(x, down[0]) or not x.is_contiguous():
+        return None
+    inter, hidden = gate[0].shape
+    ld_in, ld_down = gate[0].stride(1), down[0].stride(1)
+    weights_fit = all(
+        g.stride() == u.stride() == (1, ld_in)
+        and d.stride() == (1, ld_down)
+        and g.dtype == u.dtype == d.dtype
+        for g, u, d in zip(gate, up, down)
+    )
+    if not weights_fit or x.numel() > MAX_ROWS * hidden or max(2 * inter, hidden) > MAX_COLS:
+        return None
+    count = len(gate)
+    y = x.new_empty(x.shape)
+    status = _kernels().swiglu_sum(
+        x.data_ptr(), x.numel() // hidden, hidden, inter, count,
+        (ctypes.c_void_p * count)(*[g.data_ptr() for g in gate]),
+        (ctypes.c_void_p * count)(*[u.data_ptr() for u in up]), ld_in,
+        (ctypes.c_void_p * count)(*[d.data_ptr() for d in down]), ld_down,
+        (ctypes.c_float * count)(*coef), y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return y if status == 0 else None
+
+
+def latent_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    cache: torch.Tensor,
+    position: int,
+    kv_b_weight: torch.Tensor,
+    dims: tuple[int, int, int, int],
+    scale: float,
+) -> torch.Tensor | None:
+    """One batch-1 decode token of MLA from its projections q (H * (dn + dr)) and kv (r + dr), in one call: rope,
+    the latent's RMSNorm, the write to ``cache`` (S, r + dr) at ``position``, and attention on the latent with
+    kv_b (H * (dn + dv), r) absorbed. dims = (H, dn, dr, dv). Returns (H * dv); None where the kernel does not
+    apply (the caller then runs its torch code, having changed nothing)."""
+    heads, nope_dim, rope_dim, v_dim = dims
+    rank = kv_b_weight.shape[1]
+    cos, sin = rope
+    tensors = (q, kv, norm_weight, cos, sin, cache)
+    if (
+        not applies(q, kv_b_weight)
+        or not all(t.is_contiguous() and t.dtype == torch.float32 and t.is_cpu for t in tensors)
+        or kv_b_weight.stride(0) != 1
+        or q.numel() != heads * (nope_dim + rope_dim)
+        or kv.numel() != rank + rope_dim
+        or cache.shape[-1] != rank + rope_dim
+        or not 0 <= position < cache.numel() // cache.shape[-1]
+        or cos.numel() != rope_dim // 2
+    ):
+        return None
+    out = q.new_empty(heads * v_dim)
+    status = _kernels().latent_attention(
+        q.data_ptr(), kv.data_ptr(), norm_weight.data_ptr(), eps, cos.data_ptr(), sin.data_ptr(),
+        cache.data_ptr(), position, kv_b_weight.data_ptr(), kv_b_weight.stride(1),
+        heads, nope_dim, rope_dim, v_dim, rank, scale, out.data_ptr(),
+    )  # fmt: skip
+    return out if status == 0 else None
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernels can take a product of x and weight: they are built, both are fp32 CPU tensors, autograd
+    has nothing to record, and neither autocast nor torch.compile is on."""
+    return (
+        _kernels() is not None
+        and x.is_cpu
+        and weight.is_cpu
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+class _Kernels:
+    """The compiled library's entry points, typed for ctypes."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        self.rows_times_matrix = library.mmwb_rows_times_matrix
+        self.rows_times_matrix.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64, ctypes.c_int]
+        self.rows_times_matrix.restype = ctypes.c_int
+        self.rms_norm = library.mmwb_rms_norm
+        self.rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float]
+        self.rms_norm.restype = None
+        self.swiglu_sum = library.mmwb_swiglu_sum
+        self.swiglu_sum.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+        self.swiglu_sum.restype = ctypes.c_int
+        self.latent_attention = library.mmwb_latent_attention
+        f32 = ctypes.c_float
+        self.latent_attention.argtypes = [
+            ptr,
+            ptr,
+            ptr,
+            f32,
+            ptr,
+            ptr,
+            ptr,
+            i64,
+            ptr,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+        ]
+        self.latent_attention.argtypes += [f32, ptr]
+        self.latent_attention.restype = ctypes.c_int
+
+
+@functools.cache
+def _kernels() -> _Kernels | None:
+    """The kernels, or None where they cannot be built (or are switched off with MMWB_CPU_KERNELS=0)."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return None
+    library = _build()
+    return None if library is None else _Kernels(library)
+
+
+def _build() -> ctypes.CDLL | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    for flags in _FLAG_SETS:
+        target = _cache_dir() / f"cpu_kernels-{_build_key(compiler, flags)}.so"
+        if target.exists() or _compile(compiler, flags, target):
+            try:
+                return ctypes.CDLL(str(target))
+            except OSError:
+                continue
+    return None
+
+
+def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> bool:
+    """Compile to a temporary file beside ``target`` and rename it into place: readers never see half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        source, built = Path(work) / "cpu_kernels.c", Path(work) / target.name
+        source.write_text(_SOURCE)
+        command = [compiler, *flags, "-shared", "-fPIC", str(source), "-o", str(built), "-lm"]
+        if subprocess.run(command, capture_output=True).returncode != 0:
+            return False
+        os.replace(built, target)
+    return True
+
+
+def _build_key(compiler: str, flags: tuple[str, ...]) -> str:
+    """Source, compiler and flags, and the CPU (``-march=native`` code must not run on another one)."""
+    cpu = platform.machine() + platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        cpu += next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
+    text = "\n".join([_SOURCE, compiler, *flags, cpu])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]) / "kernels"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mmwb" / "kernels"

@@ -1,0 +1,220 @@
+"""CPU decode kernels: equal to their torch definitions, taken only where they apply, built once and cached."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM, mla
+from mmwb.models.decoder.model import _column_major
+from mmwb.models.decoder.moe import MoEBlock
+from mmwb.runtime import cpu_kernels
+
+needs_compiler = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
+)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts of each kernel's calls (the kernels still run)."""
+    kernels = cpu_kernels._kernels()
+    if kernels is None:
+        pytest.skip("kernels unavailable")
+    counts = {"rows_times_matrix": 0, "rms_norm": 0, "swiglu_sum": 0, "latent_attention": 0}
+    for name in counts:
+        function = getattr(kernels, name)
+
+        def counted(*args, _name=name, _function=function):
+            counts[_name] += 1
+            return _function(*args)
+
+        monkeypatch.setattr(kernels, name, counted)
+    return counts
+
+
+def _weight(out_features: int, in_features: int, pad: int = 0) -> torch.Tensor:
+    """An (out, in) weight stored column-major, rows ``out + pad`` floats apart (a slice of a wider storage)."""
+    scale = in_features**-0.5  # outputs of order one, so one tolerance fits every shape
+    return (torch.randn(in_features, out_features + pad) * scale)[:, :out_features].t()
+
+
+@needs_compiler
+def test_kernels_build_where_a_compiler_exists():
+    assert cpu_kernels._kernels() is not None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("shape", [(256, 512), (7, 3), (4096, 64), (160, 512)])
+def test_linear_equals_f_linear(calls, threads, rows, shape):
+    torch.set_num_threads(threads)
+    weight, bias = _weight(*shape, pad=5), torch.randn(shape[0])
+    x = torch.randn(1, rows, shape[1])
+    with torch.no_grad():
+        got, want = cpu_kernels.linear(x, weight, bias), F.linear(x, weight, bias)
+    assert got.shape == want.shape == (1, rows, shape[0])
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert calls["rows_times_matrix"] == 1
+
+
+def test_linear_falls_back_where_the_kernel_does_not_apply(calls):
+    col, row = _weight(64, 32), torch.randn(64, 32)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        for args in [
+            (x[:1], row),
+            (x, col),
+            (x[:1].bfloat16(), col.bfloat16()),
+            (x[:, :16].t()[:1], col[:, :5]),
+        ]:
+            assert torch.allclose(cpu_kernels.linear(*args).float(), F.linear(*args).float(), atol=1e-2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert cpu_kernels.linear(x[:1], col).dtype == torch.bfloat16
+    trained = col.clone().requires_grad_()
+    cpu_kernels.linear(x[:1], trained).sum().backward()
+    assert torch.allclose(trained.grad, x[:1].expand(64, 32))
+    assert calls["rows_times_matrix"] == 0
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_rms_norm_equals_torch(calls, rows):
+    x, weight = torch.randn(rows, 1, 48) * 3, torch.randn(48)
+    with torch.no_grad():
+        got = cpu_kernels.rms_norm(x, weight, 1e-6)
+    assert torch.allclose(got, weight * F.rms_norm(x, (48,), eps=1e-6), rtol=1e-5, atol=1e-6)
+    assert calls["rms_norm"] == 1
+
+
+def _swiglu(x, gate, up, down, coef):
+    return sum(
+        c * F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d) for g, u, d, c in zip(gate, up, down, coef)
+    )
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_swiglu_sum_equals_torch_for_separate_and_stacked_weights(calls, threads, rows):
+    torch.set_num_threads(threads)
+    x = torch.randn(rows, 40)
+    separate = [_weight(24, 40)], [_weight(24, 40)], [_weight(40, 24)], [1.0]
+    stacked = _column_major(torch.randn(3, 48, 40))  # (E, 2I, C) as the decoder's experts
+    down = _column_major(torch.randn(3, 40, 24))
+    experts = (
+        [stacked[e, :24] for e in (2, 0)],
+        [stacked[e, 24:] for e in (2, 0)],
+        [down[2], down[0]],
+        [0.7, 0.3],
+    )
+    with torch.no_grad():
+        for weights in (separate, experts):
+            got = cpu_kernels.swiglu_sum(x, *weights)
+            assert got is not None
+            assert torch.allclose(got, _swiglu(x, *weights), rtol=1e-5, atol=1e-5)
+    assert calls["swiglu_sum"] == 2
+
+
+def test_moe_decode_step_through_the_kernel_equals_the_torch_path(calls):
+    block = MoEBlock(
+        DecoderConfig(
+            hidden_size=32,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+        )
+    )
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+        want, _ = block(torch.ones(1, 1, 32))  # row-major weights: the torch path
+        assert calls["swiglu_sum"] == 0
+        for p in (block.experts.gate_up_proj, block.experts.down_proj):
+            p.data = _column_major(p.data)
+        for linear in (
+            block.shared_experts.gate_proj,
+            block.shared_experts.up_proj,
+            block.shared_experts.down_proj,
+        ):
+            linear.weight.data = _column_major(linear.weight.data)
+        got, routing = block(torch.ones(1, 1, 32))
+    assert calls["swiglu_sum"] == 2  # routed experts, then the shared expert
+    assert torch.allclose(got, want, atol=1e-5)
+    assert routing.counts.sum() == 2
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(),
+        dict(
+            q_lora_rank=20,
+            rope_type="yarn",
+            rope_factor=4.0,
+            rope_original_max_position_embeddings=16,
+            rope_mscale=1.0,
+        ),
+    ],
+)
+def test_mla_decode_through_the_kernel_equals_the_torch_path(calls, monkeypatch, variant):
+    """Batch-1 decode steps: logits and the latent cache written by the kernel equal the torch path's."""
+    config = DecoderConfig(
+        vocab_size=53, hidden_size=48, num_layers=2, num_heads=4, intermediate_size=64, moe_intermediate_size=24,
+        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, attention="mla",
+        kv_lora_rank=16, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, **variant,
+    )  # fmt: skip
+    model = DecoderForCausalLM(config).eval()
+    model.init_weights(std=0.1)
+    ids = torch.randint(0, 53, (1, 9))
+
+    def decode() -> tuple[torch.Tensor, torch.Tensor]:
+        cache = model.allocate_cache(1, 12)
+        logits = []
+        for start, end in [(0, 5), (5, 6), (6, 7), (7, 8), (8, 9)]:
+            step = model.step(
+                ids[:, start:end], cache=cache, cache_position=start, position_ids=torch.arange(start, end)[None],
+                attention_mask=None,
+            )  # fmt: skip
+            logits.append(step)
+        return torch.cat(logits, dim=1), torch.cat([layer.latent for layer in cache.layers])
+
+    got, got_cache = decode()
+    assert calls["latent_attention"] == 4 * config.num_layers
+    with monkeypatch.context() as torch_path:
+        torch_path.setattr(mla, "applies", lambda *tensors: False)
+        want, want_cache = decode()
+    assert calls["latent_attention"] == 4 * config.num_layers
+    assert (got - want).abs().max() <= 1e-5
+    assert torch.allclose(got_cache, want_cache, rtol=1e-5, atol=1e-6)
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("MMWB_CPU_KERNELS", "0")
+    cpu_kernels._kernels.cache_clear()
+    try:
+        assert cpu_kernels._kernels() is None
+        x, weight = torch.randn(1, 32), _weight(16, 32)
+        with torch.no_grad():
+            assert torch.equal(cpu_kernels.linear(x, weight), F.linear(x, weight))
+            assert cpu_kernels.swiglu_sum(x, [weight], [weight], [weight.t()], [1.0]) is None
+    finally:
+        cpu_kernels._kernels.cache_clear()
+
+
+@needs_compiler
+def test_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("MMWB_CACHE", str(tmp_path))
+    cpu_kernels._kernels.cache_clear()
+    try:
+        assert cpu_kernels._kernels() is not None
+        (built,) = (tmp_path / "kernels").glob("cpu_kernels-*.so")
+        stamp = built.stat().st_mtime_ns
+        cpu_kernels._kernels.cache_clear()
+        assert cpu_kernels._kernels() is not None
+        assert built.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+        assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built.name]  # no leftovers
+    finally:
+        cpu_kernels._kernels.cache_clear()
