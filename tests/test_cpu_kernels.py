@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM, mla
+from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM, attention, mla
 from mmwb.models.decoder.model import _column_major
 from mmwb.models.decoder.moe import MoEBlock
 from mmwb.runtime import cpu_kernels
@@ -24,7 +24,13 @@ def calls(monkeypatch):
     kernels = cpu_kernels._kernels()
     if kernels is None:
         pytest.skip("kernels unavailable")
-    counts = {"rows_times_matrix": 0, "rms_norm": 0, "swiglu_sum": 0, "latent_attention": 0}
+    counts = {
+        "rows_times_matrix": 0,
+        "rms_norm": 0,
+        "swiglu_sum": 0,
+        "latent_attention": 0,
+        "gqa_attention": 0,
+    }
     for name in counts:
         function = getattr(kernels, name)
 
@@ -146,25 +152,23 @@ def test_moe_decode_step_through_the_kernel_equals_the_torch_path(calls):
     assert routing.counts.sum() == 2
 
 
+MLA = dict(attention="mla", kv_lora_rank=16, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10)
+YARN = dict(rope_type="yarn", rope_factor=4.0, rope_original_max_position_embeddings=16, rope_mscale=1.0)
+
+
 @pytest.mark.parametrize(
-    "variant",
+    ("variant", "kernel"),
     [
-        dict(),
-        dict(
-            q_lora_rank=20,
-            rope_type="yarn",
-            rope_factor=4.0,
-            rope_original_max_position_embeddings=16,
-            rope_mscale=1.0,
-        ),
+        (MLA, "latent_attention"),
+        ({**MLA, **YARN, "q_lora_rank": 20}, "latent_attention"),
+        (dict(attention="gqa", num_kv_heads=2, head_dim=12, qk_norm=True), "gqa_attention"),
     ],
 )
-def test_mla_decode_through_the_kernel_equals_the_torch_path(calls, monkeypatch, variant):
-    """Batch-1 decode steps: logits and the latent cache written by the kernel equal the torch path's."""
+def test_attention_decode_through_the_kernel_equals_the_torch_path(calls, monkeypatch, variant, kernel):
+    """Batch-1 decode steps: logits and the cache written by the kernel equal the torch path's."""
     config = DecoderConfig(
         vocab_size=53, hidden_size=48, num_layers=2, num_heads=4, intermediate_size=64, moe_intermediate_size=24,
-        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, attention="mla",
-        kv_lora_rank=16, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, **variant,
+        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, **variant,
     )  # fmt: skip
     model = DecoderForCausalLM(config).eval()
     model.init_weights(std=0.1)
@@ -179,14 +183,16 @@ def test_mla_decode_through_the_kernel_equals_the_torch_path(calls, monkeypatch,
                 attention_mask=None,
             )  # fmt: skip
             logits.append(step)
-        return torch.cat(logits, dim=1), torch.cat([layer.latent for layer in cache.layers])
+        return torch.cat(logits, dim=1), torch.cat(
+            [b.flatten() for layer in cache.layers for b in layer.buffers()]
+        )
 
     got, got_cache = decode()
-    assert calls["latent_attention"] == 4 * config.num_layers
+    assert calls[kernel] == 4 * config.num_layers
     with monkeypatch.context() as torch_path:
-        torch_path.setattr(mla, "applies", lambda *tensors: False)
+        torch_path.setattr(attention if kernel == "gqa_attention" else mla, "applies", lambda *tensors: False)
         want, want_cache = decode()
-    assert calls["latent_attention"] == 4 * config.num_layers
+    assert calls[kernel] == 4 * config.num_layers
     assert (got - want).abs().max() <= 1e-5
     assert torch.allclose(got_cache, want_cache, rtol=1e-5, atol=1e-6)
 

@@ -32,6 +32,9 @@ DISABLE_ENV = "MMWB_CPU_KERNELS"
 CACHE_ENV = "MMWB_CACHE"
 MAX_ROWS = 4  # rows of x handled per call; more rows is prefill, where BLAS wins
 MAX_COLS = 4096  # output width whose accumulator still sits in cache; wider weights go to BLAS
+NORM_MAX_ROWS = (
+    64  # rows of an rms_norm call: a decode step's heads; longer inputs go to torch's threaded kernel
+)
 
 _SOURCE = r"""
 #include <math.h>
@@ -136,6 +139,16 @@ static void rope(const float *x, const float *cos, const float *sin, int64_t d, 
     }
 }
 
+/* Softmax over each of the `rows` rows of scores (seq wide), in place. */
+static void softmax_rows(float *scores, int64_t rows, int64_t seq) {
+    for (int64_t h = 0; h < rows; h++) {
+        float *s = scores + h * seq, top = s[0], total = 0.0f;
+        for (int64_t t = 1; t < seq; t++) top = s[t] > top ? s[t] : top;
+        for (int64_t t = 0; t < seq; t++) total += (s[t] = expf(s[t] - top));
+        for (int64_t t = 0; t < seq; t++) s[t] /= total;
+    }
+}
+
 /* One decode token of multi-head latent attention (DeepSeek-V2/V3 MLA), batch 1, on the latent cache.
    q (heads, dn + dr) and kv (rank + dr) are the token's projections. Here: rope on both rope parts, RMSNorm on the
    latent, the token's latent row written to cache[pos] (rows rank + dr floats), then for each head
@@ -173,12 +186,7 @@ int mmwb_latent_attention(const float *q, const float *kv, const float *norm_w, 
             scores[h * seq + t] = acc * scale;
         }
     }
-    for (int64_t h = 0; h < heads; h++) {
-        float *s = scores + h * seq, top = s[0], total = 0.0f;
-        for (int64_t t = 1; t < seq; t++) top = s[t] > top ? s[t] : top;
-        for (int64_t t = 0; t < seq; t++) total += (s[t] = expf(s[t] - top));
-        for (int64_t t = 0; t < seq; t++) s[t] /= total;
-    }
+    softmax_rows(scores, heads, seq);
     memset(attended, 0, sizeof(float) * heads * rank);
     for (int64_t t = 0; t < seq; t++) {
         const float *v = cache + t * width;
@@ -195,6 +203,44 @@ int mmwb_latent_attention(const float *q, const float *kv, const float *norm_w, 
             for (int64_t d = 0; d < dv; d++) out[h * dv + d] += a * w[h * stride + dn + d];
         }
     }
+    free(query);
+    return 0;
+}
+
+/* One decode token of grouped-query attention, batch 1: rope on q (heads, d) and k (kv_heads, d), k and v written
+   to the caches (kv_heads, slots, d) at pos, then out (heads, d) = softmax(scale * q . K) V, each group of
+   heads / kv_heads query heads reading its KV head once. */
+int mmwb_gqa_attention(const float *q, const float *k, const float *v, const float *cos, const float *sin,
+                       float *key_cache, float *value_cache, int64_t slots, int64_t pos, int64_t heads,
+                       int64_t kv_heads, int64_t d, float scale, float *out) {
+    const int64_t seq = pos + 1, group = heads / kv_heads;
+    float *query = malloc(sizeof(float) * heads * (d + seq));
+    if (!query) return 1;
+    float *scores = query + heads * d;
+    for (int64_t g = 0; g < kv_heads; g++) {
+        rope(k + g * d, cos, sin, d, key_cache + (g * slots + pos) * d);
+        memcpy(value_cache + (g * slots + pos) * d, v + g * d, sizeof(float) * d);
+    }
+    for (int64_t h = 0; h < heads; h++) rope(q + h * d, cos, sin, d, query + h * d);
+    for (int64_t g = 0; g < kv_heads; g++)
+        for (int64_t t = 0; t < seq; t++) {
+            const float *key = key_cache + (g * slots + t) * d;
+            for (int64_t h = g * group; h < (g + 1) * group; h++) {
+                float acc = 0.0f;
+                for (int64_t j = 0; j < d; j++) acc += query[h * d + j] * key[j];
+                scores[h * seq + t] = acc * scale;
+            }
+        }
+    softmax_rows(scores, heads, seq);
+    memset(out, 0, sizeof(float) * heads * d);
+    for (int64_t g = 0; g < kv_heads; g++)
+        for (int64_t t = 0; t < seq; t++) {
+            const float *value = value_cache + (g * slots + t) * d;
+            for (int64_t h = g * group; h < (g + 1) * group; h++) {
+                const float p = scores[h * seq + t];
+                for (int64_t j = 0; j < d; j++) out[h * d + j] += p * value[j];
+            }
+        }
     free(query);
     return 0;
 }
@@ -235,7 +281,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * F.rms_norm(x, (C,), eps=eps)`` over the last dimension C, in one pass for a few fp32 rows."""
     if (
         not applies(x, weight)
-        or x.numel() > MAX_ROWS * x.shape[-1]
+        or x.numel() > NORM_MAX_ROWS * x.shape[-1]
         or not (x.is_contiguous() and weight.is_contiguous())
     ):
         return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
@@ -320,6 +366,43 @@ def latent_attention(
     return out if status == 0 else None
 
 
+def gqa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    caches: tuple[torch.Tensor, torch.Tensor],
+    position: int,
+    scale: float,
+) -> torch.Tensor | None:
+    """One batch-1 decode token of grouped-query attention from q (H, D), k and v (H_kv, D) in one call: rope,
+    the write of k and v to the (1, H_kv, S, D) caches at ``position``, attention over the filled cache. Returns
+    (H, D); None where the kernel does not apply (nothing written then)."""
+    key_cache, value_cache = caches
+    cos, sin = rope
+    heads, dim = q.shape
+    kv_heads, slots = key_cache.shape[1], key_cache.shape[2]
+    tensors = (q, k, v, cos, sin, key_cache, value_cache)
+    if (
+        not applies(q, key_cache)
+        or not all(t.is_contiguous() and t.dtype == torch.float32 and t.is_cpu for t in tensors)
+        or key_cache.shape != value_cache.shape
+        or key_cache.shape[0] != 1
+        or k.shape != (kv_heads, dim)
+        or v.shape != (kv_heads, dim)
+        or heads % kv_heads
+        or not 0 <= position < slots
+        or cos.numel() != dim // 2
+    ):
+        return None
+    out = q.new_empty(heads, dim)
+    status = _kernels().gqa_attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), key_cache.data_ptr(),
+        value_cache.data_ptr(), slots, position, heads, kv_heads, dim, scale, out.data_ptr(),
+    )  # fmt: skip
+    return out if status == 0 else None
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the kernels can take a product of x and weight: they are built, both are fp32 CPU tensors, autograd
     has nothing to record, and neither autocast nor torch.compile is on."""
@@ -370,6 +453,9 @@ class _Kernels:
         ]
         self.latent_attention.argtypes += [f32, ptr]
         self.latent_attention.restype = ctypes.c_int
+        self.gqa_attention = library.mmwb_gqa_attention
+        self.gqa_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, ptr]
+        self.gqa_attention.restype = ctypes.c_int
 
 
 @functools.cache

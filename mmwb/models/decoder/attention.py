@@ -11,6 +11,7 @@ from mmwb.models.decoder.config import DecoderConfig
 from mmwb.models.decoder.linear import Linear
 from mmwb.models.decoder.norm import RMSNorm
 from mmwb.models.decoder.rope import apply_rope, last_positions
+from mmwb.runtime.cpu_kernels import applies, gqa_attention
 
 
 class GroupedQueryAttention(nn.Module):
@@ -40,6 +41,15 @@ class GroupedQueryAttention(nn.Module):
     ) -> torch.Tensor:
         """``queries`` > 0: outputs for the last ``queries`` positions only (keys and values from all of ``x``)."""
         batch, length, _ = x.shape
+        if (
+            cache is not None
+            and batch == length == 1 <= self.decode_max_tokens
+            and mask is None
+            and applies(x, cache.key)
+        ):
+            out = self._decode_on_cpu(x, rope, cache, cache_position)
+            if out is not None:
+                return self.o_proj(out.view(1, 1, -1))
         xq = x[:, -queries:] if queries else x
         q = self.q_proj(xq).view(batch, xq.shape[1], self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
@@ -63,6 +73,17 @@ class GroupedQueryAttention(nn.Module):
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return self.o_proj(out.transpose(1, 2).flatten(2))
+
+    def _decode_on_cpu(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, position: int
+    ) -> torch.Tensor | None:
+        """One token at batch 1 in one kernel call after the projections (None where it cannot run)."""
+        q = self.q_proj(x).view(self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return gqa_attention(q, k, v, rope, (cache.key, cache.value), position, self.scale)
 
 
 def grouped_attention(
