@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM, attention, mla
+from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM, attention, mla, moe
 from mmwb.models.decoder.model import _column_major
-from mmwb.models.decoder.moe import MoEBlock
 from mmwb.runtime import cpu_kernels
 
 needs_compiler = pytest.mark.skipif(
@@ -24,13 +23,8 @@ def calls(monkeypatch):
     kernels = cpu_kernels._kernels()
     if kernels is None:
         pytest.skip("kernels unavailable")
-    counts = {
-        "rows_times_matrix": 0,
-        "rms_norm": 0,
-        "swiglu_sum": 0,
-        "latent_attention": 0,
-        "gqa_attention": 0,
-    }
+    names = ("rows_times_matrix", "rms_norm", "swiglu_sum", "latent_attention", "gqa_attention", "route")
+    counts = dict.fromkeys(names, 0)
     for name in counts:
         function = getattr(kernels, name)
 
@@ -124,7 +118,7 @@ def test_swiglu_sum_equals_torch_for_separate_and_stacked_weights(calls, threads
 
 
 def test_moe_decode_step_through_the_kernel_equals_the_torch_path(calls):
-    block = MoEBlock(
+    block = moe.MoEBlock(
         DecoderConfig(
             hidden_size=32,
             moe_intermediate_size=16,
@@ -224,3 +218,29 @@ def test_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
         assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built.name]  # no leftovers
     finally:
         cpu_kernels._kernels.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "router",
+    [
+        dict(),  # softmax, Mixtral / Qwen3
+        dict(norm_topk_prob=True),
+        dict(scoring_func="sigmoid", expert_bias=True, n_group=4, topk_group=2, routed_scaling_factor=2.5),
+    ],
+)
+def test_router_through_the_kernel_equals_the_torch_path(calls, monkeypatch, router):
+    config = DecoderConfig(hidden_size=32, n_routed_experts=8, num_experts_per_tok=3, **router)
+    block = moe.MoEBlock(config)
+    with torch.no_grad():
+        block.gate.weight.normal_(0, 0.3)
+        if block.gate.e_score_correction_bias is not None:
+            block.gate.e_score_correction_bias.normal_(0, 0.1)
+        x = torch.randn(4, 32)
+        got = block.gate(x)
+        with monkeypatch.context() as torch_path:
+            torch_path.setattr(moe, "route", lambda *args: None)
+            want = block.gate(x)
+    assert calls["route"] == 1
+    assert torch.equal(got[1], want[1])
+    for g, w in zip(got[::2], want[::2]):
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-6)

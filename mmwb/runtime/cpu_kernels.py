@@ -91,6 +91,7 @@ void mmwb_rms_norm(const float *x, const float *w, float *y, int64_t m, int64_t 
     for (int64_t i = 0; i < m; i++) {
         const float *xi = x + i * n;
         float *yi = y + i * n, sum = 0.0f;
+        #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < n; j++) sum += xi[j] * xi[j];
         const float r = 1.0f / sqrtf(sum / (float)n + eps);
         for (int64_t j = 0; j < n; j++) yi[j] = w[j] * (xi[j] * r);
@@ -164,6 +165,7 @@ int mmwb_latent_attention(const float *q, const float *kv, const float *norm_w, 
     if (!query) return 1;
     float *scores = query + heads * width, *attended = scores + heads * seq;
     float *row = cache + pos * width, sum = 0.0f;
+    #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < rank; j++) sum += kv[j] * kv[j];
     const float r = 1.0f / sqrtf(sum / (float)rank + eps);
     for (int64_t j = 0; j < rank; j++) row[j] = norm_w[j] * (kv[j] * r);
@@ -173,6 +175,7 @@ int mmwb_latent_attention(const float *q, const float *kv, const float *norm_w, 
         const float *w = wkvb + j * ld_kvb;
         for (int64_t h = 0; h < heads; h++) {
             float acc = 0.0f;
+            #pragma omp simd reduction(+ : acc)
             for (int64_t d = 0; d < dn; d++) acc += q[h * (dn + dr) + d] * w[h * stride + d];
             query[h * width + j] = acc;
         }
@@ -182,6 +185,7 @@ int mmwb_latent_attention(const float *q, const float *kv, const float *norm_w, 
         const float *k = cache + t * width;
         for (int64_t h = 0; h < heads; h++) {
             float acc = 0.0f;
+            #pragma omp simd reduction(+ : acc)
             for (int64_t j = 0; j < width; j++) acc += query[h * width + j] * k[j];
             scores[h * seq + t] = acc * scale;
         }
@@ -227,6 +231,7 @@ int mmwb_gqa_attention(const float *q, const float *k, const float *v, const flo
             const float *key = key_cache + (g * slots + t) * d;
             for (int64_t h = g * group; h < (g + 1) * group; h++) {
                 float acc = 0.0f;
+                #pragma omp simd reduction(+ : acc)
                 for (int64_t j = 0; j < d; j++) acc += query[h * d + j] * key[j];
                 scores[h * seq + t] = acc * scale;
             }
@@ -244,12 +249,73 @@ int mmwb_gqa_attention(const float *q, const float *k, const float *v, const flo
     free(query);
     return 0;
 }
+
+/* Index of the largest of the n values (values already taken are set to -INFINITY), the first on ties. */
+static int64_t argmax(const float *left, int64_t n) {
+    int64_t best = 0;
+    for (int64_t j = 1; j < n; j++) best = left[j] > left[best] ? j : best;
+    return best;
+}
+
+/* Top-k routing of m tokens over e experts (Mixtral, Qwen3-MoE, DeepSeek-V3 routers): logits = x W^T (W (e, c)
+   row-major); scores = softmax or sigmoid of them; choice = scores + bias when bias is given, restricted to the
+   topk_group best of n_group groups (a group's best two choices summed) when n_group > 1; the k best choices give
+   indices, and weights are the scores there, normalised to sum 1 when norm, times scaling. */
+int mmwb_route(const float *x, const float *w, const float *bias, int64_t m, int64_t c, int64_t e, int64_t k,
+               int sigmoid, int64_t n_group, int64_t topk_group, int norm, float scaling, float *logits,
+               int64_t *indices, float *weights) {
+    float *scores = malloc(sizeof(float) * (3 * e + n_group));
+    if (!scores) return 1;
+    float *choice = scores + e, *left = choice + e, *group_score = left + e;
+    const int64_t size = e / n_group;
+    for (int64_t i = 0; i < m; i++) {
+        float *li = logits + i * e, top = -INFINITY, total = 0.0f;
+        for (int64_t j = 0; j < e; j++) {
+            float acc = 0.0f;
+            #pragma omp simd reduction(+ : acc)
+            for (int64_t d = 0; d < c; d++) acc += x[i * c + d] * w[j * c + d];
+            li[j] = acc;
+            top = acc > top ? acc : top;
+        }
+        for (int64_t j = 0; j < e; j++) total += scores[j] = sigmoid ? 1.0f / (1.0f + expf(-li[j])) : expf(li[j] - top);
+        for (int64_t j = 0; j < e && !sigmoid; j++) scores[j] /= total;
+        for (int64_t j = 0; j < e; j++) choice[j] = bias ? scores[j] + bias[j] : scores[j];
+        if (n_group > 1) {
+            for (int64_t g = 0; g < n_group; g++) {
+                memcpy(left, choice + g * size, sizeof(float) * size);
+                const int64_t first = argmax(left, size);
+                const float best = left[first];
+                left[first] = -INFINITY;
+                group_score[g] = best + left[argmax(left, size)];
+            }
+            memset(left, 0, sizeof(float) * n_group);  /* now: 1 for the groups kept */
+            for (int64_t kept = 0; kept < topk_group; kept++) {
+                const int64_t g = argmax(group_score, n_group);
+                group_score[g] = -INFINITY;
+                left[g] = 1.0f;
+            }
+            for (int64_t j = 0; j < e; j++) choice[j] = left[j / size] ? choice[j] : -INFINITY;
+        }
+        float chosen = 0.0f;
+        for (int64_t slot = 0; slot < k; slot++) {
+            const int64_t best = argmax(choice, e);
+            choice[best] = -INFINITY;
+            indices[i * k + slot] = best;
+            chosen += weights[i * k + slot] = scores[best];
+        }
+        for (int64_t slot = 0; slot < k; slot++)
+            weights[i * k + slot] = (norm ? weights[i * k + slot] / (chosen + 1e-20f) : weights[i * k + slot]) * scaling;
+    }
+    free(scores);
+    return 0;
+}
 """
 
-# Tried in order: the fastest build this compiler accepts.
+# Tried in order: the fastest build this compiler accepts. OpenMP's simd pragmas let the dot products vectorise
+# (a float sum may then be reassociated, as BLAS does).
 _FLAG_SETS = (
     ("-O3", "-march=native", "-fopenmp"),
-    ("-O3", "-march=native"),
+    ("-O3", "-march=native", "-fopenmp-simd"),
     ("-O3",),
 )
 
@@ -403,6 +469,37 @@ def gqa_attention(
     return out if status == 0 else None
 
 
+def route(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    top_k: int,
+    scoring: str,
+    groups: tuple[int, int],
+    norm: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """A top-k MoE router for a few tokens x (N, C) in one call: logits (N, E), indices (N, k), weights (N, k),
+    as mmwb.models.decoder.moe.Router computes them. groups = (n_group, topk_group). None where it does not apply."""
+    experts = weight.shape[0]
+    if (
+        not applies(x, weight)
+        or x.shape[0] > MAX_ROWS
+        or not (x.is_contiguous() and weight.is_contiguous())
+        or (bias is not None and not (bias.is_contiguous() and bias.dtype == torch.float32))
+        or experts % groups[0]
+    ):
+        return None
+    logits = x.new_empty(x.shape[0], experts)
+    indices = torch.empty(x.shape[0], top_k, dtype=torch.long)
+    weights = x.new_empty(x.shape[0], top_k)
+    status = _kernels().route(
+        x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), x.shape[0], x.shape[1], experts,
+        top_k, scoring == "sigmoid", *groups, norm, scaling, logits.data_ptr(), indices.data_ptr(), weights.data_ptr(),
+    )  # fmt: skip
+    return (logits, indices, weights) if status == 0 else None
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the kernels can take a product of x and weight: they are built, both are fp32 CPU tensors, autograd
     has nothing to record, and neither autocast nor torch.compile is on."""
@@ -456,6 +553,25 @@ class _Kernels:
         self.gqa_attention = library.mmwb_gqa_attention
         self.gqa_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, ptr]
         self.gqa_attention.restype = ctypes.c_int
+        self.route = library.mmwb_route
+        self.route.argtypes = [
+            ptr,
+            ptr,
+            ptr,
+            i64,
+            i64,
+            i64,
+            i64,
+            ctypes.c_int,
+            i64,
+            i64,
+            ctypes.c_int,
+            f32,
+            ptr,
+            ptr,
+            ptr,
+        ]
+        self.route.restype = ctypes.c_int
 
 
 @functools.cache

@@ -17,7 +17,7 @@ from torch import nn
 from mmwb.errors import MmwbConfigError
 from mmwb.models.decoder.config import DecoderConfig
 from mmwb.models.decoder.mlp import SwiGLU
-from mmwb.runtime.cpu_kernels import MAX_ROWS, linear, swiglu_sum
+from mmwb.runtime.cpu_kernels import MAX_ROWS, linear, route, swiglu_sum
 
 # Inference with at most this many (token, expert) assignments (decode steps) takes Experts._few_tokens.
 FEW_ASSIGNMENTS = 64
@@ -60,6 +60,13 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, C) -> logits (N, E) fp32, indices (N, k), weights (N, k) fp32."""
+        groups = (self.n_group, self.topk_group)
+        bias = self.e_score_correction_bias
+        routed = route(
+            x, self.weight, bias, self.top_k, self.scoring, groups, self.norm_topk_prob, self.scaling
+        )
+        if routed is not None:  # decode-sized CPU inference: one kernel call (mmwb.runtime.cpu_kernels)
+            return routed
         with torch.autocast(x.device.type, enabled=False):  # routing decisions are made in fp32
             logits = F.linear(x.float(), self.weight.float())
         scores = logits.softmax(-1) if self.scoring == "softmax" else logits.sigmoid()
