@@ -151,35 +151,40 @@ YARN = dict(rope_type="yarn", rope_factor=4.0, rope_original_max_position_embedd
 
 
 @pytest.mark.parametrize(
-    ("variant", "kernel"),
+    ("variant", "kernel", "batch"),
     [
-        (MLA, "latent_attention"),
-        ({**MLA, **YARN, "q_lora_rank": 20}, "latent_attention"),
-        (dict(attention="gqa", num_kv_heads=2, head_dim=12, qk_norm=True), "gqa_attention"),
+        (MLA, "latent_attention", 1),
+        ({**MLA, **YARN, "q_lora_rank": 20}, "latent_attention", 1),
+        (MLA, "latent_attention", 3),  # left-padded rows: the kernel masks their padding
+        (dict(attention="gqa", num_kv_heads=2, head_dim=12, qk_norm=True), "gqa_attention", 1),
     ],
 )
-def test_attention_decode_through_the_kernel_equals_the_torch_path(calls, monkeypatch, variant, kernel):
-    """Batch-1 decode steps: logits and the cache written by the kernel equal the torch path's."""
+def test_attention_decode_through_the_kernel_equals_the_torch_path(
+    calls, monkeypatch, variant, kernel, batch
+):
+    """Decode steps: logits and the cache written by the kernel equal the torch path's."""
     config = DecoderConfig(
         vocab_size=53, hidden_size=48, num_layers=2, num_heads=4, intermediate_size=64, moe_intermediate_size=24,
         n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, **variant,
     )  # fmt: skip
     model = DecoderForCausalLM(config).eval()
     model.init_weights(std=0.1)
-    ids = torch.randint(0, 53, (1, 9))
+    ids = torch.randint(0, 53, (batch, 9))
+    mask = torch.ones_like(ids)
+    mask[1:, :2] = 0  # every row but the first is left-padded
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
 
     def decode() -> tuple[torch.Tensor, torch.Tensor]:
-        cache = model.allocate_cache(1, 12)
+        cache = model.allocate_cache(batch, 12)
         logits = []
         for start, end in [(0, 5), (5, 6), (6, 7), (7, 8), (8, 9)]:
             step = model.step(
-                ids[:, start:end], cache=cache, cache_position=start, position_ids=torch.arange(start, end)[None],
-                attention_mask=None,
+                ids[:, start:end], cache=cache, cache_position=start, position_ids=positions[:, start:end],
+                attention_mask=mask[:, :end] if batch > 1 else None,
             )  # fmt: skip
             logits.append(step)
-        return torch.cat(logits, dim=1), torch.cat(
-            [b.flatten() for layer in cache.layers for b in layer.buffers()]
-        )
+        buffers = [b.flatten() for layer in cache.layers for b in layer.buffers()]
+        return torch.cat(logits, dim=1)[mask.bool()], torch.cat(buffers)
 
     got, got_cache = decode()
     assert calls[kernel] == 4 * config.num_layers

@@ -150,61 +150,73 @@ static void softmax_rows(float *scores, int64_t rows, int64_t seq) {
     }
 }
 
-/* One decode token of multi-head latent attention (DeepSeek-V2/V3 MLA), batch 1, on the latent cache.
-   q (heads, dn + dr) and kv (rank + dr) are the token's projections. Here: rope on both rope parts, RMSNorm on the
-   latent, the token's latent row written to cache[pos] (rows rank + dr floats), then for each head
-   out (heads, dv) = softmax(scale * q . K) V with the absorbed weights of kv_b (out, in) = (heads * (dn + dv), rank)
-   stored column-major, rows ld_kvb apart: q_nope goes through the key half, the attended latent through the value
-   half, so the cache is never expanded. */
+/* One decode token per sequence of multi-head latent attention (DeepSeek-V2/V3 MLA) on the latent cache.
+   For each of the batch sequences b: q[b] (heads, dn + dr) and kv[b] (rank + dr) are its token's projections and
+   cos[b], sin[b] (dr / 2) its rotary angles. Here: rope on both rope parts, RMSNorm on the latent, the latent row
+   written to cache[b, pos] (cache (batch, slots, rank + dr)), then for each head
+   out[b] (heads, dv) = softmax(scale * q . K) V over the slots mask[b] allows (mask (batch, pos + 1), 1 = attend;
+   NULL: all), with the absorbed weights of kv_b (out, in) = (heads * (dn + dv), rank) stored column-major, rows
+   ld_kvb apart: q_nope goes through the key half, the attended latent through the value half (each read once
+   for the whole batch), so the cache is never expanded. */
 int mmwb_latent_attention(const float *q, const float *kv, const float *norm_w, float eps, const float *cos,
-                          const float *sin, float *cache, int64_t pos, const float *wkvb, int64_t ld_kvb,
-                          int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t rank, float scale,
-                          float *out) {
-    const int64_t width = rank + dr, seq = pos + 1, stride = dn + dv;
-    float *query = malloc(sizeof(float) * heads * (width + seq + rank));
+                          const float *sin, float *cache, int64_t slots, int64_t pos, const uint8_t *mask,
+                          int64_t batch, const float *wkvb, int64_t ld_kvb, int64_t heads, int64_t dn, int64_t dr,
+                          int64_t dv, int64_t rank, float scale, float *out) {
+    const int64_t width = rank + dr, seq = pos + 1, stride = dn + dv, qw = dn + dr, bh = batch * heads;
+    float *query = malloc(sizeof(float) * bh * (width + seq + rank));
     if (!query) return 1;
-    float *scores = query + heads * width, *attended = scores + heads * seq;
-    float *row = cache + pos * width, sum = 0.0f;
-    #pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < rank; j++) sum += kv[j] * kv[j];
-    const float r = 1.0f / sqrtf(sum / (float)rank + eps);
-    for (int64_t j = 0; j < rank; j++) row[j] = norm_w[j] * (kv[j] * r);
-    rope(kv + rank, cos, sin, dr, row + rank);
-    memset(query, 0, sizeof(float) * heads * width);
-    for (int64_t j = 0; j < rank; j++) {  /* query[h, :rank] = q_nope[h] W_uk[h] */
+    float *scores = query + bh * width, *attended = scores + bh * seq;
+    for (int64_t b = 0; b < batch; b++) {
+        const float *kvb = kv + b * width;
+        float *row = cache + (b * slots + pos) * width, sum = 0.0f;
+        #pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < rank; j++) sum += kvb[j] * kvb[j];
+        const float r = 1.0f / sqrtf(sum / (float)rank + eps);
+        for (int64_t j = 0; j < rank; j++) row[j] = norm_w[j] * (kvb[j] * r);
+        const float *cb = cos + b * dr / 2, *sb = sin + b * dr / 2;
+        rope(kvb + rank, cb, sb, dr, row + rank);
+        for (int64_t h = 0; h < heads; h++)
+            rope(q + (b * heads + h) * qw + dn, cb, sb, dr, query + (b * heads + h) * width + rank);
+    }
+    for (int64_t j = 0; j < rank; j++) {  /* query[b, h, :rank] = q_nope[b, h] W_uk[h] */
         const float *w = wkvb + j * ld_kvb;
-        for (int64_t h = 0; h < heads; h++) {
+        for (int64_t bh_i = 0; bh_i < bh; bh_i++) {
+            const int64_t h = bh_i % heads;
             float acc = 0.0f;
             #pragma omp simd reduction(+ : acc)
-            for (int64_t d = 0; d < dn; d++) acc += q[h * (dn + dr) + d] * w[h * stride + d];
-            query[h * width + j] = acc;
+            for (int64_t d = 0; d < dn; d++) acc += q[bh_i * qw + d] * w[h * stride + d];
+            query[bh_i * width + j] = acc;
         }
     }
-    for (int64_t h = 0; h < heads; h++) rope(q + h * (dn + dr) + dn, cos, sin, dr, query + h * width + rank);
-    for (int64_t t = 0; t < seq; t++) {
-        const float *k = cache + t * width;
-        for (int64_t h = 0; h < heads; h++) {
-            float acc = 0.0f;
-            #pragma omp simd reduction(+ : acc)
-            for (int64_t j = 0; j < width; j++) acc += query[h * width + j] * k[j];
-            scores[h * seq + t] = acc * scale;
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t t = 0; t < seq; t++) {
+            const float *k = cache + (b * slots + t) * width;
+            const int allowed = mask == NULL || mask[b * seq + t];
+            for (int64_t h = 0; h < heads; h++) {
+                float acc = 0.0f;
+                #pragma omp simd reduction(+ : acc)
+                for (int64_t j = 0; j < width; j++) acc += query[(b * heads + h) * width + j] * k[j];
+                scores[(b * heads + h) * seq + t] = allowed ? acc * scale : -INFINITY;
+            }
         }
-    }
-    softmax_rows(scores, heads, seq);
-    memset(attended, 0, sizeof(float) * heads * rank);
-    for (int64_t t = 0; t < seq; t++) {
-        const float *v = cache + t * width;
-        for (int64_t h = 0; h < heads; h++) {
-            const float p = scores[h * seq + t];
-            for (int64_t j = 0; j < rank; j++) attended[h * rank + j] += p * v[j];
+    softmax_rows(scores, bh, seq);
+    memset(attended, 0, sizeof(float) * bh * rank);
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t t = 0; t < seq; t++) {
+            const float *v = cache + (b * slots + t) * width;
+            for (int64_t h = 0; h < heads; h++) {
+                const float p = scores[(b * heads + h) * seq + t];
+                float *a = attended + (b * heads + h) * rank;
+                for (int64_t j = 0; j < rank; j++) a[j] += p * v[j];
+            }
         }
-    }
-    memset(out, 0, sizeof(float) * heads * dv);
-    for (int64_t j = 0; j < rank; j++) {  /* out[h] = attended[h] W_uv[h]^T */
+    memset(out, 0, sizeof(float) * bh * dv);
+    for (int64_t j = 0; j < rank; j++) {  /* out[b, h] = attended[b, h] W_uv[h]^T */
         const float *w = wkvb + j * ld_kvb;
-        for (int64_t h = 0; h < heads; h++) {
-            const float a = attended[h * rank + j];
-            for (int64_t d = 0; d < dv; d++) out[h * dv + d] += a * w[h * stride + dn + d];
+        for (int64_t bh_i = 0; bh_i < bh; bh_i++) {
+            const float a = attended[bh_i * rank + j];
+            const float *wv = w + (bh_i % heads) * stride + dn;
+            for (int64_t d = 0; d < dv; d++) out[bh_i * dv + d] += a * wv[d];
         }
     }
     free(query);
@@ -400,34 +412,39 @@ def latent_attention(
     rope: tuple[torch.Tensor, torch.Tensor],
     cache: torch.Tensor,
     position: int,
+    mask: torch.Tensor | None,
     kv_b_weight: torch.Tensor,
     dims: tuple[int, int, int, int],
     scale: float,
 ) -> torch.Tensor | None:
-    """One batch-1 decode token of MLA from its projections q (H * (dn + dr)) and kv (r + dr), in one call: rope,
-    the latent's RMSNorm, the write to ``cache`` (S, r + dr) at ``position``, and attention on the latent with
-    kv_b (H * (dn + dv), r) absorbed. dims = (H, dn, dr, dv). Returns (H * dv); None where the kernel does not
-    apply (the caller then runs its torch code, having changed nothing)."""
+    """One decode token per sequence of MLA from its projections q (B, H * (dn + dr)) and kv (B, r + dr), in one
+    call: rope, the latent's RMSNorm, the write to ``cache`` (B, 1, S, r + dr) at ``position``, and attention on
+    the latent over the slots the boolean ``mask`` (B, 1, 1, position + 1) allows (None: all) with kv_b
+    (H * (dn + dv), r) absorbed. dims = (H, dn, dr, dv). Returns (B, H * dv); None where the kernel does not apply
+    (the caller then runs its torch code, nothing having been written)."""
     heads, nope_dim, rope_dim, v_dim = dims
-    rank = kv_b_weight.shape[1]
+    batch, rank = q.shape[0], kv_b_weight.shape[1]
     cos, sin = rope
+    slots = cache.shape[2]
     tensors = (q, kv, norm_weight, cos, sin, cache)
     if (
         not applies(q, kv_b_weight)
         or not all(t.is_contiguous() and t.dtype == torch.float32 and t.is_cpu for t in tensors)
         or kv_b_weight.stride(0) != 1
-        or q.numel() != heads * (nope_dim + rope_dim)
-        or kv.numel() != rank + rope_dim
-        or cache.shape[-1] != rank + rope_dim
-        or not 0 <= position < cache.numel() // cache.shape[-1]
-        or cos.numel() != rope_dim // 2
+        or q.shape != (batch, heads * (nope_dim + rope_dim))
+        or kv.shape != (batch, rank + rope_dim)
+        or cache.shape != (batch, 1, slots, rank + rope_dim)
+        or not 0 <= position < slots
+        or cos.numel() != batch * rope_dim // 2
+        or (mask is not None and (mask.dtype != torch.bool or mask.numel() != batch * (position + 1)))
     ):
         return None
-    out = q.new_empty(heads * v_dim)
+    mask = None if mask is None else mask.contiguous()
+    out = q.new_empty(batch, heads * v_dim)
     status = _kernels().latent_attention(
         q.data_ptr(), kv.data_ptr(), norm_weight.data_ptr(), eps, cos.data_ptr(), sin.data_ptr(),
-        cache.data_ptr(), position, kv_b_weight.data_ptr(), kv_b_weight.stride(1),
-        heads, nope_dim, rope_dim, v_dim, rank, scale, out.data_ptr(),
+        cache.data_ptr(), slots, position, None if mask is None else mask.data_ptr(), batch,
+        kv_b_weight.data_ptr(), kv_b_weight.stride(1), heads, nope_dim, rope_dim, v_dim, rank, scale, out.data_ptr(),
     )  # fmt: skip
     return out if status == 0 else None
 
@@ -515,63 +532,49 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+_I32, _I64, _F32, _PTR = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+# C function (without its mmwb_ prefix) -> (return type, argument types), in the order of the C source.
+_SIGNATURES = {
+    "rows_times_matrix": (_I32, [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I32]),
+    "rms_norm": (None, [_PTR, _PTR, _PTR, _I64, _I64, _F32]),
+    "swiglu_sum": (_I32, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I32]),
+    "latent_attention": (
+        _I32,
+        [
+            _PTR,
+            _PTR,
+            _PTR,
+            _F32,
+            _PTR,
+            _PTR,
+            _PTR,
+            _I64,
+            _I64,
+            _PTR,
+            _I64,
+            _PTR,
+            _I64,
+            *[_I64] * 5,
+            _F32,
+            _PTR,
+        ],
+    ),
+    "gqa_attention": (_I32, [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, *[_I64] * 5, _F32, _PTR]),
+    "route": (
+        _I32,
+        [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I32, _I64, _I64, _I32, _F32, _PTR, _PTR, _PTR],
+    ),
+}
+
+
 class _Kernels:
-    """The compiled library's entry points, typed for ctypes."""
+    """The compiled library's entry points, typed for ctypes (attributes named as in _SIGNATURES)."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        self.rows_times_matrix = library.mmwb_rows_times_matrix
-        self.rows_times_matrix.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64, ctypes.c_int]
-        self.rows_times_matrix.restype = ctypes.c_int
-        self.rms_norm = library.mmwb_rms_norm
-        self.rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float]
-        self.rms_norm.restype = None
-        self.swiglu_sum = library.mmwb_swiglu_sum
-        self.swiglu_sum.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, ctypes.c_int]
-        self.swiglu_sum.restype = ctypes.c_int
-        self.latent_attention = library.mmwb_latent_attention
-        f32 = ctypes.c_float
-        self.latent_attention.argtypes = [
-            ptr,
-            ptr,
-            ptr,
-            f32,
-            ptr,
-            ptr,
-            ptr,
-            i64,
-            ptr,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-        ]
-        self.latent_attention.argtypes += [f32, ptr]
-        self.latent_attention.restype = ctypes.c_int
-        self.gqa_attention = library.mmwb_gqa_attention
-        self.gqa_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, ptr]
-        self.gqa_attention.restype = ctypes.c_int
-        self.route = library.mmwb_route
-        self.route.argtypes = [
-            ptr,
-            ptr,
-            ptr,
-            i64,
-            i64,
-            i64,
-            i64,
-            ctypes.c_int,
-            i64,
-            i64,
-            ctypes.c_int,
-            f32,
-            ptr,
-            ptr,
-            ptr,
-        ]
-        self.route.restype = ctypes.c_int
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            function = getattr(library, f"mmwb_{name}")
+            function.restype, function.argtypes = restype, argtypes
+            setattr(self, name, function)
 
 
 @functools.cache

@@ -60,15 +60,10 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> torch.Tensor:
         """``queries`` > 0: outputs for the last ``queries`` positions only (the latent from all of ``x``)."""
         batch, length, _ = x.shape
-        if (
-            cache is not None
-            and batch == length == 1 <= self.decode_max_tokens
-            and mask is None
-            and applies(x, self.kv_b_proj.weight)
-        ):
-            out = self._decode_on_cpu(x, rope, cache, cache_position)
+        if cache is not None and length == 1 <= self.decode_max_tokens and applies(x, self.kv_b_proj.weight):
+            out = self._decode_on_cpu(x, rope, mask, cache, cache_position)
             if out is not None:
-                return self.o_proj(out.view(1, 1, -1))
+                return self.o_proj(out.view(batch, 1, -1))
         xq = x[:, -queries:] if queries else x
         q = self._query(xq).view(batch, xq.shape[1], self.num_heads, -1).transpose(1, 2)  # (B, H, Tq, dn+dr)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
@@ -84,17 +79,23 @@ class MultiHeadLatentAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
     def _decode_on_cpu(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: LatentCache, position: int
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: LatentCache,
+        position: int,
     ) -> torch.Tensor | None:
-        """One token at batch 1, absorbed, in one kernel call after the projections (None where it cannot run)."""
+        """One token per sequence, absorbed, in one kernel call after the projections (None where it cannot run)."""
         return latent_attention(
-            self._query(x),
-            self.kv_a_proj_with_mqa(x),
+            self._query(x)[:, 0],
+            self.kv_a_proj_with_mqa(x)[:, 0],
             self.kv_a_layernorm.weight,
             self.kv_a_layernorm.eps,
             rope,
             cache.latent,
             position,
+            mask,
             self.kv_b_proj.weight,
             (self.num_heads, self.nope_dim, self.rope_dim, self.v_dim),
             self.scale,

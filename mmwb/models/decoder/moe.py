@@ -129,17 +129,13 @@ class Experts(nn.Module):
         tokens, top_k = indices.shape
         counts = torch.bincount(indices.reshape(-1), minlength=self.gate_up_proj.shape[0])
         flat = indices.reshape(-1).tolist()  # assignment a = n * k + slot
-        if tokens == 1:  # one decode token: its experts in one kernel call where the kernel applies
-            gate_up, inter = self.gate_up_proj, self.down_proj.shape[-1]
-            fused = swiglu_sum(
-                x,
-                [gate_up[e, :inter] for e in flat],
-                [gate_up[e, inter:] for e in flat],
-                [self.down_proj[e] for e in flat],
-                weights.reshape(-1).tolist(),
-            )
-            if fused is not None:
-                return fused.to(x.dtype), counts
+        if tokens <= MAX_ROWS:  # each token's experts in one kernel call, where the kernel applies
+            coefs = weights.tolist()
+            fused = [
+                self._fused(x[n : n + 1], flat[n * top_k : (n + 1) * top_k], coefs[n]) for n in range(tokens)
+            ]
+            if all(f is not None for f in fused):
+                return torch.cat(fused).to(x.dtype), counts
         rows: dict[int, list[int]] = {}
         for a, e in enumerate(flat):
             rows.setdefault(e, []).append(a)
@@ -150,6 +146,12 @@ class Experts(nn.Module):
             y[assigned] = linear(F.silu(gate) * up, self.down_proj[e])
         out = (y.view(tokens, top_k, -1) * weights[..., None]).sum(1)
         return out.to(x.dtype), counts
+
+    def _fused(self, x: torch.Tensor, experts: list[int], coefs: list[float]) -> torch.Tensor | None:
+        """sum_e coefs[e] * expert_e(x) for one token x (1, C) by mmwb.runtime.cpu_kernels.swiglu_sum."""
+        gate_up, inter = self.gate_up_proj, self.down_proj.shape[-1]
+        gate, up = [gate_up[e, :inter] for e in experts], [gate_up[e, inter:] for e in experts]
+        return swiglu_sum(x, gate, up, [self.down_proj[e] for e in experts], coefs)
 
 
 class _Permute(torch.autograd.Function):
