@@ -249,3 +249,17 @@ def test_router_through_the_kernel_equals_the_torch_path(calls, monkeypatch, rou
     assert torch.equal(got[1], want[1])
     for g, w in zip(got[::2], want[::2]):
         assert torch.allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unwritable_cache_means_torch_ops_not_an_error(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MMWB_CACHE", str(blocker))
+    cpu_kernels._kernels.cache_clear()
+    try:
+        assert cpu_kernels._kernels() is None
+        x, weight = torch.randn(1, 32), _weight(16, 32)
+        with torch.no_grad():
+            assert torch.equal(cpu_kernels.linear(x, weight), F.linear(x, weight))
+    finally:
+        cpu_kernels._kernels.cache_clear()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -30,11 +31,13 @@ import torch.nn.functional as F
 
 DISABLE_ENV = "MMWB_CPU_KERNELS"
 CACHE_ENV = "MMWB_CACHE"
+COMPILE_TIMEOUT_S = 120
 MAX_ROWS = 4  # rows of x handled per call; more rows is prefill, where BLAS wins
 MAX_COLS = 4096  # output width whose accumulator still sits in cache; wider weights go to BLAS
-NORM_MAX_ROWS = (
-    64  # rows of an rms_norm call: a decode step's heads; longer inputs go to torch's threaded kernel
-)
+# Rows of an rms_norm call: a decode step's heads; longer inputs go to torch's threaded kernel.
+NORM_MAX_ROWS = 64
+
+logger = logging.getLogger(__name__)
 
 _SOURCE = r"""
 #include <math.h>
@@ -384,11 +387,17 @@ def swiglu_sum(
         return None
     inter, hidden = gate[0].shape
     ld_in, ld_down = gate[0].stride(1), down[0].stride(1)
-    weights_fit = all(
-        g.stride() == u.stride() == (1, ld_in)
-        and d.stride() == (1, ld_down)
-        and g.dtype == u.dtype == d.dtype
-        for g, u, d in zip(gate, up, down)
+    weights_fit = (
+        ld_in >= inter
+        and ld_down >= hidden
+        and all(
+            g.shape == u.shape == (inter, hidden)
+            and d.shape == (hidden, inter)
+            and g.stride() == u.stride() == (1, ld_in)
+            and d.stride() == (1, ld_down)
+            and g.dtype == u.dtype == d.dtype
+            for g, u, d in zip(gate, up, down)
+        )
     )
     if not weights_fit or x.numel() > MAX_ROWS * hidden or max(2 * inter, hidden) > MAX_COLS:
         return None
@@ -592,11 +601,12 @@ def _build() -> ctypes.CDLL | None:
         return None
     for flags in _FLAG_SETS:
         target = _cache_dir() / f"cpu_kernels-{_build_key(compiler, flags)}.so"
-        if target.exists() or _compile(compiler, flags, target):
-            try:
+        try:
+            if target.exists() or _compile(compiler, flags, target):
                 return ctypes.CDLL(str(target))
-            except OSError:
-                continue
+        except (OSError, subprocess.SubprocessError) as error:  # unwritable cache, hung compiler, bad library
+            logger.debug("CPU kernels with %s %s: %s", compiler, " ".join(flags), error)
+    logger.debug("CPU kernels unavailable: decoding runs on plain torch ops")
     return None
 
 
@@ -607,7 +617,7 @@ def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> bool:
         source, built = Path(work) / "cpu_kernels.c", Path(work) / target.name
         source.write_text(_SOURCE)
         command = [compiler, *flags, "-shared", "-fPIC", str(source), "-o", str(built), "-lm"]
-        if subprocess.run(command, capture_output=True).returncode != 0:
+        if subprocess.run(command, capture_output=True, timeout=COMPILE_TIMEOUT_S).returncode != 0:
             return False
         os.replace(built, target)
     return True
