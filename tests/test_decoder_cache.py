@@ -268,3 +268,35 @@ def test_kept_positions_are_cheaper():
         counts = model(input_ids=ids, logits_to_keep=2).expert_counts  # (MoE layers, E)
     assert counts[:-1].sum(1).tolist() == [2 * 11 * 2] * (len(counts) - 1)
     assert counts[-1].sum().item() == 2 * 2 * 2
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_cached_decode_keeps_an_unmerged_lora_on_kv_b_proj(monkeypatch, kernels):
+    """Absorbed decode folds kv_b into the query and output; with an adapter on kv_b (as stage-2 LoRA puts one)
+    it must fold the adapted weight, or decode would disagree with the forward that training saw."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from mmwb.models.decoder import mla
+
+    if not kernels:
+        monkeypatch.setattr(mla, "applies", lambda *tensors: False)
+    model = _model("mla")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["kv_b_proj"], init_lora_weights=False)
+    model = inject_adapter_in_model(config, model).eval()
+    ids = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        cache = model.allocate_cache(1, 9)
+        steps = [model.step(ids[:, :5], cache=cache, cache_position=0, position_ids=torch.arange(5)[None],
+                            attention_mask=None)]  # fmt: skip
+        for t in range(5, 9):
+            steps.append(
+                model.step(
+                    ids[:, t : t + 1],
+                    cache=cache,
+                    cache_position=t,
+                    position_ids=torch.tensor([[t]]),
+                    attention_mask=None,
+                )  # fmt: skip
+            )
+    assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-4

@@ -96,10 +96,19 @@ class MultiHeadLatentAttention(nn.Module):
             cache.latent,
             position,
             mask,
-            self.kv_b_proj.weight,
+            self._kv_b_weight(),
             (self.num_heads, self.nope_dim, self.rope_dim, self.v_dim),
             self.scale,
         )
+
+    def _kv_b_weight(self) -> torch.Tensor:
+        """kv_b's (out, in) weight as the module applies it, so that absorbing it into the query and output stays
+        exact when an adapter (peft LoRA, unmerged) wraps the projection."""
+        if type(self.kv_b_proj) is Linear:
+            return self.kv_b_proj.weight
+        norm = self.kv_a_layernorm.weight  # never wrapped: the device and dtype the layer runs in
+        identity = torch.eye(self.kv_rank, device=norm.device, dtype=norm.dtype)
+        return self.kv_b_proj(identity).t()  # (out, r), column-major like the decode layout
 
     def _expanded(
         self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None
@@ -121,7 +130,7 @@ class MultiHeadLatentAttention(nn.Module):
     def _absorbed(
         self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        w = self._kv_b_weight().view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
         w_uk, w_uv = w.split([self.nope_dim, self.v_dim], dim=1)  # (H, dn, r), (H, dv, r)
         q_latent = torch.matmul(q_nope, w_uk)  # (B, H, T, r): q_nope . (W_uk c) == (q_nope W_uk) . c
         q = torch.cat((q_latent, q_rope), dim=-1)  # (B, H, T, r + dr)
