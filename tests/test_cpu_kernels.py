@@ -89,32 +89,36 @@ def test_rms_norm_equals_torch(calls, rows):
     assert calls["rms_norm"] == 1
 
 
-def _swiglu(x, gate, up, down, coef):
-    return sum(
-        c * F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d) for g, u, d, c in zip(gate, up, down, coef)
-    )
+def _swiglu(x, gate, up, down):
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("rows", [1, 4])
-def test_swiglu_sum_equals_torch_for_separate_and_stacked_weights(calls, threads, rows):
+def test_swiglu_equals_torch(calls, threads, rows):
     torch.set_num_threads(threads)
     x = torch.randn(rows, 40)
-    separate = [_weight(24, 40)], [_weight(24, 40)], [_weight(40, 24)], [1.0]
-    stacked = _column_major(torch.randn(3, 48, 40))  # (E, 2I, C) as the decoder's experts
-    down = _column_major(torch.randn(3, 40, 24))
-    experts = (
-        [stacked[e, :24] for e in (2, 0)],
-        [stacked[e, 24:] for e in (2, 0)],
-        [down[2], down[0]],
-        [0.7, 0.3],
-    )
+    weights = _weight(24, 40), _weight(24, 40), _weight(40, 24)
     with torch.no_grad():
-        for weights in (separate, experts):
-            got = cpu_kernels.swiglu_sum(x, *weights)
-            assert got is not None
-            assert torch.allclose(got, _swiglu(x, *weights), rtol=1e-5, atol=1e-5)
-    assert calls["swiglu_sum"] == 2
+        got = cpu_kernels.swiglu(x, *weights)
+    assert got is not None
+    assert torch.allclose(got, _swiglu(x, *weights), rtol=1e-5, atol=1e-5)
+    assert calls["swiglu_sum"] == 1
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_experts_sum_reads_the_stacked_experts_in_place(calls, threads):
+    torch.set_num_threads(threads)
+    x = torch.randn(1, 40)
+    gate_up = _column_major(torch.randn(3, 48, 40) / 40**0.5)  # (E, 2I, C) as the decoder's experts
+    down = _column_major(torch.randn(3, 40, 24) / 24**0.5)
+    want = sum(c * _swiglu(x, gate_up[e, :24], gate_up[e, 24:], down[e]) for e, c in [(2, 0.7), (0, 0.3)])
+    with torch.no_grad():
+        got = cpu_kernels.experts_sum(x, gate_up, down, [2, 0], [0.7, 0.3])
+        assert cpu_kernels.experts_sum(x, gate_up.contiguous(), down, [2, 0], [0.7, 0.3]) is None  # row-major
+        assert cpu_kernels.experts_sum(x, gate_up, down, [3, 0], [0.7, 0.3]) is None  # no expert 3
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert calls["swiglu_sum"] == 1
 
 
 def test_moe_decode_step_through_the_kernel_equals_the_torch_path(calls):
@@ -204,7 +208,7 @@ def test_switched_off_by_the_environment(monkeypatch):
         x, weight = torch.randn(1, 32), _weight(16, 32)
         with torch.no_grad():
             assert torch.equal(cpu_kernels.linear(x, weight), F.linear(x, weight))
-            assert cpu_kernels.swiglu_sum(x, [weight], [weight], [weight.t()], [1.0]) is None
+            assert cpu_kernels.swiglu(x, weight, weight, weight.t()) is None
     finally:
         cpu_kernels._kernels.cache_clear()
 

@@ -373,42 +373,68 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
-def swiglu_sum(
-    x: torch.Tensor,
-    gate: list[torch.Tensor],
-    up: list[torch.Tensor],
-    down: list[torch.Tensor],
-    coef: list[float],
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor | None:
+    """``F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)`` for a few rows of x in one call; weights
+    (out, in) as for F.linear, stored column-major. None where the kernel does not apply (the caller then runs its
+    torch code)."""
+    inter, hidden = gate.shape
+    if not (
+        applies(x, down)
+        and gate.shape == up.shape
+        and down.shape == (hidden, inter)
+        and gate.stride() == up.stride() == (1, gate.stride(1))
+        and down.stride() == (1, down.stride(1))
+        and gate.stride(1) >= inter
+        and down.stride(1) >= hidden
+        and gate.dtype == up.dtype == torch.float32
+    ):
+        return None
+    pointers = [gate.data_ptr()], [up.data_ptr()], [down.data_ptr()]
+    return _swiglu_sum(x, inter, pointers, (gate.stride(1), down.stride(1)), [1.0])
+
+
+def experts_sum(
+    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, experts: list[int], coefs: list[float]
 ) -> torch.Tensor | None:
-    """sum_e coef[e] * down_e(silu(gate_e(x)) * up_e(x)) for a few rows of x, in one call: a SwiGLU MLP (one
-    term, coef 1) or one token's chosen experts. Weights are (out, in) as for F.linear, column-major. None where the
-    kernel does not apply; the caller then runs its torch code."""
-    if not applies(x, down[0]) or not x.is_contiguous():
+    """sum_i coefs[i] * expert_e(x) over e = experts[i], for one token x (1, C), in one call, straight from the
+    stacked SwiGLU experts gate_up (E, 2I, C) and down (E, C, I) in the decode layout (last two dimensions
+    column-major): no per-expert views. None where the kernel does not apply."""
+    experts_count, double_inter, hidden = gate_up.shape
+    inter = double_inter // 2
+    if not (
+        applies(x, down)
+        and gate_up.dtype == torch.float32
+        and down.shape == (experts_count, hidden, inter)
+        and gate_up.stride()[1:] == (1, double_inter)
+        and down.stride(1) == 1
+        and down.stride(2) >= hidden
+        and all(0 <= e < experts_count for e in experts)
+    ):
         return None
-    inter, hidden = gate[0].shape
-    ld_in, ld_down = gate[0].stride(1), down[0].stride(1)
-    weights_fit = (
-        ld_in >= inter
-        and ld_down >= hidden
-        and all(
-            g.shape == u.shape == (inter, hidden)
-            and d.shape == (hidden, inter)
-            and g.stride() == u.stride() == (1, ld_in)
-            and d.stride() == (1, ld_down)
-            and g.dtype == u.dtype == d.dtype
-            for g, u, d in zip(gate, up, down)
-        )
-    )
-    if not weights_fit or x.numel() > MAX_ROWS * hidden or max(2 * inter, hidden) > MAX_COLS:
+    gate = [gate_up.data_ptr() + e * gate_up.stride(0) * 4 for e in experts]
+    up = [p + inter * 4 for p in gate]  # the up half starts inter floats into each row
+    pointers = gate, up, [down.data_ptr() + e * down.stride(0) * 4 for e in experts]
+    return _swiglu_sum(x, inter, pointers, (double_inter, down.stride(2)), coefs)
+
+
+def _swiglu_sum(
+    x: torch.Tensor,
+    inter: int,
+    pointers: tuple[list[int], list[int], list[int]],
+    strides: tuple[int, int],
+    coefs: list[float],
+) -> torch.Tensor | None:
+    """The C call behind swiglu and experts_sum: fp32 weight addresses (gate, up, down per term), the row strides
+    of gate/up and of down, one coefficient per term."""
+    hidden = x.shape[-1]
+    if not x.is_contiguous() or x.numel() > MAX_ROWS * hidden or max(2 * inter, hidden) > MAX_COLS:
         return None
-    count = len(gate)
+    count = len(coefs)
+    gate, up, down = ((ctypes.c_void_p * count)(*p) for p in pointers)
     y = x.new_empty(x.shape)
     status = _kernels().swiglu_sum(
-        x.data_ptr(), x.numel() // hidden, hidden, inter, count,
-        (ctypes.c_void_p * count)(*[g.data_ptr() for g in gate]),
-        (ctypes.c_void_p * count)(*[u.data_ptr() for u in up]), ld_in,
-        (ctypes.c_void_p * count)(*[d.data_ptr() for d in down]), ld_down,
-        (ctypes.c_float * count)(*coef), y.data_ptr(), torch.get_num_threads(),
+        x.data_ptr(), x.numel() // hidden, hidden, inter, count, gate, up, strides[0], down, strides[1],
+        (ctypes.c_float * count)(*coefs), y.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return y if status == 0 else None
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmwb.models.decoder.linear import Linear
-from mmwb.runtime.cpu_kernels import swiglu_sum
+from mmwb.runtime.cpu_kernels import swiglu
 
 
 class SwiGLU(nn.Module):
@@ -19,9 +19,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._plain():  # decode-sized CPU inference: the whole MLP in one kernel call
-            fused = swiglu_sum(
-                x, [self.gate_proj.weight], [self.up_proj.weight], [self.down_proj.weight], [1.0]
-            )
+            fused = swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
             if fused is not None:
                 return fused
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

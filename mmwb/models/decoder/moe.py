@@ -17,7 +17,7 @@ from torch import nn
 from mmwb.errors import MmwbConfigError
 from mmwb.models.decoder.config import DecoderConfig
 from mmwb.models.decoder.mlp import SwiGLU
-from mmwb.runtime.cpu_kernels import MAX_ROWS, linear, route, swiglu_sum
+from mmwb.runtime.cpu_kernels import MAX_ROWS, experts_sum, linear, route
 
 # Inference with at most this many (token, expert) assignments (decode steps) takes Experts._few_tokens.
 FEW_ASSIGNMENTS = 64
@@ -130,9 +130,10 @@ class Experts(nn.Module):
         counts = torch.bincount(indices.reshape(-1), minlength=self.gate_up_proj.shape[0])
         flat = indices.reshape(-1).tolist()  # assignment a = n * k + slot
         if tokens <= MAX_ROWS:  # each token's experts in one kernel call, where the kernel applies
-            coefs = weights.tolist()
+            coefs, weight_stacks = weights.tolist(), (self.gate_up_proj, self.down_proj)
             fused = [
-                self._fused(x[n : n + 1], flat[n * top_k : (n + 1) * top_k], coefs[n]) for n in range(tokens)
+                experts_sum(x[n : n + 1], *weight_stacks, flat[n * top_k : (n + 1) * top_k], coefs[n])
+                for n in range(tokens)
             ]
             if all(f is not None for f in fused):
                 return torch.cat(fused).to(x.dtype), counts
@@ -146,12 +147,6 @@ class Experts(nn.Module):
             y[assigned] = linear(F.silu(gate) * up, self.down_proj[e])
         out = (y.view(tokens, top_k, -1) * weights[..., None]).sum(1)
         return out.to(x.dtype), counts
-
-    def _fused(self, x: torch.Tensor, experts: list[int], coefs: list[float]) -> torch.Tensor | None:
-        """sum_e coefs[e] * expert_e(x) for one token x (1, C) by mmwb.runtime.cpu_kernels.swiglu_sum."""
-        gate_up, inter = self.gate_up_proj, self.down_proj.shape[-1]
-        gate, up = [gate_up[e, :inter] for e in experts], [gate_up[e, inter:] for e in experts]
-        return swiglu_sum(x, gate, up, [self.down_proj[e] for e in experts], coefs)
 
 
 class _Permute(torch.autograd.Function):
