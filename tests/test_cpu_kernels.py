@@ -49,7 +49,9 @@ def test_kernels_build_where_a_compiler_exists():
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("rows", [1, 2, 4])
-@pytest.mark.parametrize("shape", [(256, 512), (7, 3), (4096, 64), (160, 512)])
+@pytest.mark.parametrize(
+    "shape", [(256, 512), (7, 3), (4096, 64), (160, 512), (1024, 1024)]
+)  # the last one: threaded
 def test_linear_equals_f_linear(calls, threads, rows, shape):
     torch.set_num_threads(threads)
     weight, bias = _weight(*shape, pad=5), torch.randn(shape[0])
