@@ -202,33 +202,39 @@ def test_attention_decode_through_the_kernel_equals_the_torch_path(
     assert torch.allclose(got_cache, want_cache, rtol=1e-5, atol=1e-6)
 
 
-def test_switched_off_by_the_environment(monkeypatch):
-    monkeypatch.setenv("MMWB_CPU_KERNELS", "0")
+@pytest.fixture
+def rebuilt():
+    """The kernels are looked up afresh (under the test's environment) and again after the test."""
     cpu_kernels._kernels.cache_clear()
-    try:
-        assert cpu_kernels._kernels() is None
-        x, weight = torch.randn(1, 32), _weight(16, 32)
-        with torch.no_grad():
-            assert torch.equal(cpu_kernels.linear(x, weight), F.linear(x, weight))
-            assert cpu_kernels.swiglu(x, weight, weight, weight.t()) is None
-    finally:
-        cpu_kernels._kernels.cache_clear()
+    yield
+    cpu_kernels._kernels.cache_clear()
+
+
+@pytest.mark.parametrize("reason", ["switched off", "unwritable cache"])
+def test_without_the_kernels_everything_runs_on_torch_ops(monkeypatch, tmp_path, rebuilt, reason):
+    if reason == "switched off":
+        monkeypatch.setenv("MMWB_CPU_KERNELS", "0")
+    else:
+        blocker = tmp_path / "file"
+        blocker.write_text("not a directory")
+        monkeypatch.setenv("MMWB_CACHE", str(blocker))
+    assert cpu_kernels._kernels() is None
+    x, weight = torch.randn(1, 32), _weight(16, 32)
+    with torch.no_grad():
+        assert torch.equal(cpu_kernels.linear(x, weight), F.linear(x, weight))
+        assert cpu_kernels.swiglu(x, weight, weight, weight.t()) is None
 
 
 @needs_compiler
-def test_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
+def test_library_is_built_once_into_the_cache(monkeypatch, tmp_path, rebuilt):
     monkeypatch.setenv("MMWB_CACHE", str(tmp_path))
+    assert cpu_kernels._kernels() is not None
+    (built,) = (tmp_path / "kernels").glob("cpu_kernels-*.so")
+    stamp = built.stat().st_mtime_ns
     cpu_kernels._kernels.cache_clear()
-    try:
-        assert cpu_kernels._kernels() is not None
-        (built,) = (tmp_path / "kernels").glob("cpu_kernels-*.so")
-        stamp = built.stat().st_mtime_ns
-        cpu_kernels._kernels.cache_clear()
-        assert cpu_kernels._kernels() is not None
-        assert built.stat().st_mtime_ns == stamp  # loaded, not rebuilt
-        assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built.name]  # no leftovers
-    finally:
-        cpu_kernels._kernels.cache_clear()
+    assert cpu_kernels._kernels() is not None
+    assert built.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built.name]  # no leftovers
 
 
 @pytest.mark.parametrize(
@@ -255,17 +261,3 @@ def test_router_through_the_kernel_equals_the_torch_path(calls, monkeypatch, rou
     assert torch.equal(got[1], want[1])
     for g, w in zip(got[::2], want[::2]):
         assert torch.allclose(g, w, rtol=1e-5, atol=1e-6)
-
-
-def test_an_unwritable_cache_means_torch_ops_not_an_error(monkeypatch, tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
-    monkeypatch.setenv("MMWB_CACHE", str(blocker))
-    cpu_kernels._kernels.cache_clear()
-    try:
-        assert cpu_kernels._kernels() is None
-        x, weight = torch.randn(1, 32), _weight(16, 32)
-        with torch.no_grad():
-            assert torch.equal(cpu_kernels.linear(x, weight), F.linear(x, weight))
-    finally:
-        cpu_kernels._kernels.cache_clear()

@@ -1,16 +1,21 @@
 """Small CPU kernels for decode steps, where eager PyTorch spends its time in memory stalls and dispatch.
 
-- ``linear``: few rows times a weight. At batch 1 a decode step multiplies one row by every weight, so its speed is
-  how fast the weights stream from memory. This CPU's BLAS (MKL) reaches 7-10 GB/s on the 0.25-2 MB weights of a
-  small decoder where a plain sum of the same bytes runs at 20 GB/s (its gemm packs the weight before using it
-  once). The kernel reads a column-major (in, out) weight (the decoder's decode layout) front to back into an
-  accumulator that stays in cache, threads taking contiguous row ranges.
-- ``rms_norm``: one pass over a few rows instead of the ~10 ops (20 us) of ``F.rms_norm`` plus the weight.
+At batch 1 a decode step multiplies one row by every weight, so its speed is how fast the weights stream from
+memory, and with the caches cold from that streaming each of the step's ~1400 small aten ops costs 25-50 us
+(2-9 us in a hot microbenchmark). So:
+- ``linear``: few rows times a weight. This CPU's BLAS (MKL) reaches 7-10 GB/s on the 0.25-2 MB weights of a small
+  decoder where a plain sum of the same bytes runs at 20 GB/s (its gemm packs the weight before using it once);
+  the kernel reads a column-major (in, out) weight (the decoder's decode layout) front to back into an
+  accumulator that stays in cache.
+- one call each for what took many ops: ``rms_norm``; ``swiglu`` (a SwiGLU MLP) and ``experts_sum`` (one token's
+  chosen experts, read in place from the stacked tensors); ``route`` (a top-k MoE router); ``latent_attention``
+  (one MLA decode token per sequence on the latent cache) and ``gqa_attention`` (one batch-1 GQA decode token).
 
 The C source below is compiled with the machine's C compiler on first use (about 0.2 s, cached per source,
-compiler and CPU). Without a compiler, or with ``MMWB_CPU_KERNELS=0``, both functions are their torch equivalents,
-which they also fall back to outside their case (more rows, not fp32, autograd or autocast on, other strides).
-BENCHMARKS.md ("CPU decode kernels") has the measurements.
+compiler and CPU). Without a compiler, or with ``MMWB_CPU_KERNELS=0``, ``linear`` and ``rms_norm`` are their
+torch equivalents and the others return None so that their callers run their torch code; the same happens
+outside each kernel's case (more rows, not fp32, autograd or autocast on, other strides). BENCHMARKS.md ("CPU
+decode kernels") has the measurements.
 """
 
 from __future__ import annotations
@@ -174,11 +179,8 @@ int mmwb_latent_attention(const float *q, const float *kv, const float *norm_w, 
     float *scores = query + bh * width, *attended = scores + bh * seq;
     for (int64_t b = 0; b < batch; b++) {
         const float *kvb = kv + b * width;
-        float *row = cache + (b * slots + pos) * width, sum = 0.0f;
-        #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < rank; j++) sum += kvb[j] * kvb[j];
-        const float r = 1.0f / sqrtf(sum / (float)rank + eps);
-        for (int64_t j = 0; j < rank; j++) row[j] = norm_w[j] * (kvb[j] * r);
+        float *row = cache + (b * slots + pos) * width;
+        mmwb_rms_norm(kvb, norm_w, row, 1, rank, eps);
         const float *cb = cos + b * dr / 2, *sb = sin + b * dr / 2;
         rope(kvb + rank, cb, sb, dr, row + rank);
         for (int64_t h = 0; h < heads; h++)
@@ -287,16 +289,15 @@ int mmwb_route(const float *x, const float *w, const float *bias, int64_t m, int
     float *choice = scores + e, *left = choice + e, *group_score = left + e;
     const int64_t size = e / n_group;
     for (int64_t i = 0; i < m; i++) {
-        float *li = logits + i * e, top = -INFINITY, total = 0.0f;
+        float *li = logits + i * e;
         for (int64_t j = 0; j < e; j++) {
             float acc = 0.0f;
             #pragma omp simd reduction(+ : acc)
             for (int64_t d = 0; d < c; d++) acc += x[i * c + d] * w[j * c + d];
             li[j] = acc;
-            top = acc > top ? acc : top;
+            scores[j] = sigmoid ? 1.0f / (1.0f + expf(-acc)) : acc;
         }
-        for (int64_t j = 0; j < e; j++) total += scores[j] = sigmoid ? 1.0f / (1.0f + expf(-li[j])) : expf(li[j] - top);
-        for (int64_t j = 0; j < e && !sigmoid; j++) scores[j] /= total;
+        if (!sigmoid) softmax_rows(scores, 1, e);
         for (int64_t j = 0; j < e; j++) choice[j] = bias ? scores[j] + bias[j] : scores[j];
         if (n_group > 1) {
             for (int64_t g = 0; g < n_group; g++) {
@@ -321,8 +322,10 @@ int mmwb_route(const float *x, const float *w, const float *bias, int64_t m, int
             indices[i * k + slot] = best;
             chosen += weights[i * k + slot] = scores[best];
         }
-        for (int64_t slot = 0; slot < k; slot++)
-            weights[i * k + slot] = (norm ? weights[i * k + slot] / (chosen + 1e-20f) : weights[i * k + slot]) * scaling;
+        for (int64_t slot = 0; slot < k; slot++) {  /* in torch's order: normalise, then scale */
+            float *weight = weights + i * k + slot;
+            *weight = (norm ? *weight / (chosen + 1e-20f) : *weight) * scaling;
+        }
     }
     free(scores);
     return 0;
