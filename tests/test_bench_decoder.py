@@ -22,3 +22,4 @@ def test_bench_decoder_tiny_reports_ratios_and_same_tokens(capsys):
     # both cache the MLA latent: kv_lora_rank + rope dims per layer, fp32
     assert result["kv_bytes_per_token"] == {"mmwb": (16 + 8) * 2 * 4, "transformers": (16 + 8) * 2 * 4}
     assert 0 < result["decode_bandwidth_utilisation"]["mmwb"]
+    assert len(result["copy_bandwidth_gbs"]) == 2 and min(result["copy_bandwidth_gbs"]) > 0  # before, after

@@ -13,7 +13,8 @@ transformers runs with the fastest of its experts implementations, picked per ph
 - peak memory: peak process memory added while decoding / training (RSS on CPU with glibc's dynamic mmap threshold
   switched off so freed tensors go back to the OS; the CUDA allocator's peak on GPUs);
 - KV-cache bytes per token and the decode memory-bandwidth utilisation: bytes a batch-1 decode step must read
-  (active weights + the cache) times tokens/s over the machine's measured copy bandwidth.
+  (active weights + the cache) times tokens/s over the machine's copy bandwidth, measured just before and just
+  after the batch-1 decode timings (a shared VM's bandwidth drifts between minutes; its decode speed with it).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from mmwb.bench.machine import copy_bandwidth, describe_machine
+    from mmwb.bench.machine import describe_machine
     from mmwb.runtime import resolve_device, resolve_precision
 
     if args.threads:
@@ -69,11 +70,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": describe_machine(device),
         "dtype": str(dtype).removeprefix("torch."),
         "size": args.size,
-        "copy_bandwidth_gbs": copy_bandwidth(device) / 1e9,
         "variants": {},
     }
     for variant in args.variants:
-        report["variants"][variant] = bench_variant(variant, args, device, dtype, seed, report)
+        report["variants"][variant] = bench_variant(variant, args, device, dtype, seed)
     if not args.json:
         print(format_report(report))
     return report
@@ -203,8 +203,10 @@ def peak_added_bytes(call: Callable[[], object], device: torch.device) -> int:
 
 
 def bench_variant(
-    variant: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, seed: int, report: dict
+    variant: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, seed: int
 ) -> dict[str, Any]:
+    from mmwb.bench.machine import copy_bandwidth
+
     ours, reference = load_pair(variant, args.size, device, dtype, seed)
     gen = torch.Generator().manual_seed(seed)
     vocab = ours.config.vocab_size
@@ -218,7 +220,10 @@ def bench_variant(
     }
     for batch in args.decode_batches:
         ids = torch.randint(0, vocab, (batch, args.prompt_len), generator=gen).to(device)
+        before = copy_bandwidth(device) if batch == 1 else None
         result["decode"][str(batch)] = bench_decode(ours, reference, ids, args.new_tokens, args.repeats)
+        if before is not None:  # the roofline of the same minutes as the batch-1 decode
+            result["copy_bandwidth_gbs"] = [before / 1e9, copy_bandwidth(device) / 1e9]
     _log(f"{variant}: decode done")
     prefill_ids = torch.randint(0, vocab, tuple(args.prefill_shape), generator=gen).to(device)
     result["prefill"] = bench_prefill(ours, reference, prefill_ids, args.repeats)
@@ -230,7 +235,7 @@ def bench_variant(
     one = result["decode"].get("1")
     if one is not None:
         bytes_per_token = active_decode_bytes(ours, args.prompt_len + args.new_tokens // 2)
-        bandwidth = report["copy_bandwidth_gbs"] * 1e9
+        bandwidth = statistics.mean(result["copy_bandwidth_gbs"]) * 1e9
         result["decode_bandwidth_utilisation"] = {
             side: bytes_per_token * one["tokens_per_s"][side] / bandwidth for side in ("mmwb", "transformers")
         }
@@ -380,8 +385,7 @@ def format_report(report: dict[str, Any]) -> str:
     machine = report["machine"]
     lines = [
         f"mmwb bench decoder ({report['size']}, {report['dtype']}) on {machine['cpu']} "
-        f"({machine['usable_cpus']} CPUs, {machine['torch_threads']} threads, device {machine['device']}), "
-        f"copy bandwidth {report['copy_bandwidth_gbs']:.1f} GB/s",
+        f"({machine['usable_cpus']} CPUs, {machine['torch_threads']} threads, device {machine['device']})",
         f"{'variant':<8}{'figure':<34}{'mmwb':>12}{'transformers':>14}{'ratio':>8}  note",
     ]
 
@@ -412,5 +416,7 @@ def format_report(report: dict[str, Any]) -> str:
         row(variant, "KV cache bytes/token", kv, _ratio(kv))
         if "decode_bandwidth_utilisation" in result:
             use = result["decode_bandwidth_utilisation"]
-            row(variant, "decode bandwidth use (batch 1)", use, _ratio(use), "of measured copy bandwidth")
+            before, after = result["copy_bandwidth_gbs"]
+            note = f"of copy bandwidth {before:.1f} / {after:.1f} GB/s before / after the decode"
+            row(variant, "decode bandwidth use (batch 1)", use, _ratio(use), note)
     return "\n".join(lines)
