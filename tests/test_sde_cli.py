@@ -131,6 +131,8 @@ def test_checkpoint_folders_load_as_models(capsys, tmp_path):
         (["sample", "--dtype", "bf16"], "fp32 only"),
         (["sample", "--schedule", "cubic"], "unknown schedule 'cubic'"),
         (["sample", "--label", "3"], "--label needs a digits model; this one was trained on checkerboard"),
+        (["sample", "--sampler", "heun", "--snr", "0.1"], "sampler 'heun' has no corrector"),
+        (["sample", "--guidance-scale", "3"], "--guidance-scale guide --label; give the class"),
     ],
 )
 def test_bad_input_is_one_line(capsys, tmp_path, args, message):

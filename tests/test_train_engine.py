@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
 from train_fixtures import MLP, ToyRegression, mse_loss
 
 from mmwb.errors import MmwbCheckpointError, MmwbConfigError, MmwbDeviceError, MmwbError
@@ -80,12 +81,22 @@ def test_eval_every_n_steps_on_live_and_ema_weights(tmp_path):
         return {"loss": mse_loss(model, batch)[0].item()}
 
     cfg = _config(tmp_path, eval_every=4, ema_decay=0.5)
-    result = train(MLP(), mse_loss, ToyRegression(64), cfg, eval_fn=eval_fn)
+    model = MLP()
+    result = train(model, mse_loss, ToyRegression(64), cfg, eval_fn=eval_fn)
     evals = [r for r in read_jsonl(result.metrics) if "eval_loss" in r]
     assert [r["step"] for r in evals] == [4, 8] and all("ema_eval_loss" in r for r in evals)
     assert result.final_eval == {k: evals[-1][k] for k in ("eval_loss", "ema_eval_loss")}
     assert set(seen_modes) == {(False, False)}  # eval mode, no autograd
     assert (result.checkpoint / ckpt.EMA_FILE).is_file()
+    live = load_file(result.checkpoint / ckpt.MODEL_FILE)
+    ema = {
+        k.removeprefix("module."): v
+        for k, v in load_file(result.checkpoint / ckpt.EMA_FILE).items()
+        if k != "n_averaged"
+    }
+    # the run ends with the average in the model it was given: that is what trainers export
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+    assert not all(torch.equal(v, live[k]) for k, v in model.state_dict().items())
 
 
 def test_accumulation_equals_one_big_batch(tmp_path):
@@ -147,6 +158,58 @@ def test_run_stops_after_k_bad_steps_in_a_row(tmp_path):
     ) as err:
         train(MLP(), _nan_on_calls(set(range(3, 100))), ToyRegression(64), _config(tmp_path, max_bad_steps=3))
     assert isinstance(err.value, MmwbError) and "after step 2" in str(err.value)
+    assert "resume from" in str(err.value) and "step-00000002" in str(err.value)
+    saved = ckpt.find_checkpoint(tmp_path / "run" / "checkpoints", "latest")  # the last good step, saved
+    assert saved.name == "step-00000002" and ckpt.load_state(saved / ckpt.STATE_FILE)["bad_in_a_row"] == 0
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    result = train(MLP(), mse_loss, ToyRegression(64), _config(tmp_path, max_bad_steps=3, resume="latest"))
+    assert result.step == 8 and result.bad_steps == 3  # the fixed run goes on from step 2
+
+
+def test_resume_trains_at_the_configs_lr_not_the_checkpoints(tmp_path):
+    train(MLP(), mse_loss, ToyRegression(64), _config(tmp_path, max_steps=4, lr=1e-2, weight_decay=0.0))
+    result = train(
+        MLP(), mse_loss, ToyRegression(64),
+        _config(tmp_path, max_steps=8, lr=1e-3, weight_decay=0.1, resume="latest"),
+    )  # fmt: skip
+    records = read_jsonl(result.metrics)
+    assert [r["lr"] for r in records] == [1e-2] * 4 + [1e-3] * 4
+    state = ckpt.load_state(result.checkpoint / ckpt.STATE_FILE)
+    assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {0.1}
+
+
+def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(tmp_path):
+    train(MLP(), mse_loss, ToyRegression(64), _config(tmp_path, max_steps=6, save_every=2, keep_last=0))
+    root = tmp_path / "run" / "checkpoints"
+    train(
+        MLP(), mse_loss, ToyRegression(64), _config(tmp_path, max_steps=3, resume=str(root / "step-00000002"))
+    )
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["step-00000002", "step-00000003", "step-00000004.abandoned", "step-00000006.abandoned"]
+    assert ckpt.find_checkpoint(root, "latest").name == "step-00000003"
+
+
+def test_resuming_a_finished_run_keeps_its_last_loss(tmp_path):
+    first = train(MLP(), mse_loss, ToyRegression(64), _config(tmp_path, max_steps=4))
+    again = train(MLP(), mse_loss, ToyRegression(64), _config(tmp_path, max_steps=4, resume="latest"))
+    assert again.step == 4 and again.last_loss == first.last_loss and math.isfinite(again.last_loss)
+
+
+@pytest.mark.parametrize("key", ["log_every", "max_bad_steps", "save_every"])
+def test_counts_out_of_range_are_config_errors(tmp_path, key):
+    with pytest.raises(MmwbConfigError, match=key):
+        train(
+            MLP(), mse_loss, ToyRegression(64), _config(tmp_path, **{key: -1 if key == "save_every" else 0})
+        )
+
+
+def test_trainers_in_one_process_each_get_their_precision(tmp_path):
+    """A recipe runs its stages in one process: a bf16 stage after an fp32 one must not hit accelerate's
+    process-wide state ("AcceleratorState has already been initialized")."""
+    fp32 = train(MLP(), mse_loss, ToyRegression(64), _config(tmp_path / "a", max_steps=2))
+    bf16 = train(MLP(), mse_loss, ToyRegression(64), _config(tmp_path / "b", max_steps=2, precision="bf16"))
+    assert math.isfinite(fp32.last_loss) and math.isfinite(bf16.last_loss)
 
 
 def test_keep_last_k_checkpoints(tmp_path):

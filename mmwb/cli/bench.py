@@ -6,8 +6,8 @@ HELP = (
     "Benchmark mmwb against its reference implementation on this machine, in the same run, and print the "
     "ratios (--json for scripts). Results worth keeping go to BENCHMARKS.md with the command and the machine."
 )
-# sub-command -> (module, summary); None marks a planned benchmark
-SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
+# sub-command -> (module, summary)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "decoder": ("mmwb.bench.decoder", "MoE decoder prefill, decode and training step vs transformers"),
     "vlm": ("mmwb.bench.vlm", "end-to-end captioning vs transformers' Kimi-K2.5"),
     "align": (

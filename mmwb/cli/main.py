@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 from mmwb.errors import MmwbError
 
-# verb -> (module, one-line summary). Verbs whose module is None are planned and say so when run.
-VERBS: dict[str, tuple[str | None, str]] = {
+# verb -> (module, one-line summary)
+VERBS: dict[str, tuple[str, str]] = {
     "env": ("mmwb.cli.env", "print versions, devices, supported dtypes and thread counts"),
     "caption": ("mmwb.cli.caption", "caption images with a vision-language model"),
     "ask": ("mmwb.cli.ask", "answer a question about an image"),
@@ -75,7 +75,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 def add_verbs(
     parser: argparse.ArgumentParser,
-    registry: dict[str, tuple[str | None, str]],
+    registry: dict[str, tuple[str, str]],
     argv: Sequence[str],
     path: str,
     parent: argparse.ArgumentParser,
@@ -89,12 +89,7 @@ def add_verbs(
     subparsers = parser.add_subparsers(dest=dest, metavar=metavar, required=True)
     chosen = next((arg for arg in argv if arg in registry), None)
     for name, (module_path, summary) in registry.items():
-        help_text = summary if module_path else f"{summary} (not available yet)"
-        sub = subparsers.add_parser(name, help=help_text, description=help_text, parents=[parent])
-        if module_path is None:  # accept anything, so the user learns the verb is planned, not an arg error
-            sub.add_argument("planned_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-            sub.set_defaults(planned=f"{path} {name}".strip())
-            continue
+        sub = subparsers.add_parser(name, help=summary, description=summary, parents=[parent])
         if name != chosen:
             continue
         module = importlib.import_module(module_path)
@@ -131,8 +126,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if not hasattr(args, "run"):
-        raise MmwbError(f"'mmwb {args.planned}' is planned but not available in this version yet")
     from mmwb.runtime import resolve_device, resolve_precision, seed_everything
 
     if args.device is not None or args.dtype is not None:  # refuse an unusable device/dtype before any work

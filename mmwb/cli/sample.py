@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--guidance-scale",
         type=float,
-        default=DEFAULT_GUIDANCE,
-        help=f"classifier gradient multiplier (default: {DEFAULT_GUIDANCE:g}; 1 is the exact conditional score)",
+        help=f"classifier gradient multiplier for --label (default: {DEFAULT_GUIDANCE:g}; 1 is the exact "
+        "conditional score)",
     )
     parser.add_argument(
         "--quality",
@@ -64,6 +64,10 @@ def guidance(args: argparse.Namespace, trained: Any, device: Any) -> dict[str, A
     from mmwb.pipelines.sde import DIGITS_NOISY_CLASSIFIER, check_compatible, load_noisy_classifier
 
     if args.label is None:
+        given = [flag for flag, value in (("--classifier", args.classifier), ("--guidance-scale", args.guidance_scale))
+                 if value is not None]  # fmt: skip
+        if given:
+            raise MmwbInputError(f"{' and '.join(given)} guide --label; give the class to draw with --label")
         return {}
     if not trained.spec.data.is_image:
         raise MmwbInputError(
@@ -72,7 +76,8 @@ def guidance(args: argparse.Namespace, trained: Any, device: Any) -> dict[str, A
     classifier, spec = load_noisy_classifier(args.classifier or DIGITS_NOISY_CLASSIFIER, device)
     check_compatible(spec, trained)
     labels = torch.arange(args.n) % 10 if args.label == "all" else torch.full((args.n,), args.label)
-    return {"labels": labels.to(device), "classifier": classifier, "guidance_scale": args.guidance_scale}
+    scale = DEFAULT_GUIDANCE if args.guidance_scale is None else args.guidance_scale
+    return {"labels": labels.to(device), "classifier": classifier, "guidance_scale": scale}
 
 
 def check_model_args(args: argparse.Namespace) -> None:
@@ -94,6 +99,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_model_args(args)
     if args.sampler not in SAMPLERS:
         raise MmwbInputError(f"unknown sampler {args.sampler!r}; choose from {', '.join(sorted(SAMPLERS))}")
+    if args.snr is not None and args.sampler != "pc":
+        raise MmwbInputError(f"--snr sets pc's Langevin corrector; sampler {args.sampler!r} has no corrector")
     options = {"snr": args.snr} if args.snr is not None else {}
     device = resolve_device(args.device)
     model = args.model or DEFAULT_MODEL
@@ -113,7 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **options,
     )
     seconds = time.perf_counter() - started
-    asked = f", label {args.label} (scale {args.guidance_scale:g})" if guide else ""
+    asked = f", label {args.label} (scale {guide['guidance_scale']:g})" if guide else ""
     title = f"{trained.spec.data.name}{asked}: {args.sampler}, {nfe} NFE, seed {seed}"
     ncols = 10 if args.label == "all" else None  # one class per column
     picture = save_samples_figure(trained, samples, args.out, title, seed, ncols)
@@ -128,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "picture": str(picture),
     }
     if guide:
-        result |= {"label": args.label, "guidance_scale": args.guidance_scale}
+        result |= {"label": args.label, "guidance_scale": guide["guidance_scale"]}
     if args.quality:
         result["quality"] = quality(trained, samples, seed, labels=guide.get("labels"))
     if not args.json:

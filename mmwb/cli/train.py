@@ -8,8 +8,8 @@ HELP = (
     "Train a model from a YAML config (dotted overrides such as train.lr=1e-4 follow it). Every trainer "
     "checkpoints atomically and continues a killed run with --resume."
 )
-# sub-command -> (module, summary); None marks a planned trainer
-SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
+# sub-command -> (module, summary)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "align": (
         "mmwb.cli.train_align",
         "LLaVA stage 1: train the projector with vision tower and decoder frozen",

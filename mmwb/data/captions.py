@@ -24,7 +24,6 @@ from torch.utils.data import Dataset
 
 from mmwb.errors import MmwbInputError
 
-IMAGE_PLACEHOLDER = "<image>"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 _PLACEHOLDER_RE = re.compile(r"\s*<image>\s*")
 

@@ -27,8 +27,6 @@ from mmwb.data.io import atomic_write_path, load_image
 from mmwb.errors import MmwbInputError
 from mmwb.models.diffusion.conditions import ConditionOptions, fit_image, prepare_condition
 
-REQUIRED_KEYS = ("image", "conditioning_image", "caption")
-
 
 @dataclass(frozen=True)
 class ControlRecord:

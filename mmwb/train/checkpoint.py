@@ -84,6 +84,21 @@ def publish(staging: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+def set_aside_after(root: Path, step: int) -> list[Path]:
+    """Rename the checkpoints newer than ``step`` to ``step-N.abandoned`` (a run resumed from an older checkpoint
+    branches off there): ``latest`` and ``prune`` no longer see them, and nothing is deleted."""
+    moved = []
+    for path in list_checkpoints(root):
+        if int(_NAME.match(path.name).group(1)) > step:
+            target, n = path.with_name(path.name + ".abandoned"), 1
+            while target.exists():
+                n += 1
+                target = path.with_name(f"{path.name}.abandoned-{n}")
+            os.rename(path, target)
+            moved.append(target)
+    return moved
+
+
 def prune(root: Path, keep_last: int) -> list[Path]:
     """Delete all but the newest ``keep_last`` checkpoints; returns what was deleted."""
     doomed = list_checkpoints(root)[:-keep_last] if keep_last > 0 else []

@@ -300,8 +300,8 @@ def run_clip_stage(config: ClipStageConfig) -> dict[str, Any]:
         contrastive_loss,
         items,
         config.train,
-        eval_fn=lambda _model: zero_shot_metrics(
-            model, tokenizer, pixels["val"], records["val"], config.eval_batch_size
+        eval_fn=lambda evaluated: zero_shot_metrics(
+            evaluated, tokenizer, pixels["val"], records["val"], config.eval_batch_size
         ),
         on_step=clamp_temperature,
     )

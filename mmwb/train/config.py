@@ -38,7 +38,7 @@ class TrainConfig:
     clip_grad_norm: float | None = 1.0  # None: no clipping (the norm is still logged)
     precision: str = "fp32"  # fp32 | bf16 | fp16, checked against the device by mmwb.runtime
     device: str | None = None  # None: whatever accelerate picks (the launcher's GPU, else CPU)
-    ema_decay: float | None = None  # None: no EMA of the weights
+    ema_decay: float | None = None  # None: no EMA; else the run ends with the EMA weights in the model
     eval_every: int = 0  # steps; 0: only at the end
     save_every: int = 0  # steps; 0: only at the end
     keep_last: int = 3  # newest checkpoints kept on disk; 0 keeps all

@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import (
     DistributedDataParallelKwargs,
     is_tensorboard_available,
@@ -57,6 +59,8 @@ LossOutput = torch.Tensor | tuple[torch.Tensor, dict[str, Any]]
 LossFn = Callable[[nn.Module, Any], LossOutput]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 _MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+# What a resumed run takes from its own config rather than from the checkpoint's optimizer state.
+_HYPERPARAMETERS = ("initial_lr", "weight_decay", "betas", "eps")
 
 
 class TrainingDivergedError(MmwbError):
@@ -256,6 +260,10 @@ class Trainer:
             self._clear_stale_staging()
             if self.config.resume:
                 self.metrics.truncate_after(progress.step)
+                for path in ckpt.set_aside_after(self.checkpoints, progress.step):
+                    log.warning(
+                        "resumed from step %d: the later checkpoint is set aside as %s", progress.step, path
+                    )
             else:
                 self.metrics.path.unlink(missing_ok=True)
         self.saved_at = progress.step if self.config.resume else -1
@@ -269,9 +277,9 @@ class Trainer:
             self.on_step(step, record)
         if config.eval_every and step % config.eval_every == 0 and self.eval_fn is not None:
             self.last_eval = self._evaluate(step)
+        self.last_loss = record["loss"]
         if config.save_every and step % config.save_every == 0:
             self._save(progress)
-        self.last_loss = record["loss"]
 
     def _finish(self, progress: _Progress) -> TrainResult:
         """Evaluate and save the final step (unless just done), plot the losses, close trackers."""
@@ -280,6 +288,10 @@ class Trainer:
             self.last_eval = self._evaluate(progress.step)
         if self.saved_at != progress.step:
             self._save(progress)
+        if (
+            self.ema is not None
+        ):  # the run's result is the average: what the caller exports and evaluates next
+            acc.unwrap_model(self.model).load_state_dict(self.ema.module.state_dict())
         plot = None
         if acc.is_main_process:
             plot = plot_loss_curves(read_jsonl(self.metrics.path), self.out_dir / "loss.png")
@@ -394,11 +406,17 @@ class Trainer:
             progress.bad_total,
         )
         if progress.bad_in_a_row >= self.config.max_bad_steps:
+            bad = progress.bad_in_a_row
+            progress.bad_in_a_row = 0  # a resumed run (with a lower lr, say) counts afresh
+            if (
+                self.saved_at != progress.step
+            ):  # skipped steps never touched the weights: these are the good ones
+                self._save(progress)
             raise TrainingDivergedError(
                 f"training stopped after step {progress.step}: the loss or gradient was NaN/inf for "
-                f"{progress.bad_in_a_row} steps in a row (max_bad_steps={self.config.max_bad_steps}); "
-                f"lower lr, set clip_grad_norm, use fp32/bf16, or check the data "
-                f"(last good checkpoint under {self.checkpoints})"
+                f"{bad} steps in a row (max_bad_steps={self.config.max_bad_steps}); "
+                f"lower lr, set clip_grad_norm, use fp32/bf16, or check the data, then resume from "
+                f"{ckpt.checkpoint_path(self.checkpoints, progress.step)} (it holds the last good step)"
             )
 
     # ------------------------------------------------------------------------------------ logging and eval
@@ -424,7 +442,10 @@ class Trainer:
 
     def _evaluate(self, step: int) -> dict[str, float]:
         assert self.eval_fn is not None
-        results = {f"eval_{k}": float(v) for k, v in _eval(self.eval_fn, self.model).items()}
+        live = self.accelerator.unwrap_model(
+            self.model
+        )  # eval_fn sees the model it was given, not a DDP wrapper
+        results = {f"eval_{k}": float(v) for k, v in _eval(self.eval_fn, live).items()}
         if self.ema is not None:
             results |= {f"ema_eval_{k}": float(v) for k, v in _eval(self.eval_fn, self.ema.module).items()}
         self._log({"step": step, **results}, step)
@@ -472,6 +493,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
+            "last_loss": self.last_loss,
+            "last_eval": self.last_eval,
         }
 
     def _resume(self) -> tuple[_Progress, dict[str, Any] | None]:
@@ -485,8 +508,10 @@ class Trainer:
                 f"{self.sampler.step_samples}; keep batch_size x grad_accum x processes to resume exactly"
             )
         load_checkpoint_in_model(acc.unwrap_model(self.model), str(path), strict=True)
+        configured = [{key: group[key] for key in _HYPERPARAMETERS} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_hyperparameters(configured)
         if acc.scaler is not None and state["scaler"] is not None:
             acc.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
@@ -501,6 +526,8 @@ class Trainer:
                 acc.num_processes,
             )
         log.info("resumed from %s at step %d", path, state["step"])
+        self.last_loss = state.get("last_loss", self.last_loss)  # absent from checkpoints of older versions
+        self.last_eval = state.get("last_eval", self.last_eval)
         progress = _Progress(
             step=state["step"],
             position=DataPosition(state["epoch"], state["sample"]),
@@ -510,6 +537,22 @@ class Trainer:
             samples_seen=state["samples_seen"],
         )
         return progress, rng
+
+    def _apply_hyperparameters(self, configured: list[dict[str, Any]]) -> None:
+        """Put this run's lr, weight decay, betas and eps back after loading a checkpoint's optimizer and schedule
+        (which carry the old run's): resuming with a lower lr after a divergence must train at the lower lr."""
+        for group, values in zip(self.optimizer.param_groups, configured, strict=True):
+            changed = {k: (group[k], v) for k, v in values.items() if group[k] != v}
+            if changed:
+                log.info("group %s: %s from this run's config", group.get("name"), changed)
+            group.update(values)
+        step, factors = self.scheduler.last_epoch, self.scheduler.lr_lambdas
+        self.scheduler.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
+        for group, factor in zip(self.optimizer.param_groups, factors, strict=True):
+            group["lr"] = group["initial_lr"] * factor(
+                step
+            )  # the schedule at the resumed step, this run's lr
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _clear_stale_staging(self) -> None:
         if self.checkpoints.is_dir():
@@ -546,11 +589,16 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
 
 def _make_accelerator(config: TrainConfig) -> Accelerator:
     """Map mmwb's precision names onto accelerate after checking them against the device."""
-    if config.grad_accum < 1 or config.batch_size < 1:
-        raise MmwbConfigError("batch_size and grad_accum must be at least 1")
+    if min(config.grad_accum, config.batch_size, config.log_every, config.max_bad_steps) < 1:
+        raise MmwbConfigError("batch_size, grad_accum, log_every and max_bad_steps must be at least 1")
+    if min(config.eval_every, config.save_every, config.keep_last) < 0:
+        raise MmwbConfigError(
+            "eval_every, save_every and keep_last must be 0 (at the end / keep all) or more"
+        )
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     tracker = "tensorboard" if config.tensorboard and is_tensorboard_available() else None
+    _fresh_accelerate_state()
     return Accelerator(
         cpu=device.type == "cpu",
         mixed_precision=_MIXED_PRECISION[precision.name],
@@ -559,6 +607,15 @@ def _make_accelerator(config: TrainConfig) -> Accelerator:
         log_with=tracker,
         project_dir=str(config.out_dir),
     )
+
+
+def _fresh_accelerate_state() -> None:
+    """Forget the precision and device of an earlier Trainer in this process (``mmwb recipe`` runs several):
+    accelerate keeps them process-wide and refuses a different precision. Under ``accelerate launch`` the process
+    group (PartialState) is kept."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    AcceleratorState._reset_state(reset_partial_state=not launched)
+    GradientState._reset_state()
 
 
 def _split_loss(output: LossOutput) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -123,8 +123,8 @@ def run_lm_stage(config: LMStageConfig) -> dict[str, Any]:
         rows["train"],
         config.train,
         collate_fn=lambda items: collate_lm(tokenizer, items),
-        eval_fn=lambda _model: {
-            "val_perplexity": perplexity(model, tokenizer, rows["val"], config.eval_batch_size)
+        eval_fn=lambda evaluated: {
+            "val_perplexity": perplexity(evaluated, tokenizer, rows["val"], config.eval_batch_size)
         },
     )
     model.eval()

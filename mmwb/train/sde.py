@@ -32,13 +32,11 @@ from mmwb.models.sde.trained import (
     TrainedSDE,
     build_score_model,
     build_sde,
-    ema_state_dict,
     save_folder,
     spec_config,
     write_json,
 )
 from mmwb.runtime import make_generator, seed_everything
-from mmwb.train import checkpoint as ckpt
 from mmwb.train.config import TrainConfig
 from mmwb.train.engine import TrainResult, train
 
@@ -159,15 +157,8 @@ def train_sde(config: SDETrainConfig) -> tuple[TrainResult, Path]:
     final = Path(config.train.out_dir) / FINAL_DIR
     if result.rank == 0:
         info = _info(config, result, time.perf_counter() - started)
-        state = _final_weights(result.checkpoint, model)
-        save_folder(final, spec_config(config.spec, info), state)
+        save_folder(final, spec_config(config.spec, info), model.state_dict())  # EMA weights when kept
     return result, final
-
-
-def _final_weights(checkpoint: Path | None, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The EMA weights of the last checkpoint when the run kept an EMA, else the live weights."""
-    ema = checkpoint / ckpt.EMA_FILE if checkpoint is not None else None
-    return ema_state_dict(ema) if ema is not None and ema.is_file() else model.state_dict()
 
 
 def _info(config: SDETrainConfig, result: TrainResult, seconds: float) -> dict[str, Any]:
