@@ -12,7 +12,8 @@ import json
 import shutil
 from pathlib import Path
 
-from mmwb.models.sde.trained import CONFIG_FILE, WEIGHTS_FILE, load_trained, write_json
+from mmwb.data.io import write_json
+from mmwb.models.sde.trained import CONFIG_FILE, WEIGHTS_FILE, load_trained
 from mmwb.pipelines.sde import generate, likelihood, quality, save_samples_figure
 from mmwb.runtime import make_generator
 

@@ -53,6 +53,20 @@ def test_mmwb_round_trip(tmp_path, shard_bytes):
     assert torch.equal(_logits(model, ids), _logits(loaded, ids))
 
 
+def test_saving_again_over_a_folder_replaces_every_weight_file(tmp_path):
+    """A sharded save, then a single-file save of other weights (and back): the folder loads the newest save."""
+    ids = torch.randint(0, VOCAB, (1, 6))
+    first, second = DecoderForCausalLM(CFG).eval(), DecoderForCausalLM(CFG).eval()
+    first.save_pretrained(tmp_path, max_shard_bytes=20_000)
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    second.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert torch.equal(_logits(from_pretrained(tmp_path), ids), _logits(second, ids))
+    first.save_pretrained(tmp_path, max_shard_bytes=20_000)
+    assert sorted(p.name for p in tmp_path.glob("model*.safetensors")) == shards
+    assert torch.equal(_logits(from_pretrained(tmp_path), ids), _logits(first, ids))
+
+
 def _column_major(t: torch.Tensor) -> bool:
     return t.transpose(-1, -2).is_contiguous() and not t.is_contiguous()
 

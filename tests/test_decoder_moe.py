@@ -150,6 +150,24 @@ def test_bias_stays_fp32_under_bf16_cast():
     assert block.gate.e_score_correction_bias[0].item() == pytest.approx(1.0 + 1e-4)
 
 
+def test_rope_frequencies_stay_fp32_under_bf16_cast_and_meta_init_works():
+    cfg = DecoderConfig(
+        vocab_size=50, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=128, moe_intermediate_size=16,
+        n_routed_experts=4, expert_bias=True, first_k_dense_replace=0,
+    )  # fmt: skip
+    model = DecoderForCausalLM(cfg)
+    positions = torch.tensor([[0, 2000]])
+    cos, _ = model.model.rotary_emb(positions, torch.float32)
+    model.to(torch.bfloat16)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    cos_bf16, _ = model.model.rotary_emb(positions, torch.float32)
+    assert torch.equal(cos_bf16, cos)  # rounded frequencies were off by up to 1.6 at position 2000
+    with torch.device("meta"):
+        empty = DecoderForCausalLM(cfg)
+    empty.to_empty(device="cpu")  # FSDP/accelerate-style init: the fp32 buffers have no values to keep
+    assert empty.routers()[0].e_score_correction_bias.dtype == torch.float32
+
+
 def test_training_losses_gradient_checkpointing_and_bf16_autocast():
     cfg = DecoderConfig(
         vocab_size=50,

@@ -7,6 +7,7 @@ the same in the CLI, the pipelines and training, and so that every bad file is a
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import secrets
@@ -14,6 +15,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -231,6 +233,12 @@ def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """``path`` as indented JSON (non-JSON values as their str), written atomically."""
+    with atomic_write_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
 def save_image_grid(

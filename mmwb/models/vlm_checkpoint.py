@@ -8,7 +8,6 @@ random weights before the file's tensors are loaded into them. Tensor names: ``v
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from mmwb.data.io import atomic_write_path
+from mmwb.data.io import atomic_write_path, write_json
 from mmwb.errors import MmwbCheckpointError, MmwbConfigError
 from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM
 from mmwb.models.loading import read_config
@@ -179,8 +178,7 @@ def save_vlm(model: VisionLanguageModel, path: Path) -> None:
         save_model(model, str(tmp), metadata={"format": "pt"}, force_contiguous=True)
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(path)
-    with atomic_write_path(path / "config.json") as tmp:
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
+    write_json(path / "config.json", config)
 
 
 def load_vlm(path: str | Path, device=None, dtype: torch.dtype | None = None) -> VisionLanguageModel:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmwb.data.io import atomic_write_path
+from mmwb.data.io import write_json
 from mmwb.errors import MmwbConfigError, MmwbError
 from mmwb.runtime.config import load_config
 from mmwb.train import checkpoint as ckpt
@@ -211,8 +211,7 @@ def run_stage(stage: Stage, out: Path, config_dir: Path, overrides: tuple[str, .
 def write_metrics(metrics: dict[str, Any], folder: Path) -> Path:
     """``folder/metrics.json``, written atomically: its presence marks the stage finished."""
     path = Path(folder) / METRICS_FILE
-    with atomic_write_path(path) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(path, metrics)
     return path
 
 

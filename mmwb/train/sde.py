@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from mmwb.data.io import write_json
 from mmwb.errors import MmwbConfigError
 from mmwb.models.sde.data import dataset, to_model_space
 from mmwb.models.sde.digit_metrics import load_classifier
@@ -34,7 +35,6 @@ from mmwb.models.sde.trained import (
     build_sde,
     save_folder,
     spec_config,
-    write_json,
 )
 from mmwb.runtime import make_generator, seed_everything
 from mmwb.train.config import TrainConfig

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mmwb.data.io import atomic_write_path, write_json
 from mmwb.errors import MmwbCheckpointError
 from mmwb.models.decoder.config import DecoderConfig
 from mmwb.models.decoder.model import DecoderForCausalLM
@@ -248,30 +249,37 @@ def _check_plan(
 
 
 def save_pretrained(model: DecoderForCausalLM, path: str | Path, max_shard_bytes: int | None = None) -> None:
-    """Write config.json (model_type mmwb_decoder) and safetensors, sharded with an index above max_shard_bytes."""
+    """Write safetensors (sharded with an index above max_shard_bytes), then config.json (model_type
+    mmwb_decoder). Every file is written atomically, and weight files of an earlier save that the new one does not
+    list (a stale index would otherwise win over a new single file) are removed."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
+    shards = _shard(state, max_shard_bytes)
+    names = (
+        [WEIGHTS_NAME]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
+    for name, shard in zip(names, shards, strict=True):
+        with atomic_write_path(directory / name) as tmp:
+            save_file(shard, tmp, metadata={"format": "pt"})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        weight_map = {key: name for name, shard in zip(names, shards, strict=True) for key in shard}
+        write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    stale = {directory / INDEX_NAME} if len(shards) == 1 else set()
+    stale |= {p for p in directory.glob("model*.safetensors") if p.name not in names}
+    for file in stale:
+        file.unlink(missing_ok=True)
     config = {
         "model_type": MODEL_TYPE,
         "dtype": str(model.dtype).removeprefix("torch."),
         "decoder": model.config.to_dict(),
     }
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    shards = _shard(state, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(shards[0], directory / WEIGHTS_NAME, metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, directory / filename, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, filename))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    write_json(directory / "config.json", config)
 
 
 def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:

@@ -16,6 +16,7 @@ from torch import nn
 
 from mmwb.errors import MmwbConfigError
 from mmwb.models.decoder.config import DecoderConfig
+from mmwb.models.decoder.fp32_buffers import Fp32Buffers
 from mmwb.models.decoder.mlp import SwiGLU
 from mmwb.runtime.cpu_kernels import MAX_ROWS, experts_sum, linear, route
 
@@ -33,8 +34,11 @@ class Routing:
     counts: torch.Tensor  # (E,) assignments per expert, for logging and the aux-loss-free bias update
 
 
-class Router(nn.Module):
-    """Softmax (Mixtral, Qwen3) or sigmoid (DeepSeek-V3) scoring, optional group-limited top-k and bias."""
+class Router(Fp32Buffers):
+    """Softmax (Mixtral, Qwen3) or sigmoid (DeepSeek-V3) scoring, optional group-limited top-k and bias (fp32 in
+    every model dtype)."""
+
+    fp32_buffers = ("e_score_correction_bias",)
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
@@ -48,15 +52,6 @@ class Router(nn.Module):
             )
         else:
             self.e_score_correction_bias = None
-
-    def _apply(self, fn, recurse: bool = True):
-        """Keep the balancing bias in fp32 through .to(dtype): its small updates vanish in bf16."""
-        bias = self.e_score_correction_bias
-        super()._apply(fn, recurse)
-        if bias is not None:
-            moved = self.e_score_correction_bias
-            self.e_score_correction_bias = bias.to(device=moved.device, dtype=torch.float32)
-        return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, C) -> logits (N, E) fp32, indices (N, k), weights (N, k) fp32."""

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from mmwb.models.decoder.config import DecoderConfig, yarn_mscale
+from mmwb.models.decoder.fp32_buffers import Fp32Buffers
 
 
 def rope_frequencies(cfg: DecoderConfig) -> tuple[torch.Tensor, float]:
@@ -61,8 +61,11 @@ def _yarn(cfg: DecoderConfig, dim: int, base: float, exponents: torch.Tensor) ->
     return inv_freq, float(attention_factor)
 
 
-class RotaryEmbedding(nn.Module):
-    """Holds the frequencies; `forward(position_ids)` gives the (cos, sin) pair all layers share."""
+class RotaryEmbedding(Fp32Buffers):
+    """Holds the frequencies (fp32 in every model dtype); `forward(position_ids)` gives the (cos, sin) pair all
+    layers share."""
+
+    fp32_buffers = ("inv_freq",)
 
     def __init__(self, cfg: DecoderConfig, device: torch.device | None = None) -> None:
         super().__init__()

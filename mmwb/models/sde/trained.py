@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mmwb.data.io import atomic_write_path
+from mmwb.data.io import atomic_write_path, write_json
 from mmwb.errors import MmwbCheckpointError, MmwbConfigError
 from mmwb.models.sde.networks import ScoreModel, mlp_score_model, unet_score_model
 from mmwb.models.sde.sdes import SDE, VESDE, VPSDE, SubVPSDE
@@ -121,11 +121,6 @@ def save_folder(folder: Path, config: dict[str, Any], state_dict: dict[str, torc
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
     write_json(folder / CONFIG_FILE, config)
     return folder
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    with atomic_write_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
 def spec_config(spec: ModelSpec, info: dict[str, Any] | None = None) -> dict[str, Any]:
