@@ -82,6 +82,33 @@ def test_linear_falls_back_where_the_kernel_does_not_apply(calls):
     assert calls["rows_times_matrix"] == 0
 
 
+def test_mismatched_shapes_get_torchs_error_not_the_kernels_memory(calls):
+    """The kernels trust their shapes: a mismatch must go to torch, which names it (instead of reading or
+    writing past a buffer)."""
+    col = _weight(4, 8)  # (out 4, in 8)
+    experts_gate_up = (
+        torch.randn(2, 8, 16).transpose(1, 2).contiguous().transpose(1, 2)
+    )  # (E, 2I, C), decode layout
+    experts_down = torch.randn(2, 4, 16).transpose(1, 2)  # (E, C, I)
+    with torch.no_grad():
+        for x in (
+            torch.randn(2, 4),
+            torch.randn(1, 16),
+        ):  # 16 = two rows of 8 for a kernel reading flat memory
+            with pytest.raises(RuntimeError, match="cannot be multiplied"):
+                cpu_kernels.linear(x, col)
+        with pytest.raises(RuntimeError, match="size of tensor"):
+            cpu_kernels.rms_norm(torch.randn(2, 8), torch.ones(6), 1e-6)
+        # the rest answer None, and their callers' torch code raises
+        assert (
+            cpu_kernels.route(torch.randn(1, 6), torch.randn(4, 8), None, 2, "softmax", (1, 1), True, 1.0)
+            is None
+        )
+        assert cpu_kernels.swiglu(torch.randn(1, 6), _weight(4, 8), _weight(4, 8), _weight(8, 4)) is None
+        assert cpu_kernels.experts_sum(torch.randn(1, 6), experts_gate_up, experts_down, [0], [1.0]) is None
+    assert sum(calls.values()) == 0
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 def test_rms_norm_equals_torch(calls, rows):
     x, weight = torch.randn(rows, 1, 48) * 3, torch.randn(48)

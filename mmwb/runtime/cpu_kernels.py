@@ -12,9 +12,10 @@ memory, and with the caches cold from that streaming each of the step's ~1400 sm
   (one MLA decode token per sequence on the latent cache) and ``gqa_attention`` (one batch-1 GQA decode token).
 
 The C source below is compiled with the machine's C compiler on first use (about 0.2 s, cached per source,
-compiler and CPU). Without a compiler, or with ``MMWB_CPU_KERNELS=0``, ``linear`` and ``rms_norm`` are their
-torch equivalents and the others return None so that their callers run their torch code; the same happens
-outside each kernel's case (more rows, not fp32, autograd or autocast on, other strides). BENCHMARKS.md ("CPU
+compiler and CPU). Without a compiler, or with ``MMWB_CPU_KERNELS=0`` (read once, at the first use in a
+process), ``linear`` and ``rms_norm`` are their torch equivalents and the others return None so that their callers
+run their torch code; the same happens outside each kernel's case (more rows, not fp32, autograd or autocast on,
+other strides, shapes that do not fit: torch then raises its own error). BENCHMARKS.md ("CPU
 decode kernels") has the measurements.
 """
 
@@ -347,6 +348,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     out_features, in_features = weight.shape
     if (
         not applies(x, weight)
+        or x.shape[-1] != in_features  # torch raises its shape error
         or x.numel() > MAX_ROWS * in_features
         or out_features > MAX_COLS
         or weight.stride(0) != 1
@@ -368,6 +370,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * F.rms_norm(x, (C,), eps=eps)`` over the last dimension C, in one pass for a few fp32 rows."""
     if (
         not applies(x, weight)
+        or weight.shape != x.shape[-1:]
         or x.numel() > NORM_MAX_ROWS * x.shape[-1]
         or not (x.is_contiguous() and weight.is_contiguous())
     ):
@@ -386,6 +389,7 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Te
     inter, hidden = gate.shape
     if not (
         applies(x, down)
+        and x.shape[-1] == hidden
         and gate.shape == up.shape
         and down.shape == (hidden, inter)
         and gate.stride() == up.stride() == (1, gate.stride(1))
@@ -409,6 +413,7 @@ def experts_sum(
     inter = double_inter // 2
     if not (
         applies(x, down)
+        and x.shape[-1] == hidden
         and gate_up.dtype == torch.float32
         and down.shape == (experts_count, hidden, inter)
         and gate_up.stride()[1:] == (1, double_inter)
@@ -542,6 +547,8 @@ def route(
     experts = weight.shape[0]
     if (
         not applies(x, weight)
+        or x.dim() != 2
+        or x.shape[1] != weight.shape[1]
         or x.shape[0] > MAX_ROWS
         or not (x.is_contiguous() and weight.is_contiguous())
         or (bias is not None and not (bias.is_contiguous() and bias.dtype == torch.float32))
