@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmwb.errors import MmwbConfigError
 from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM
 from mmwb.models.decoder.moe import MoEBlock, Routing, load_balancing_loss, router_z_loss, update_expert_bias
 
@@ -79,6 +80,25 @@ def test_group_limited_routing_stays_in_top_groups():
     _, indices, _ = block.gate(torch.randn(50, 32))
     groups = indices // 2  # 8 experts in 4 groups of 2
     assert torch.equal(groups[:, 0], groups[:, 1])  # topk_group=1: both experts from one group
+
+
+@pytest.mark.parametrize(
+    ("groups", "message"),
+    [
+        (dict(n_group=0), "n_group=0 must be >= 1"),
+        (dict(n_group=3), "n_group=3 must divide n_routed_experts"),
+        (dict(n_group=8, topk_group=4), "n_group=8 must leave at least 2 experts per group"),
+        (dict(n_group=4, topk_group=5), "topk_group=5 must be in 1..n_group"),
+        (
+            dict(n_group=4, topk_group=1, num_experts_per_tok=3),
+            "topk_group=1 must keep groups holding at least",
+        ),
+    ],
+)
+def test_impossible_group_routing_is_a_config_error(groups, message):
+    """Each of these used to crash inside torch.topk, divide by zero, or (in the C router) pick one expert twice."""
+    with pytest.raises(MmwbConfigError, match=f"decoder config: {message}"):
+        DecoderConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, **groups)
 
 
 def test_dispatch_backward_matches_naive():

@@ -100,10 +100,23 @@ class DecoderConfig:
                     "must be in 1..E",
                 )
             )
-            checks.append(
-                (self.n_routed_experts % self.n_group == 0, "n_group", "must divide n_routed_experts")
-            )
-            checks.append((self.topk_group <= self.n_group, "topk_group", "must be <= n_group"))
+            per_group = self.n_routed_experts // max(self.n_group, 1)
+            checks += [
+                (self.n_group >= 1, "n_group", "must be >= 1"),
+                (
+                    self.n_routed_experts % max(self.n_group, 1) == 0,
+                    "n_group",
+                    "must divide n_routed_experts",
+                ),
+                # a group is scored by its best two experts
+                (self.n_group == 1 or per_group >= 2, "n_group", "must leave at least 2 experts per group"),
+                (1 <= self.topk_group <= self.n_group, "topk_group", "must be in 1..n_group"),
+                (
+                    self.n_group == 1 or self.topk_group * per_group >= self.num_experts_per_tok,
+                    "topk_group",
+                    "must keep groups holding at least num_experts_per_tok experts",
+                ),
+            ]
         for ok, key, why in checks:
             if not ok:
                 raise MmwbConfigError(f"decoder config: {key}={getattr(self, key.split('/')[0])!r} {why}")

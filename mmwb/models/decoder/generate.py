@@ -4,8 +4,9 @@ Greedy decoding, sampling and beam search follow transformers' ``generate`` step
 order, same tie-breaking, same padding after eos), so the two produce identical tokens from identical logits.
 Only the model calls run under ``no_grad`` (a grad-mode switch held across a ``yield`` would leak into the
 caller's code). Speed: the KV cache and the output buffer are allocated once; each decode step feeds only the
-new token; the only host sync per step is the "all rows finished?" check, and only when an eos id or stop
-string can finish a row (plus the decode for stop strings, which needs text).
+new token; the loop itself syncs with the host once per step, for the "all rows finished?" check, and only when an
+eos id or stop string can finish a row (plus the decode for stop strings, which needs text). The model may sync
+too: on CUDA an MoE layer reads its per-expert counts on the host unless torch._grouped_mm takes the dispatch.
 """
 
 from __future__ import annotations
