@@ -162,6 +162,20 @@ def test_step_past_cache_end_is_rejected():
         )
 
 
+def test_dynamic_rope_past_its_trained_length_is_refused():
+    """Dynamic NTK equals plain RoPE only up to max_position_embeddings; past it mmwb would silently differ."""
+    from dataclasses import replace
+
+    from mmwb.errors import MmwbInputError
+
+    model = DecoderForCausalLM(
+        replace(CONFIGS["gqa"], rope_type="dynamic", rope_factor=2.0, max_position_embeddings=16)
+    )
+    assert model.allocate_cache(1, 16).max_length == 16
+    with pytest.raises(MmwbInputError, match="17 positions: .* up to max_position_embeddings=16"):
+        model.allocate_cache(1, 17)
+
+
 def _greedy_with_step(model, ids, mask, new_tokens):
     """The minimal StepModel driver: prefill, then one token per step, positions derived from the mask."""
     batch, prompt = ids.shape

@@ -228,6 +228,12 @@ class DecoderForCausalLM(nn.Module):
         self, batch_size: int, max_length: int, dtype: torch.dtype | None = None
     ) -> DecoderCache:
         """Preallocate every layer's cache for max_length tokens on the model's device (and dtype)."""
+        limit = self.config.max_position_embeddings
+        if self.config.rope_type == "dynamic" and max_length > limit:
+            raise MmwbInputError(
+                f"{max_length} positions: this model's dynamic NTK RoPE is only implemented up to "
+                f"max_position_embeddings={limit} (where it equals plain RoPE)"
+            )
         return DecoderCache.allocate(self.config, batch_size, max_length, self.device, dtype or self.dtype)
 
     @torch.no_grad()
