@@ -240,6 +240,32 @@ def test_checkpoint_is_all_or_nothing(tmp_path):
         ckpt.find_checkpoint(root, str(torn))
 
 
+def test_a_save_killed_between_its_two_renames_is_recovered(tmp_path):
+    """Re-saving a step swaps the old folder out (.old) before the new one goes in: killed in between, the next
+    run brings the old checkpoint back instead of deleting the only copy."""
+    root = tmp_path / "checkpoints"
+    done = ckpt.checkpoint_path(root, 4)
+    ckpt.save_state({"step": 4}, ckpt.begin(done) / ckpt.STATE_FILE)
+    ckpt.publish(ckpt.staging_path(done), done)
+    done.rename(done.with_name(done.name + ".old"))  # the kill: swapped out, replacement still staged
+    ckpt.begin(done)
+    assert ckpt.recover(root) == [ckpt.staging_path(done)]
+    assert ckpt.list_checkpoints(root) == [done] and sorted(p.name for p in root.iterdir()) == [done.name]
+
+
+def test_model_folders_with_subfolders_are_published_whole(tmp_path):
+    class Pipeline:  # writes like a diffusers pipeline: a folder per part
+        def save_pretrained(self, folder):
+            (folder / "unet").mkdir()
+            (folder / "unet" / "config.json").write_text("{}")
+            (folder / "model_index.json").write_text("{}")
+
+    for _ in range(2):  # the second save replaces the first
+        ckpt.save_model_folder(Pipeline(), tmp_path / "model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (tmp_path / "model" / "unet" / "config.json").read_text() == "{}"
+
+
 def test_resume_keeps_the_global_batch(tmp_path):
     train(MLP(), mse_loss, ToyRegression(64), _config(tmp_path, max_steps=2))
     AcceleratorState._reset_state(True)

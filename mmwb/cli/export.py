@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from mmwb.train.checkpoint import save_model_folder
     from mmwb.train.instruct import load_adapter, merged
-    from mmwb.train.vlm_parts import save_model_folder
 
     save_model_folder(merged(*load_adapter(args.model)), args.out)
     if not args.json:

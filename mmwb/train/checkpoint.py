@@ -69,10 +69,11 @@ def begin(final: Path) -> Path:
 
 
 def publish(staging: Path, final: Path) -> None:
-    """Make the staged checkpoint visible under its final name with one rename (after an fsync of its files)."""
-    for file in staging.iterdir():
-        with file.open("rb") as f:
-            os.fsync(f.fileno())
+    """Make the staged folder visible under its final name with one rename (after an fsync of its files)."""
+    for file in staging.rglob("*"):  # model folders (a diffusers pipeline) have subfolders
+        if file.is_file() and not file.is_symlink():
+            with file.open("rb") as f:
+                os.fsync(f.fileno())
     if final.exists():  # re-saving a step (a run resumed from an older checkpoint): swap the old one out
         old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -82,6 +83,32 @@ def publish(staging: Path, final: Path) -> None:
     else:
         os.rename(staging, final)
     _fsync_dir(final.parent)
+
+
+def save_model_folder(model: Any, folder: Path) -> Path:
+    """``model.save_pretrained`` (an mmwb VLM, a diffusers model or pipeline) into a staging folder published
+    whole: a killed run never leaves half a model."""
+    staging = begin(Path(folder))
+    model.save_pretrained(staging)
+    publish(staging, Path(folder))
+    return Path(folder)
+
+
+def recover(root: Path) -> list[Path]:
+    """Tidy what a run killed while saving left under ``root``: a checkpoint swapped out (``.old``) whose
+    replacement never arrived comes back; staging folders (``.tmp``) go. Returns the staging folders removed."""
+    if not root.is_dir():
+        return []
+    for old in root.glob("step-*.old"):
+        final = old.with_suffix("")
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            os.rename(old, final)
+    stale = list(root.glob("step-*.tmp"))
+    for path in stale:
+        shutil.rmtree(path)
+    return stale
 
 
 def set_aside_after(root: Path, step: int) -> list[Path]:

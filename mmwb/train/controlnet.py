@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from mmwb.models.diffusion.conditions import fit_image
 from mmwb.models.diffusion.loading import load_controlnet
 from mmwb.models.diffusion.metrics import image_edge_f1
 from mmwb.runtime import Precision, make_generator, resolve_device, resolve_precision, seed_everything
+from mmwb.train import checkpoint as ckpt
 from mmwb.train.checkpoint import MODEL_FILE
 from mmwb.train.config import TrainConfig
 from mmwb.train.engine import TrainResult, train
@@ -310,17 +309,5 @@ def train_controlnet(config: ControlNetTrainConfig) -> tuple[TrainResult, Path]:
     )
     final = Path(config.train.out_dir) / FINAL_DIR
     if result.rank == 0:
-        save_model_folder(controlnet, final)
+        ckpt.save_model_folder(controlnet, final)
     return result, final
-
-
-def save_model_folder(model: nn.Module, folder: Path) -> None:
-    """``model.save_pretrained`` into a staging folder renamed over ``folder``: readers never see half of it."""
-    staging = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        os.rename(folder, old)
-    os.rename(staging, folder)
-    shutil.rmtree(old, ignore_errors=True)

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -555,10 +554,8 @@ class Trainer:
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _clear_stale_staging(self) -> None:
-        if self.checkpoints.is_dir():
-            for stale in self.checkpoints.glob("step-*.tmp"):
-                log.warning("removing %s, left by a run killed while saving", stale)
-                shutil.rmtree(stale)
+        for stale in ckpt.recover(self.checkpoints):
+            log.warning("removed %s, left by a run killed while saving", stale)
 
 
 def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:

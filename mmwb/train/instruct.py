@@ -37,6 +37,7 @@ from mmwb.models.vlm import VisionLanguageModel
 from mmwb.pipelines.vlm_eval import EvaluationConfig
 from mmwb.runtime import seed_everything
 from mmwb.train import checkpoint as ckpt
+from mmwb.train.checkpoint import save_model_folder
 from mmwb.train.config import TrainConfig
 from mmwb.train.engine import TrainResult
 from mmwb.train.multimodal import make_encoder
@@ -48,7 +49,6 @@ from mmwb.train.vlm_parts import (
     freeze_all_but_projector,
     load_vlm,
     multimodal_loss,
-    save_model_folder,
     vlm_trainer,
 )
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from mmwb.data.controlnet import ControlNetDataset, read_records
 from mmwb.models.diffusion import shapes_sd
 from mmwb.models.diffusion.tiny import sd_scheduler
-from mmwb.train.checkpoint import list_checkpoints
+from mmwb.train.checkpoint import list_checkpoints, save_model_folder
 from mmwb.train.config import TrainConfig
 from mmwb.train.controlnet import ControlNetDataConfig, FrozenSD, add_noise, drop_captions, encode_latents
 from mmwb.train.engine import train
@@ -117,5 +117,4 @@ def train_shapes_sd(config: ShapesSDConfig) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(out / "model")
-    return out / "model"
+    return save_model_folder(pipe, out / "model")

@@ -30,7 +30,6 @@ from mmwb.models.projectors.qformer import QFormerSize
 from mmwb.models.vision.base import ImageProcessor, VisionFeatures
 from mmwb.models.vlm import VisionLanguageModel, VLMConfig
 from mmwb.pipelines.vlm_eval import EvaluationConfig, evaluate_vlm
-from mmwb.train import checkpoint as ckpt
 from mmwb.train.config import TrainConfig
 from mmwb.train.engine import Trainer
 from mmwb.train.multimodal import IGNORE_INDEX, collate, drop_image_tokens
@@ -125,13 +124,6 @@ def place(vlm: VisionLanguageModel, device: torch.device, mixed_precision: str) 
     for name, buffer in vlm.named_buffers():
         owner, _, leaf = name.rpartition(".")
         setattr(vlm.get_submodule(owner) if owner else vlm, leaf, buffer.to(device))
-
-
-def save_model_folder(vlm: VisionLanguageModel, folder: Path) -> None:
-    """``vlm.save_pretrained`` into a staging folder published whole (a killed run never leaves half a model)."""
-    staging = ckpt.begin(Path(folder))
-    vlm.save_pretrained(staging)
-    ckpt.publish(staging, Path(folder))
 
 
 def evaluate_saved(folder: Path, data_dir: Path, config: EvaluationConfig, vqa: bool) -> dict[str, Any]:
