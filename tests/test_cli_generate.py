@@ -131,6 +131,9 @@ def test_missing_arguments_and_bad_records_are_named(tiny, tmp_path):
     )
     with pytest.raises(MmwbInputError, match="missing.png: control image not found"):
         generate.run(parse(*base, "--control-image", tmp_path / "missing.png"))
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    with pytest.raises(MmwbInputError, match="junk.png: not an image"):
+        generate.run(parse(*base, "--control-image", tmp_path / "junk.png"))
     with pytest.raises(MmwbInputError, match="size 30x32: width and height must be multiples of 8"):
         generate.run(parse(*base, "--control-image", square, "--width", "30", "--height", "32"))
     with pytest.raises(MmwbInputError, match="--cn-scale: got 2 values for 1 ControlNet"):

@@ -105,6 +105,15 @@ def test_sixteen_bit_depth_is_scaled_to_eight_bits():
     assert rgb[0, 0, 0] == 0 and rgb[1, 1, 0] == 255 and 60 <= rgb[0, 1, 0] <= 66
 
 
+def test_transparent_control_pixels_are_white_as_in_training():
+    """An RGBA map's transparent pixels become white, as the training loader (mmwb.data.io) makes them; dropping
+    alpha would turn them black, which a canny or scribble ControlNet reads as content."""
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (255, 0, 0, 255)  # one opaque red pixel, the rest fully transparent black
+    rgb = np.asarray(to_rgb(Image.fromarray(rgba), "scribble"))
+    assert rgb[0, 0].tolist() == [255, 0, 0] and rgb[1, 1].tolist() == [255, 255, 255]
+
+
 def test_rgb_input_is_not_converted(caplog):
     with caplog.at_level(logging.INFO, logger="mmwb"):
         prepare_condition(square_image(), "canny", (64, 64))

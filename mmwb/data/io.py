@@ -44,10 +44,10 @@ def load_image(
     [0, 1].
     """
     if isinstance(source, (str, os.PathLike)):
-        return _to_rgb(_read_file(Path(source), max_pixels), background)
+        return composite_rgb(read_image_file(Path(source), max_pixels), background)
     if isinstance(source, Image.Image):
         name = getattr(source, "filename", "") or "PIL image"  # images from Image.open remember their file
-        return _to_rgb(_decode(source, name, max_pixels), background)
+        return composite_rgb(_decode(source, name, max_pixels), background)
     if isinstance(source, torch.Tensor):
         name = f"tensor of shape {tuple(source.shape)}"
         source = _tensor_to_array(source)
@@ -60,11 +60,12 @@ def load_image(
         )
     image = _array_to_image(source, name)
     _check_pixels(image.size, name, max_pixels)
-    return _to_rgb(image, background)
+    return composite_rgb(image, background)
 
 
-def _read_file(path: Path, max_pixels: int) -> Image.Image:
-    """Open ``path`` (only its header is read), check its size, then decode it."""
+def read_image_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open ``path`` (only its header is read), check its size, then decode it, in its own mode and upright as its
+    EXIF says; every failure is one MmwbInputError naming the file."""
     if not path.exists():
         raise MmwbInputError(f"{path}: no such file")
     if path.is_dir():
@@ -109,7 +110,7 @@ def _check_pixels(size: tuple[int, int], name: str, max_pixels: int) -> None:
         )
 
 
-def _to_rgb(image: Image.Image, background: RGB) -> Image.Image:
+def composite_rgb(image: Image.Image, background: RGB = (255, 255, 255)) -> Image.Image:
     """Any Pillow mode -> RGB, compositing alpha (or a transparent colour/palette index) over ``background``."""
     if image.mode in _WIDE_MODES:
         image = _wide_to_l(image)

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from mmwb.data.io import read_image_file
 from mmwb.errors import MmwbInputError
 from mmwb.models.diffusion.conditions import (
     ConditionOptions,
@@ -282,8 +283,4 @@ def open_image(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise MmwbInputError(f"{path}: control image not found")
-    try:
-        with Image.open(path) as image:
-            return ImageOps.exif_transpose(image)
-    except (UnidentifiedImageError, OSError) as err:
-        raise MmwbInputError(f"{path}: not a readable image ({err})") from err
+    return read_image_file(path)  # size-checked before decoding, like every image mmwb reads

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from mmwb.data.io import composite_rgb
 from mmwb.errors import MmwbInputError
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,8 @@ def fit_image(
 
 
 def to_rgb(image: Image.Image, label: str) -> Image.Image:
-    """``image`` as 8-bit RGB, saying so when it was not; 16-bit and float maps (depth) are min-max scaled."""
+    """``image`` as 8-bit RGB, saying so when it was not; 16-bit and float maps (depth) are min-max scaled, and
+    transparent pixels composited over white, as the training data loader does."""
     if image.mode == "RGB":
         return image
     log.info("%s: mode %s converted to RGB", label, image.mode)
@@ -139,7 +141,7 @@ def to_rgb(image: Image.Image, label: str) -> Image.Image:
         span = values.max() - values.min()
         scaled = (values - values.min()) / span * 255 if span > 0 else np.zeros_like(values)
         return Image.fromarray(_gray_to_rgb(scaled.round().astype(np.uint8)))
-    return image.convert("RGB")
+    return composite_rgb(image)
 
 
 def prepare_condition(
