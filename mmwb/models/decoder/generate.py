@@ -21,6 +21,7 @@ import torch
 
 from mmwb.errors import MmwbInputError
 from mmwb.models.decoder import logits_processors as lp
+from mmwb.models.decoder.model import positions_from_mask
 
 _NEG = -1.0e9  # transformers' "impossible" beam score; kept identical so beam ranking ties break the same way
 
@@ -230,7 +231,7 @@ def _prefill(
     """Run the prompt through the model; return the last position's logits (N, V) in float32 (the LM head runs
     on the last position only)."""
     mask = prompt.mask[:, : prompt.prompt_len]
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (N, T): left padding starts at 0
+    position_ids = positions_from_mask(mask, *mask.shape, cache_position=0, device=mask.device)  # (N, T)
     if inputs_embeds is not None:
         inputs_embeds = inputs_embeds.repeat_interleave(expand, dim=0)
         input_ids = None
