@@ -4,10 +4,12 @@ python pipelines/ask.py [MODEL_DIR]
 """
 
 import sys
+from pathlib import Path
 
 from mmwb.pipelines.vlm import VQAPipeline, load_default_or
 
 model = load_default_or(sys.argv[1] if len(sys.argv) > 1 else None, device="cpu")
 vqa = VQAPipeline(model)
+rocket = Path(__file__).resolve().parents[1] / "assets" / "images" / "rocket.jpg"
 for question in ("what colour is the circle?", "how many shapes are there?"):
-    print(question, "->", vqa("assets/images/rocket.jpg", prompt=question, max_new_tokens=16))
+    print(question, "->", vqa(rocket, prompt=question, max_new_tokens=16))

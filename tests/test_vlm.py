@@ -95,6 +95,31 @@ def test_save_load_round_trip_and_generation(model, tmp_path):
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
 
 
+def test_pipeline_fails_only_the_image_the_model_refuses_and_streams_each_by_index(model, tmp_path):
+    files = []
+    for name, size in (
+        ("a.png", (16, 16)),
+        ("tiny.png", (2, 2)),
+        ("b.png", (8, 12)),
+    ):  # tiny: under one patch
+        images(size)[0].save(tmp_path / name)
+        files.append(tmp_path / name)
+    pipeline = VLMPipeline(model, batch_size=3)
+    results = pipeline.run(files, max_new_tokens=3)
+    assert [r.error is None for r in results] == [True, False, True]
+    assert results[1].error.startswith(f"{files[1]}: ") and "patch" in results[1].error
+    alone = pipeline.run(files[2:], max_new_tokens=3)[0]
+    assert results[2].text == alone.text  # answered in the retry exactly as alone
+    streamed: dict[int, str] = {}
+    results = pipeline.run(files, on_token=lambda i, text: streamed.update({i: streamed.get(i, "") + text}),
+                           max_new_tokens=3)  # fmt: skip
+    assert sorted(streamed) == [0, 2] and streamed[0].strip() == results[0].text
+    with pytest.raises(MmwbInputError, match="tiny.png: "):
+        pipeline(files[1], max_new_tokens=3)  # one image in: its error out
+    with pytest.raises(MmwbInputError, match="batch size must be at least 1"):
+        VLMPipeline(model, batch_size=0)
+
+
 def test_cli_errors(model, tmp_path, capsys, caplog, monkeypatch):
     import mmwb.pipelines.vlm as pipeline_module
 
@@ -102,7 +127,7 @@ def test_cli_errors(model, tmp_path, capsys, caplog, monkeypatch):
     good = tmp_path / "good.png"
     images((16, 16))[0].save(good)
     assert main(["caption", str(good)]) == 2
-    assert "is not built yet" in capsys.readouterr().err
+    assert "the default model" in capsys.readouterr().err
     model.save_pretrained(tmp_path / "vlm")
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")

@@ -51,10 +51,8 @@ def answer(args: argparse.Namespace, sources: list[str], prompt: str | None) -> 
     from tqdm import tqdm
 
     from mmwb.pipelines.vlm import DEFAULT_MODEL, VLMPipeline, load_default_or
-    from mmwb.runtime import resolve_device, resolve_precision, seed_everything
+    from mmwb.runtime import resolve_device, resolve_precision
 
-    if args.seed is not None:
-        seed_everything(args.seed)
     device = resolve_device(args.device)
     dtype = resolve_precision(args.dtype, device).param_dtype if args.dtype else None
     pipeline = VLMPipeline(load_default_or(args.model, device, dtype), batch_size=args.batch_size)
@@ -93,7 +91,7 @@ def answer(args: argparse.Namespace, sources: list[str], prompt: str | None) -> 
 def _streamed(pipeline, source: str, prompt: str | None, args: argparse.Namespace) -> list:
     """--stream: the image's name, then its tokens as they come, then a newline."""
     print(f"{source}\t", end="", flush=True)
-    results = pipeline.run([source], prompt, on_token=lambda _, text: print(text, end="", flush=True),
+    results = pipeline.run([source], prompt, on_token=lambda _i, text: print(text, end="", flush=True),
                            **generation_args(args))  # fmt: skip
     print()
     return results

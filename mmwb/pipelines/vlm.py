@@ -5,9 +5,11 @@ A broken image does not stop a batch: it is reported by name in its result and t
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from mmwb.models.vlm import VisionLanguageModel
 
 Prompts = str | None | Sequence[str | None]
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "models" / "tiny-shapes-vlm"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,8 +49,9 @@ def load_default_or(
     if path is None:
         if not DEFAULT_MODEL.is_dir():
             raise MmwbInputError(
-                f"the default model {DEFAULT_MODEL} is not built yet: run `mmwb recipe tiny-shapes` "
-                "(or pass --model DIR)"
+                f"the default model {DEFAULT_MODEL} is missing: `mmwb recipe tiny-shapes --out runs/tiny-shapes` "
+                "then `python pipelines/ship_tiny_shapes_vlm.py --recipe runs/tiny-shapes` remake it (or pass "
+                "--model DIR)"
             )
         path = DEFAULT_MODEL
     return load_any_vlm(path, device=device, dtype=dtype)
@@ -60,12 +64,20 @@ class VLMPipeline:
     def __init__(self, model: VisionLanguageModel, batch_size: int = 8) -> None:
         if model.tokenizer is None:
             raise MmwbInputError("the model has no tokenizer; pipelines need one to build prompts")
+        if batch_size < 1:
+            raise MmwbInputError(f"batch size must be at least 1, got {batch_size}")
         self.model = model
         self.batch_size = batch_size
 
     def __call__(self, images: Sequence[ImageSource] | ImageSource, prompt: Prompts = None, **kwargs) -> list:
+        """Texts (None for an image that failed, its reason logged); one image in, its text out or its error."""
         single = not isinstance(images, list | tuple)
         results = self.run([images] if single else list(images), prompt, **kwargs)
+        if single and results[0].error is not None:
+            raise MmwbInputError(results[0].error)
+        for result in results:
+            if result.error is not None:
+                log.warning("%s", result.error)
         texts = [r.text for r in results]
         return texts[0] if single else texts
 
@@ -77,19 +89,25 @@ class VLMPipeline:
         progress: Callable[[int], None] | None = None,
         **generation_args: Any,
     ) -> list[VLMResult]:
-        """Per-image results in input order; ``on_token(i, text)`` streams image i's new text (batch size 1)."""
+        """Per-image results in input order; ``on_token(i, text)`` streams image i's new text (images then go
+        one at a time)."""
         prompts = list(prompt) if isinstance(prompt, list | tuple) else [prompt] * len(images)
         if len(prompts) != len(images):
             raise MmwbInputError(f"{len(prompts)} prompts for {len(images)} images; give one per image")
+        generation_args.setdefault("max_new_tokens", 32)
+        size = 1 if on_token is not None else self.batch_size
         results = []
-        for start in range(0, len(images), self.batch_size):
-            end = min(start + self.batch_size, len(images))
-            results.extend(self._batch(images[start:end], prompts[start:end], on_token, generation_args))
+        for start in range(0, len(images), size):
+            end = min(start + size, len(images))
+            stream = None if on_token is None else partial(on_token, start)
+            results.extend(self._batch(images[start:end], prompts[start:end], stream, generation_args))
             if progress is not None:
                 progress(end - start)
         return results
 
     def _batch(self, sources, prompts, on_token, generation_args) -> list[VLMResult]:
+        """Load, then answer together; an image the model refuses (too small for a patch, a prompt past the
+        context) is found by answering each alone, so only it fails, by name."""
         results, loaded = [], []
         for source, prompt in zip(sources, prompts, strict=True):
             result = VLMResult(str(source) if not hasattr(source, "size") else "image")
@@ -98,19 +116,30 @@ class VLMPipeline:
             except MmwbError as err:
                 result.error = str(err)
             results.append(result)
-        if not loaded:
-            return results
+        groups = [loaded] if loaded else []
+        while groups:
+            group = groups.pop(0)
+            try:
+                self._answer(group, on_token, generation_args)
+            except MmwbError as err:
+                if len(group) > 1:
+                    groups = [[item] for item in group] + groups
+                else:
+                    group[0][0].error = f"{group[0][0].source}: {err}"
+        return results
+
+    def _answer(self, loaded, on_token, generation_args) -> None:
+        """Generate for (result, image, prompt) triples in one batch and fill their results."""
         tokenizer = self.model.tokenizer
         texts = [build_prompt(prompt, self.model.config.template) for _, _, prompt in loaded]
         ids, mask = encode_prompts(tokenizer, texts)
-        generation_args.setdefault("max_new_tokens", 32)
         start = time.perf_counter()
         images = [image for _, image, _ in loaded]
-        if on_token is not None and len(loaded) == 1:
+        if on_token is not None:  # one image (run() streams one at a time)
             new = []
             for tokens in self.model.stream(ids, attention_mask=mask, images=images, **generation_args):
                 new.append(int(tokens[0]))
-                on_token(0, tokenizer.decode(new[-1:], skip_special_tokens=True))
+                on_token(tokenizer.decode(new[-1:], skip_special_tokens=True))
             out = torch.tensor([new])
         else:
             out = self.model.generate(
@@ -123,7 +152,6 @@ class VLMPipeline:
             result.text = tokenizer.decode(kept, skip_special_tokens=True).strip()
             result.tokens = len(kept)
             result.seconds = seconds / len(loaded)
-        return results
 
 
 CaptionPipeline = VLMPipeline  # captions: prompt=None
