@@ -75,6 +75,12 @@ def test_pixel_shuffle_on_dense_batch_and_odd_grid():
     assert out.features.shape == (3, 4, 12) and torch.allclose(out.features[1], one.features, atol=1e-6)
     with pytest.raises(MmwbInputError, match="a 3x4 patch grid cannot be merged in 2x2 blocks"):
         ours(VisionFeatures(torch.randn(12, 8), [12], [(3, 4)]))
+    with pytest.raises(
+        MmwbInputError, match=r"gives \[17, 17\] tokens for grids \[\(4, 4\), \(4, 4\)\]: keep only"
+    ):
+        ours(
+            VisionFeatures(torch.randn(2, 17, 8), [17] * 2, [(4, 4)] * 2)
+        )  # CLS kept: every block would shift
 
 
 @pytest.fixture(scope="module")

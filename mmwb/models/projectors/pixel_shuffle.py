@@ -42,6 +42,11 @@ class PixelShuffleMLP(nn.Module):
 
     def forward(self, features: VisionFeatures) -> VisionFeatures:
         kh, kw = self.kernel
+        if list(features.token_counts) != [h * w for h, w in features.grid_hw]:
+            raise MmwbInputError(
+                f"pixel_shuffle_mlp merges patch grids, but the tower gives {features.token_counts} tokens for grids "
+                f"{features.grid_hw}: keep only patch tokens (drop_cls: true)"
+            )
         packed = features.features.flatten(0, 1) if not features.packed else features.features  # (sum N, C)
         index = merge_index(features.grid_hw, self.kernel, packed.device)
         merged = self.pre_norm(packed)[index].flatten(1)  # (sum N/4, 4C)
