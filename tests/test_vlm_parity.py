@@ -123,3 +123,40 @@ def test_llava_logits_and_greedy_match_transformers(llava):
     hf = reference.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
     ours = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(hf, ours)
+
+
+def test_pipeline_prompts_an_imported_llava_with_its_own_tokens(llava, tmp_path):
+    """The caption pipeline writes the model's start and placeholder tokens (LLaVA: ``<s>``, ``<image>`` at
+    image_token_id), not mmwb's ``<|bos|>``: with mmwb's, a foreign tokenizer found no image token at all."""
+    import shutil
+
+    from PIL import Image
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mmwb.pipelines.vlm import VLMPipeline
+
+    reference, path = llava
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 80)}, "<image>": IMAGE_ID}
+    del vocab[f"w{IMAGE_ID}"]
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    folder = tmp_path / "llava"
+    shutil.copytree(path, folder)
+    tokenizer.save_pretrained(folder)
+    model = mmwb.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    image = Image.new("RGB", (16, 16), (200, 40, 40))
+    result = VLMPipeline(model).run([image], max_new_tokens=3)[0]
+    assert result.error is None and result.tokens > 0
+    pixels = model.vision_tower.image_processor()([image]).pixel_values
+    ids = torch.tensor(
+        [[1] + [IMAGE_ID] * 16]
+    )  # <s> and the 16 patch tokens, as transformers' processor writes
+    hf = reference.generate(
+        input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False, pad_token_id=0
+    )
+    assert result.text == tokenizer.decode(hf[0, ids.shape[1] :], skip_special_tokens=True).strip()

@@ -20,14 +20,24 @@ DEFAULT_CAPTION_QUESTION = "describe the image"
 ANSWER_PREFIX = " "  # between <|assistant|> and the answer (chat template)
 
 
-def build_prompt(question: str | None, template: str = "chat", n_images: int = 1) -> str:
-    """The prompt text up to where the model starts writing; ``question=None`` asks for a caption."""
+def build_prompt(
+    question: str | None, template: str = "chat", n_images: int = 1, image: str = IMAGE, bos: str = BOS
+) -> str:
+    """The prompt text up to where the model starts writing; ``question=None`` asks for a caption. ``image`` and
+    ``bos`` are the placeholder and start tokens as text: mmwb's by default, an imported model's own
+    (``model_tokens``) for its tokenizer."""
     if template not in TEMPLATES:
         raise MmwbInputError(f"template {template!r} is not one of {TEMPLATES}")
-    images = IMAGE * n_images
+    images = image * n_images
     if template == "plain":
-        return f"{BOS}{images}" + (question or "")
-    return f"{BOS}{USER}{images}{question or DEFAULT_CAPTION_QUESTION}{ASSISTANT}"
+        return f"{bos}{images}" + (question or "")
+    return f"{bos}{USER}{images}{question or DEFAULT_CAPTION_QUESTION}{ASSISTANT}"
+
+
+def model_tokens(tokenizer, image_token_id: int) -> dict[str, str]:
+    """``build_prompt``'s ``image`` and ``bos`` for a model's tokenizer: an imported Kimi or LLaVA tokenizer has
+    its own placeholder (Kimi's media token, LLaVA's ``<image>``) and start token (``<s>``), not mmwb's."""
+    return {"image": tokenizer.convert_ids_to_tokens(image_token_id), "bos": tokenizer.bos_token or ""}
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ import torch
 
 from mmwb.data.io import ImageSource, load_image
 from mmwb.errors import MmwbError, MmwbInputError
-from mmwb.models.chat import build_prompt, encode_prompts
+from mmwb.models.chat import build_prompt, encode_prompts, model_tokens
 from mmwb.models.vlm import VisionLanguageModel
 
 Prompts = str | None | Sequence[str | None]
@@ -131,7 +131,8 @@ class VLMPipeline:
     def _answer(self, loaded, on_token, generation_args) -> None:
         """Generate for (result, image, prompt) triples in one batch and fill their results."""
         tokenizer = self.model.tokenizer
-        texts = [build_prompt(prompt, self.model.config.template) for _, _, prompt in loaded]
+        tokens = model_tokens(tokenizer, self.model.config.image_token_id)
+        texts = [build_prompt(prompt, self.model.config.template, **tokens) for _, _, prompt in loaded]
         ids, mask = encode_prompts(tokenizer, texts)
         start = time.perf_counter()
         images = [image for _, image, _ in loaded]
