@@ -160,3 +160,41 @@ def test_pipeline_prompts_an_imported_llava_with_its_own_tokens(llava, tmp_path)
         input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False, pad_token_id=0
     )
     assert result.text == tokenizer.decode(hf[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_llava_published_layout_and_broken_folders(llava, tmp_path):
+    """Hub llava-1.5 checkpoints (transformers 4) nest the tower under ``vision_tower.vision_model.``; a folder
+    without its text_config, or with a truncated weights file, is one checkpoint error naming what is wrong."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from mmwb.errors import MmwbCheckpointError
+
+    reference, path = llava
+    published = tmp_path / "published"
+    shutil.copytree(path, published)
+    state = load_file(path / "model.safetensors")
+    renamed = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in state.items()}
+    assert any(k.startswith("vision_tower.vision_model.") for k in renamed)
+    save_file(renamed, published / "model.safetensors", metadata={"format": "pt"})
+    model = mmwb.from_pretrained(published, device="cpu", dtype=torch.float32)
+    ids = torch.tensor([[1, 2] + [IMAGE_ID] * 16 + [3]])
+    pixels = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (
+            model(input_ids=ids, pixel_values=pixels).logits
+            - reference(input_ids=ids, pixel_values=pixels).logits
+        ).abs().max() <= 1e-4
+    config = json.loads((published / "config.json").read_text())
+    (published / "config.json").write_text(
+        json.dumps({k: v for k, v in config.items() if k != "text_config"})
+    )
+    with pytest.raises(MmwbCheckpointError, match="config.json: no text_config section"):
+        mmwb.from_pretrained(published, device="cpu")
+    (published / "config.json").write_text(json.dumps(config))
+    weights = published / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(MmwbCheckpointError, match="model.safetensors: not a readable safetensors file"):
+        mmwb.from_pretrained(published, device="cpu")

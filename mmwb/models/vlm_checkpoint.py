@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -201,7 +202,7 @@ def load_vlm(path: str | Path, device=None, dtype: torch.dtype | None = None) ->
     )
     try:
         load_model(model, str(weights), strict=True)
-    except RuntimeError as err:
+    except (RuntimeError, SafetensorError) as err:
         raise MmwbCheckpointError(f"{weights}: tensors do not fit the model in config.json ({err})") from err
     has_tokenizer = any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     model.tokenizer = load_tokenizer(directory) if has_tokenizer else None

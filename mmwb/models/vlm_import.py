@@ -77,7 +77,10 @@ def load_text_model(
     from mmwb.models.hf_text import TransformersCausalLM
 
     wrapper = TransformersCausalLM.from_config(text_config)
-    _load_strict(wrapper.model, source.state(), directory, "language model", tied_ok=("lm_head.weight",))
+    tied = (
+        ("lm_head.weight",) if wrapper.model.config.tie_word_embeddings else ()
+    )  # else a missing head is an error
+    _load_strict(wrapper.model, source.state(), directory, "language model", tied_ok=tied)
     return wrapper.to(device, dtype or torch.float32).eval()
 
 
@@ -96,6 +99,12 @@ def _load_strict(
         )
 
 
+def _section(raw: dict, key: str, directory: Path) -> dict:
+    if not isinstance(raw.get(key), dict):
+        raise MmwbCheckpointError(f"{directory}/config.json: no {key} section")
+    return raw[key]
+
+
 def _tokenizer(directory: Path):
     from mmwb.data.tokenizer import load_tokenizer
 
@@ -110,7 +119,7 @@ def load_kimi_k25(path: str | Path, device=None, dtype: torch.dtype | None = Non
     directory = Path(path)
     raw = read_config(directory)
     device = resolve_device(device)
-    text = load_text_model(directory, raw["text_config"], device, dtype)
+    text = load_text_model(directory, _section(raw, "text_config", directory), device, dtype)
     tower, projector = build_kimi_vision(read_kimi_vision(directory), device, dtype or text.dtype)
     image_token = raw.get("image_token_id", raw.get("media_placeholder_token_id"))
     if image_token is None:
@@ -129,17 +138,30 @@ def load_llava(path: str | Path, device=None, dtype: torch.dtype | None = None) 
     directory = Path(path)
     raw = read_config(directory)
     device = resolve_device(device)
-    text = load_text_model(directory, raw["text_config"], device, dtype)
+    text_config = _section(raw, "text_config", directory)
+    text = load_text_model(directory, text_config, device, dtype)
     dtype = dtype or next(text.parameters()).dtype
     source = TensorSource(directory)
 
-    vision = dict(raw["vision_config"])
-    vision_config = AutoConfig.for_model(vision.pop("model_type"), **vision)
+    vision = dict(_section(raw, "vision_config", directory))
+    try:
+        vision_config = AutoConfig.for_model(vision.pop("model_type", None), **vision)
+    except (ValueError, KeyError) as err:
+        raise MmwbCheckpointError(f"{directory}/config.json: vision_config: {err}") from err
     model_class = CLIPVisionModel if vision_config.model_type == "clip_vision_model" else SiglipVisionModel
-    tower_prefixes = (("vision_tower.", ""), ("model.vision_tower.", ""))
+    layer = raw.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise MmwbCheckpointError(
+            f"{directory}/config.json: vision_feature_layer {layer!r}: features from several layers are not "
+            "supported (one layer index)"
+        )
+    # the published layout (transformers 4) nests the tower's tensors under vision_model.
+    tower_prefixes = tuple(
+        (f"{root}vision_tower.{inner}", "") for root in ("", "model.") for inner in ("vision_model.", "")
+    )
     tower = HFVisionTower(
         model_class(vision_config),
-        select_layer=int(raw.get("vision_feature_layer", -2)),
+        select_layer=layer,
         drop_cls=raw.get("vision_feature_select_strategy", "default") == "default",
     )
     kept = len(tower.model.encoder.layers)
@@ -152,7 +174,7 @@ def load_llava(path: str | Path, device=None, dtype: torch.dtype | None = None) 
 
     projector_prefixes = (("multi_modal_projector.", ""), ("model.multi_modal_projector.", ""))
     projector_state = RenamedSource(source, _prefix_rename(projector_prefixes)).state()
-    projector = MLP2xGelu(vision_config.hidden_size, raw["text_config"]["hidden_size"])
+    projector = MLP2xGelu(vision_config.hidden_size, text_config["hidden_size"])
     _load_strict(projector, projector_state, directory, "projector")
 
     cfg = VLMConfig(int(raw.get("image_token_id", raw.get("image_token_index", 32000))), template="plain")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mmwb.data.io import atomic_write_path, write_json
@@ -39,10 +39,13 @@ class TensorSource:
     def __init__(self, directory: Path) -> None:
         index = directory / INDEX_NAME
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise MmwbCheckpointError(f"{index}: not a safetensors index ({err})") from err
             self.shard_of = {name: directory / shard for name, shard in weight_map.items()}
         elif (directory / WEIGHTS_NAME).is_file():
-            with safe_open(directory / WEIGHTS_NAME, "pt") as f:
+            with _open_shard(directory / WEIGHTS_NAME) as f:
                 self.shard_of = {name: directory / WEIGHTS_NAME for name in f.keys()}  # noqa: SIM118
         else:
             raise MmwbCheckpointError(f"{directory}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
@@ -54,7 +57,7 @@ class TensorSource:
     def _handle(self, name: str):
         shard = self.shard_of[name]
         if shard not in self._handles:
-            self._handles[shard] = safe_open(shard, "pt")
+            self._handles[shard] = _open_shard(shard)
         return self._handles[shard]
 
     def names(self) -> set[str]:
@@ -64,7 +67,18 @@ class TensorSource:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        try:
+            return self._handle(name).get_tensor(name)
+        except SafetensorError as err:  # the header was fine, the data is cut short
+            raise MmwbCheckpointError(f"{self.shard_of[name]}: cannot read {name} ({err})") from err
+
+
+def _open_shard(path: Path):
+    """``safe_open`` with a truncated or foreign file named in one MmwbCheckpointError."""
+    try:
+        return safe_open(path, "pt")
+    except SafetensorError as err:
+        raise MmwbCheckpointError(f"{path}: not a readable safetensors file ({err})") from err
 
 
 @dataclass
