@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers.initialization import no_init_weights
 
 
 class TransformersCausalLM(nn.Module):
@@ -21,7 +22,8 @@ class TransformersCausalLM(nn.Module):
     def from_config(cls, config: dict[str, Any]) -> TransformersCausalLM:
         config = dict(config)
         hf_config = AutoConfig.for_model(config.pop("model_type"), **config)
-        return cls(AutoModelForCausalLM.from_config(hf_config))
+        with no_init_weights():  # the checkpoint overwrites every weight: skip minutes of random init at 7B
+            return cls(AutoModelForCausalLM.from_config(hf_config))
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()

@@ -80,23 +80,28 @@ def load_text_model(
     tied = (
         ("lm_head.weight",) if wrapper.model.config.tie_word_embeddings else ()
     )  # else a missing head is an error
-    _load_strict(wrapper.model, source.state(), directory, "language model", tied_ok=tied)
+    _load_strict(wrapper.model, source, directory, "language model", tied_ok=tied)
     return wrapper.to(device, dtype or torch.float32).eval()
 
 
 def _load_strict(
-    module: nn.Module,
-    state: dict[str, torch.Tensor],
-    directory: Path,
-    what: str,
-    tied_ok: tuple[str, ...] = (),
+    module: nn.Module, source: RenamedSource, directory: Path, what: str, tied_ok: tuple[str, ...] = ()
 ) -> None:
-    result = module.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if k not in tied_ok and not k.endswith("inv_freq")]
-    if missing or result.unexpected_keys:
+    """Check names and shapes, then copy the checkpoint into ``module`` one tensor at a time: a 7B text model is
+    never held twice (the whole state as one dict beside the model was 2x its size in memory)."""
+    target = module.state_dict()
+    names = source.names()
+    missing = [k for k in target if k not in names and k not in tied_ok and not k.endswith("inv_freq")]
+    unexpected = sorted(names - target.keys())
+    misshaped = sorted(k for k in names & target.keys() if source.shape(k) != tuple(target[k].shape))
+    if missing or unexpected or misshaped:
         raise MmwbCheckpointError(
-            f"{directory}: {what} tensors do not fit (missing {missing[:8]}, unexpected {result.unexpected_keys[:8]})"
+            f"{directory}: {what} tensors do not fit (missing {missing[:8]}, unexpected {unexpected[:8]}, "
+            f"mis-shaped {misshaped[:8]})"
         )
+    with torch.no_grad():
+        for name in names:
+            target[name].copy_(source.get(name))
 
 
 def _section(raw: dict, key: str, directory: Path) -> dict:
@@ -165,17 +170,15 @@ def load_llava(path: str | Path, device=None, dtype: torch.dtype | None = None) 
         drop_cls=raw.get("vision_feature_select_strategy", "default") == "default",
     )
     kept = len(tower.model.encoder.layers)
-    tower_state = {
-        name: tensor
-        for name, tensor in RenamedSource(source, _prefix_rename(tower_prefixes)).state().items()
-        if not _dropped_layer(name, kept)
-    }
-    _load_strict(tower.model, tower_state, directory, "vision tower")
+    rename = _prefix_rename(tower_prefixes)
+    tower_source = RenamedSource(
+        source, lambda name: None if (new := rename(name)) is None or _dropped_layer(new, kept) else new
+    )
+    _load_strict(tower.model, tower_source, directory, "vision tower")
 
     projector_prefixes = (("multi_modal_projector.", ""), ("model.multi_modal_projector.", ""))
-    projector_state = RenamedSource(source, _prefix_rename(projector_prefixes)).state()
     projector = MLP2xGelu(vision_config.hidden_size, text_config["hidden_size"])
-    _load_strict(projector, projector_state, directory, "projector")
+    _load_strict(projector, RenamedSource(source, _prefix_rename(projector_prefixes)), directory, "projector")
 
     cfg = VLMConfig(int(raw.get("image_token_id", raw.get("image_token_index", 32000))), template="plain")
     cfg.source = "llava"
