@@ -16,7 +16,7 @@ from transformers import (
 
 from mmwb.errors import MmwbCheckpointError, MmwbConfigError
 from mmwb.models.vision import FixedSizeImageProcessor, PixelInputs
-from mmwb.models.vision.hf import HFVisionTower
+from mmwb.models.vision.hf import HFVisionTower, vision_model_from_config
 
 SIZES = dict(
     hidden_size=32,
@@ -120,3 +120,10 @@ def test_processors_match_transformers_processors():
     padded = [llava_expand2square(image, tuple(round(255 * m) for m in mean)) for image in images]
     ours = FixedSizeImageProcessor(32, mean, std, "pad")(images).pixel_values
     assert (ours - clip(padded, return_tensors="pt")["pixel_values"]).abs().max() <= 1e-5
+
+
+def test_a_vision_config_of_another_family_is_named():
+    with pytest.raises(
+        MmwbCheckpointError, match="cfg.json: vision model_type 'siglip2_vision_model' is not one of"
+    ):
+        vision_model_from_config({"model_type": "siglip2_vision_model", "hidden_size": 32}, "cfg.json")

@@ -56,6 +56,12 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         raise MmwbInputError(f"{path}: cannot load a tokenizer from this folder ({err})") from err
 
 
+def folder_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved in a model folder, or None when the folder has none."""
+    has = any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    return load_tokenizer(path) if has else None
+
+
 def _skip_own_config(path: Path) -> dict[str, Any]:
     """An empty config for folders holding an mmwb model, whose config.json transformers cannot read.
 

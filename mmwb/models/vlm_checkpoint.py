@@ -70,19 +70,13 @@ def build_tower(spec: dict[str, Any]) -> VisionTower:
 
         return MoonViT(MoonViTConfig(**spec["config"]))
     if kind == "hf":
-        from transformers import AutoConfig, CLIPVisionModel, SiglipVisionModel
-
         from mmwb.models.vision.base import FixedSizeImageProcessor
-        from mmwb.models.vision.hf import HFVisionTower
+        from mmwb.models.vision.hf import HFVisionTower, vision_model_from_config
 
-        config = dict(spec["config"])
-        hf_config = AutoConfig.for_model(config.pop("model_type"), **config)
-        model_class = CLIPVisionModel if hf_config.model_type == "clip_vision_model" else SiglipVisionModel
         p = spec["processor"]
         processor = FixedSizeImageProcessor(p["size"], tuple(p["mean"]), tuple(p["std"]), p["resize_mode"])
-        return HFVisionTower(
-            model_class(hf_config), spec["select_layer"], spec["drop_cls"], spec["final_norm"], processor
-        )
+        model = vision_model_from_config(spec["config"], "config.json: vision")
+        return HFVisionTower(model, spec["select_layer"], spec["drop_cls"], spec["final_norm"], processor)
     if kind == "open_clip":
         from open_clip.model import _build_vision_tower
 
@@ -184,7 +178,7 @@ def save_vlm(model: VisionLanguageModel, path: Path) -> None:
 
 def load_vlm(path: str | Path, device=None, dtype: torch.dtype | None = None) -> VisionLanguageModel:
     """Rebuild the parts from config.json and load model.safetensors (strict: every tensor must fit)."""
-    from mmwb.data.tokenizer import load_tokenizer
+    from mmwb.data.tokenizer import folder_tokenizer
     from mmwb.runtime import resolve_device
 
     directory = Path(path)
@@ -204,8 +198,7 @@ def load_vlm(path: str | Path, device=None, dtype: torch.dtype | None = None) ->
         load_model(model, str(weights), strict=True)
     except (RuntimeError, SafetensorError) as err:
         raise MmwbCheckpointError(f"{weights}: tensors do not fit the model in config.json ({err})") from err
-    has_tokenizer = any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-    model.tokenizer = load_tokenizer(directory) if has_tokenizer else None
+    model.tokenizer = folder_tokenizer(directory)
     _reset_rope(model)
     model = model.to(resolve_device(device), dtype or getattr(torch, raw.get("dtype", "float32")))
     return model.eval()

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mmwb.data.tokenizer import folder_tokenizer
 from mmwb.errors import MmwbCheckpointError
 from mmwb.models.decoder.checkpoint import HF_MODEL_TYPES, TensorSource, _assemble, _ignorable_hf, hf_recipe
 from mmwb.models.decoder.config import DecoderConfig
@@ -110,13 +111,6 @@ def _section(raw: dict, key: str, directory: Path) -> dict:
     return raw[key]
 
 
-def _tokenizer(directory: Path):
-    from mmwb.data.tokenizer import load_tokenizer
-
-    has = any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-    return load_tokenizer(directory) if has else None
-
-
 def load_kimi_k25(path: str | Path, device=None, dtype: torch.dtype | None = None) -> VisionLanguageModel:
     """MoonViT + pixel-shuffle projector + DeepSeek-V3 text from a kimi_k25 folder (either layout)."""
     from mmwb.models.vision.kimi_checkpoint import build_kimi_vision, read_kimi_vision
@@ -130,15 +124,13 @@ def load_kimi_k25(path: str | Path, device=None, dtype: torch.dtype | None = Non
     if image_token is None:
         raise MmwbCheckpointError(f"{directory}/config.json: image_token_id is missing")
     cfg = VLMConfig(int(image_token), template="plain", source="kimi_k25")
-    return VisionLanguageModel(cfg, tower, projector, text, _tokenizer(directory)).eval()
+    return VisionLanguageModel(cfg, tower, projector, text, folder_tokenizer(directory)).eval()
 
 
 def load_llava(path: str | Path, device=None, dtype: torch.dtype | None = None) -> VisionLanguageModel:
     """CLIP/SigLIP tower (penultimate layer, CLS dropped) + mlp2x_gelu + text model from a llava folder."""
-    from transformers import AutoConfig, CLIPVisionModel, SiglipVisionModel
-
     from mmwb.models.projectors import MLP2xGelu
-    from mmwb.models.vision.hf import HFVisionTower
+    from mmwb.models.vision.hf import HFVisionTower, vision_model_from_config
 
     directory = Path(path)
     raw = read_config(directory)
@@ -148,12 +140,9 @@ def load_llava(path: str | Path, device=None, dtype: torch.dtype | None = None) 
     dtype = dtype or next(text.parameters()).dtype
     source = TensorSource(directory)
 
-    vision = dict(_section(raw, "vision_config", directory))
-    try:
-        vision_config = AutoConfig.for_model(vision.pop("model_type", None), **vision)
-    except (ValueError, KeyError) as err:
-        raise MmwbCheckpointError(f"{directory}/config.json: vision_config: {err}") from err
-    model_class = CLIPVisionModel if vision_config.model_type == "clip_vision_model" else SiglipVisionModel
+    vision_model = vision_model_from_config(
+        _section(raw, "vision_config", directory), f"{directory}/config.json"
+    )
     layer = raw.get("vision_feature_layer", -2)
     if not isinstance(layer, int):
         raise MmwbCheckpointError(
@@ -165,7 +154,7 @@ def load_llava(path: str | Path, device=None, dtype: torch.dtype | None = None) 
         (f"{root}vision_tower.{inner}", "") for root in ("", "model.") for inner in ("vision_model.", "")
     )
     tower = HFVisionTower(
-        model_class(vision_config),
+        vision_model,
         select_layer=layer,
         drop_cls=raw.get("vision_feature_select_strategy", "default") == "default",
     )
@@ -177,12 +166,12 @@ def load_llava(path: str | Path, device=None, dtype: torch.dtype | None = None) 
     _load_strict(tower.model, tower_source, directory, "vision tower")
 
     projector_prefixes = (("multi_modal_projector.", ""), ("model.multi_modal_projector.", ""))
-    projector = MLP2xGelu(vision_config.hidden_size, text_config["hidden_size"])
+    projector = MLP2xGelu(vision_model.config.hidden_size, text_config["hidden_size"])
     _load_strict(projector, RenamedSource(source, _prefix_rename(projector_prefixes)), directory, "projector")
 
     cfg = VLMConfig(int(raw.get("image_token_id", raw.get("image_token_index", 32000))), template="plain")
     cfg.source = "llava"
-    model = VisionLanguageModel(cfg, tower, projector, text, _tokenizer(directory))
+    model = VisionLanguageModel(cfg, tower, projector, text, folder_tokenizer(directory))
     model.vision_tower.to(device, dtype)
     model.projector.to(device, dtype)
     return model.eval()

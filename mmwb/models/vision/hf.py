@@ -28,6 +28,20 @@ _FAMILIES = {
 }  # fmt: skip
 
 
+def vision_model_from_config(config: dict, where: str) -> CLIPVisionModel | SiglipVisionModel:
+    """A randomly initialised CLIP or SigLIP vision model from a config dict with its ``model_type``; ``where``
+    names the config in the error for any other type."""
+    from transformers import AutoConfig
+
+    config = dict(config)
+    model_type = config.pop("model_type", None)
+    if model_type not in _FAMILIES:
+        raise MmwbCheckpointError(
+            f"{where}: vision model_type {model_type!r} is not one of {sorted(_FAMILIES)}"
+        )
+    return _FAMILIES[model_type][0](AutoConfig.for_model(model_type, **config))
+
+
 class HFVisionTower(VisionTower):
     """``(B, N, C)`` hidden states of one layer of a transformers CLIP/SigLIP vision model."""
 
