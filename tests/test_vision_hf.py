@@ -117,7 +117,8 @@ def test_processors_match_transformers_processors():
     siglip = SiglipImageProcessor(size={"height": 32, "width": 32})
     ours = FixedSizeImageProcessor(32, tuple(siglip.image_mean), tuple(siglip.image_std), "squash")(images)
     assert (ours.pixel_values - siglip(images, return_tensors="pt")["pixel_values"]).abs().max() <= 1e-5
-    padded = [llava_expand2square(image, tuple(round(255 * m) for m in mean)) for image in images]
+    # LLaVA pads with tuple(int(x * 255) for x in image_processor.image_mean) (llava/mm_utils.py)
+    padded = [llava_expand2square(image, tuple(int(255 * m) for m in mean)) for image in images]
     ours = FixedSizeImageProcessor(32, mean, std, "pad")(images).pixel_values
     assert (ours - clip(padded, return_tensors="pt")["pixel_values"]).abs().max() <= 1e-5
 

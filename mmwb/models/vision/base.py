@@ -133,7 +133,8 @@ class FixedSizeImageProcessor(ImageProcessor):
 
     def _one(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.resize_mode == "pad":
-            pixels = _pad_to_square(pixels, [round(255 * m) for m in self.mean])
+            # int(), not round(): LLaVA's expand2square truncates (CLIP's mean pads with (122, 116, 104))
+            pixels = _pad_to_square(pixels, [int(255 * m) for m in self.mean])
         if self.resize_mode == "crop":
             pixels = resize_uint8(pixels, self.size)
             # floor the margins like transformers' CLIPImageProcessor (torchvision's center_crop rounds them)
