@@ -5,8 +5,7 @@ import shutil
 
 import pytest
 import torch
-from diffusers import ControlNetModel, UNet2DConditionModel
-from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+from diffusers import ControlNetModel, MultiControlNetModel, UNet2DConditionModel
 from safetensors.torch import save_file
 
 from mmwb.errors import MmwbCheckpointError

@@ -7,6 +7,8 @@ test.
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mmwb.errors import MmwbInputError
@@ -243,7 +245,13 @@ def test_stream_checks_arguments_before_iterating(llama, batch):
         stream(LlamaStepper(llama), ids, mask, stop_strings="ab")
 
 
+@pytest.mark.skipif(
+    Version(transformers.__version__) < Version("5.24"),
+    reason="pins transformers >= 5.24: before it, beam sampling kept the sampled candidates in draw order",
+)
 def test_beam_sampling_and_penalties_match_transformers(llama, batch):
+    """transformers 5.24+ (the lock's 5.25 included) sorts the sampled candidates best first before choosing which
+    may finish a hypothesis; 5.23 kept the draw order, and one token of this batch differed."""
     ids, mask = batch
     kwargs = {"num_beams": 3, "do_sample": True, "top_k": 10, "temperature": 0.7, "no_repeat_ngram_size": 3}
     torch.manual_seed(7)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers.generation import logits_process as hf
+import transformers as hf  # the logits processors are exported at the top level
 
 from mmwb.models.decoder import logits_processors as lp
 

@@ -2,12 +2,14 @@
 
 import pytest
 import torch
-from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel, Kimi_K25Config, LlavaConfig
-from transformers.models.kimi_k25.modeling_kimi_k25 import (
-    Kimi_K25MultimodalProjection,
-    get_vision_temporal_merge_index,
+from transformers import (
+    InstructBlipQFormerConfig,
+    InstructBlipQFormerModel,
+    Kimi_K25Config,
+    Kimi_K25Model,
+    LlavaConfig,
+    LlavaModel,
 )
-from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from mmwb.errors import MmwbInputError
 from mmwb.models.projectors import PROJECTORS, MLP2xGelu, PixelShuffleMLP
@@ -32,7 +34,7 @@ def test_mlp2x_gelu_matches_llava_projector():
         vision_config={"model_type": "clip_vision_model", "hidden_size": 24},
         text_config={"model_type": "llama", "hidden_size": 40, "num_attention_heads": 4},
     )
-    reference = randomize(LlavaMultiModalProjector(config))
+    reference = randomize(LlavaModel(config).multi_modal_projector)
     ours = MLP2xGelu(24, 40)
     ours.load_state_dict(reference.state_dict())
     features = torch.randn(2, 9, 24)
@@ -42,25 +44,28 @@ def test_mlp2x_gelu_matches_llava_projector():
         assert (out.features - reference(features)).abs().max() <= 1e-5
 
 
-def kimi_projection(vision_dim: int, text_dim: int) -> Kimi_K25MultimodalProjection:
-    config = Kimi_K25Config(
-        vision_config={"hidden_size": vision_dim},
-        text_config={"hidden_size": text_dim},
-        projection_hidden_size=vision_dim,
-    )
-    return randomize(Kimi_K25MultimodalProjection(config))
-
-
 def test_pixel_shuffle_matches_kimi_projector_on_packed_grids():
-    reference = kimi_projection(16, 20)
+    """Through transformers' public ``Kimi_K25Model.get_image_features``: its tower's patch features (before the
+    2x2 merge) in, its projected image tokens out, so the merge order and the MLP are both checked."""
+    config = Kimi_K25Config(
+        vision_config={
+            "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "patch_size": 2, "pos_emb_height": 6, "pos_emb_width": 6,
+        },
+        text_config={"model_type": "deepseek_v3", "hidden_size": 20, "vocab_size": 8, "num_hidden_layers": 1},
+        projection_hidden_size=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    reference = randomize(Kimi_K25Model(config))
     ours = PixelShuffleMLP(16, 20)
-    ours.load_state_dict(reference.state_dict())
+    ours.load_state_dict(reference.mm_projector.state_dict())
     grids = [(2, 4), (6, 2), (4, 4)]
-    features = torch.randn(sum(h * w for h, w in grids), 16)
+    pixels = torch.randn(sum(h * w for h, w in grids), 3, 2, 2)
     grid_thw = torch.tensor([[1, h, w] for h, w in grids])
     with torch.no_grad():
-        expected = reference(features[get_vision_temporal_merge_index(grid_thw, 2, 2)].mean(dim=1)).squeeze(1)
-        out = ours(VisionFeatures(features, [h * w for h, w in grids], grids))
+        hf = reference.get_image_features(pixels, image_grid_thw=grid_thw)
+        expected = torch.cat(hf.pooler_output)  # (9, 20): 2 + 3 + 4 merged tokens
+        out = ours(VisionFeatures(hf.last_hidden_state, [h * w for h, w in grids], grids))
     assert out.features.shape == expected.shape == (9, 20)
     assert out.token_counts == [2, 3, 4] and out.grid_hw == [(1, 2), (3, 1), (2, 2)]
     assert (out.features - expected).abs().max() <= 1e-5

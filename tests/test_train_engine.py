@@ -294,7 +294,7 @@ def test_ema_follows_the_weights():
 
 
 def test_schedules_match_transformers():
-    from transformers.optimization import (
+    from transformers import (
         get_constant_schedule_with_warmup,
         get_cosine_schedule_with_warmup,
         get_linear_schedule_with_warmup,

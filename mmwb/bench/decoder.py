@@ -352,7 +352,8 @@ def hf_cache_bytes(reference: Any) -> int:
     length = 4
     ids = torch.zeros(1, length, dtype=torch.long, device=reference.device)
     with torch.no_grad():
-        cache = reference(input_ids=ids, use_cache=True).past_key_values
+        out = reference(input_ids=ids, use_cache=True)
+    cache = out.cache if "cache" in out else out.past_key_values  # renamed in transformers 5.24
     total = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     return total // length
 

@@ -3,6 +3,7 @@ decoder, so the VLM and ``mmwb.models.decoder.generate`` drive both alike."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ class TransformersCausalLM(nn.Module):
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         self.model = model
+        self._cache_kwarg = cache_kwarg(model)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> TransformersCausalLM:
@@ -66,8 +68,8 @@ class TransformersCausalLM(nn.Module):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_kwarg: cache},
             logits_to_keep=logits_to_keep,
         )
         return out.logits.float()
@@ -75,3 +77,9 @@ class TransformersCausalLM(nn.Module):
     def reorder_cache(self, cache: DynamicCache, beam_idx: torch.Tensor) -> DynamicCache:
         cache.reorder_cache(beam_idx)
         return cache
+
+
+def cache_kwarg(model: PreTrainedModel) -> str:
+    """The name under which ``model.forward`` takes its KV cache: ``cache`` from transformers 5.24 on (where
+    ``past_key_values`` still works until 5.40, with a FutureWarning on every call), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -378,7 +378,10 @@ def _beam_search(
         acc = (log_probs.view(batch, nb, vocab) + running_scores[..., None]).view(batch, nb * vocab)
         if cfg.do_sample:
             idx = torch.multinomial(torch.softmax(acc, dim=-1), keep, generator=generator)  # (B, K)
-            top_lp = torch.gather(acc, 1, idx)
+            # Best first, as topk gives them: only the first num_beams candidates may finish a hypothesis, so
+            # the order decides which ones can (transformers >= 5.24 sorts too; 5.23 kept the draw order).
+            top_lp, order = torch.gather(acc, 1, idx).sort(dim=-1, descending=True)
+            idx = idx.gather(1, order)
         else:
             top_lp, idx = torch.topk(acc, keep)  # (B, K)
         source, tokens = idx // vocab, idx % vocab

@@ -18,10 +18,10 @@ import torch
 from diffusers import (
     ControlNetModel,
     DiffusionPipeline,
+    MultiControlNetModel,
     StableDiffusionControlNetPipeline,
     StableDiffusionXLControlNetPipeline,
 )
-from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
 from mmwb.errors import MmwbCheckpointError
 
