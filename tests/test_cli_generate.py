@@ -9,7 +9,7 @@ from PIL import Image
 
 from mmwb.cli import generate
 from mmwb.cli.main import common_flags
-from mmwb.errors import MmwbCheckpointError, MmwbInputError
+from mmwb.errors import MmwbCheckpointError, MmwbConfigError, MmwbInputError
 from mmwb.models.diffusion.tiny import save_tiny_controlnet_sd
 from mmwb.pipelines.controlnet import GenerationResult, read_record
 
@@ -140,3 +140,29 @@ def test_missing_arguments_and_bad_records_are_named(tiny, tmp_path):
         generate.run(parse(*base, "--control-image", square, "--cn-scale", "1", "2"))
     with pytest.raises(MmwbCheckpointError, match="nowhere: model not found"):
         generate.run(parse(*base[:1], tmp_path / "nowhere", *base[2:], "--control-image", square))
+
+
+def test_non_finite_numbers_are_refused_before_any_work(tiny, tmp_path, capsys):
+    """``--guidance-scale nan`` used to run, write NaN images and leave its output folder behind."""
+    from mmwb.cli.main import main
+    from mmwb.pipelines.controlnet import ControlNetGenerator, GenerationParams
+
+    model, controlnets, square = tiny
+    out = tmp_path / "o"
+    base = ["generate", "--model", model, "--controlnet", controlnets[0], "--prompt", "p",
+            "--control-image", square, "--out", out]  # fmt: skip
+    for flag, value in (("--guidance-scale", "nan"), ("--cn-scale", "inf"), ("--guidance-end", "-inf")):
+        with pytest.raises(SystemExit) as stop:
+            main([str(a) for a in base] + [f"{flag}={value}"])
+        assert stop.value.code == 2
+        assert f"argument {flag}: must be a finite number, got '{value}'" in capsys.readouterr().err
+    assert not out.exists()
+    record = {"model": {"model": str(model), "controlnets": [str(controlnets[0])]}, "runtime": {},
+              "params": {"prompt": "p", "guidance_scale": float("nan")}}  # fmt: skip
+    (tmp_path / "nan.json").write_text(json.dumps(record))  # Python's json writes and reads NaN
+    with pytest.raises(MmwbConfigError, match="params.guidance_scale must be a finite number, got nan"):
+        read_record(json.loads((tmp_path / "nan.json").read_text()))
+    generator = ControlNetGenerator.from_pretrained(model, [controlnets[0]], device="cpu")
+    params = GenerationParams(prompt="p", guidance_end=[float("inf")], steps=1)
+    with pytest.raises(MmwbInputError, match=r"guidance_end must be finite, got \[inf\]"):
+        generator.generate(params, control_images=[Image.open(square)], progress=False)

@@ -1,5 +1,6 @@
 """YAML configs into typed dataclasses: overrides, and errors that name the key and the file."""
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -81,3 +82,16 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(Train, write(tmp_path, "steps: [1,\n"))
     with pytest.raises(MmwbConfigError, match="must be a mapping"):
         load_config(Train, write(tmp_path, "- 1\n- 2\n"))
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "nan", "'inf'"])
+def test_non_finite_numbers_are_config_errors(value):
+    @dataclasses.dataclass
+    class Opt:
+        lr: float = 1e-3
+        betas: tuple[float, ...] = (0.9, 0.99)
+
+    with pytest.raises(MmwbConfigError, match=r"<defaults>: lr must be a finite number, got"):
+        load_config(Opt, None, [f"lr={value}"])
+    with pytest.raises(MmwbConfigError, match=r"betas\[1\] must be a finite number"):
+        load_config(Opt, None, [f"betas=[0.9, {value}]"])

@@ -1,6 +1,7 @@
 """Device and precision policy decisions, seeding, timing and memory tracking."""
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,3 +129,16 @@ def test_peak_memory_sees_a_temporary_allocation():
         del block
     assert mem.source == "process-rss"
     assert mem.added_bytes > 32 * 2**20
+
+
+def test_shipped_files_resolve_from_mmwb_home_then_the_checkout(tmp_path, monkeypatch):
+    from mmwb.runtime.resources import HOME_ENV, resource_roots, shipped, shipped_model
+
+    checkout = Path(__file__).resolve().parents[1]
+    assert shipped_model("tiny-shapes-vlm") == checkout / "assets" / "models" / "tiny-shapes-vlm"
+    (tmp_path / "assets" / "models" / "tiny-shapes-vlm").mkdir(parents=True)
+    monkeypatch.setenv(HOME_ENV, str(tmp_path))
+    assert resource_roots()[:2] == [tmp_path, checkout]
+    assert shipped_model("tiny-shapes-vlm") == tmp_path / "assets" / "models" / "tiny-shapes-vlm"  # home wins
+    assert shipped("configs/recipes") == checkout / "configs" / "recipes"  # what home lacks: the next root
+    assert shipped("nowhere") == tmp_path / "nowhere"  # none has it: the first root, for the error message

@@ -7,6 +7,8 @@ import logging
 import sys
 from typing import Any
 
+from mmwb.cli.args import finite_float
+
 HELP = "Caption images (files, directories, globs) with a vision-language model."
 log = logging.getLogger("mmwb")
 
@@ -26,10 +28,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--do-sample", action="store_true")
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperature", type=finite_float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--top-p", type=finite_float, default=None)
+    parser.add_argument("--repetition-penalty", type=finite_float, default=None)
     parser.add_argument("--no-repeat-ngram-size", type=int, default=None)
     parser.add_argument("--num-beams", type=int, default=1)
 

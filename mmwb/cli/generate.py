@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mmwb.cli.args import finite_float
+
 HELP = (
     "Generate images with Stable Diffusion steered by one or several ControlNets. Writes the images, the "
     "conditions, a grid (conditions | images) and run.json, which 'mmwb generate --from run.json' repeats."
@@ -70,16 +72,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--negative-prompt", help="what to steer away from")
     gen.add_argument("--steps", type=int, help="denoising steps (default: 30)")
     gen.add_argument(
-        "--guidance-scale", type=float, help="classifier-free guidance (default: 7.5 for SD, 5 for SDXL)"
+        "--guidance-scale",
+        type=finite_float,
+        help="classifier-free guidance (default: 7.5 for SD, 5 for SDXL)",
     )
     gen.add_argument(
-        "--cn-scale", type=float, action="extend", nargs="+", help="ControlNet weight(s) (default: 1)"
+        "--cn-scale", type=finite_float, action="extend", nargs="+", help="ControlNet weight(s) (default: 1)"
     )
     gen.add_argument(
-        "--guidance-start", type=float, action="extend", nargs="+", help="fraction of steps (default: 0)"
+        "--guidance-start",
+        type=finite_float,
+        action="extend",
+        nargs="+",
+        help="fraction of steps (default: 0)",
     )
     gen.add_argument(
-        "--guidance-end", type=float, action="extend", nargs="+", help="fraction of steps (default: 1)"
+        "--guidance-end", type=finite_float, action="extend", nargs="+", help="fraction of steps (default: 1)"
     )
     gen.add_argument(
         "--guess-mode", action=argparse.BooleanOptionalAction, help="ControlNet without the prompt"

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mmwb.cli.args import finite_float
+
 HELP = (
     "Test-set likelihood of a score-based SDE model (default: the shipped checkerboard model) through the "
     "probability-flow ODE: bits/dim of dequantised digits (Hutchinson trace estimate), NLL in nats of 2-D "
@@ -19,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--solver", default="scipy", choices=["scipy", "torch"], help="ODE solver (default: scipy RK45)"
     )
-    parser.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default: 1e-5)")
-    parser.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default: 1e-5)")
+    parser.add_argument("--rtol", type=finite_float, default=1e-5, help="relative tolerance (default: 1e-5)")
+    parser.add_argument("--atol", type=finite_float, default=1e-5, help="absolute tolerance (default: 1e-5)")
     divergence = parser.add_mutually_exclusive_group()
     divergence.add_argument(
         "--exact", dest="exact", action="store_true", default=None, help="exact divergence"

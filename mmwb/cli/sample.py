@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mmwb.cli.args import finite_float
+
 HELP = (
     "Sample a score-based SDE model (default: the shipped checkerboard model) with any sampler: pc, "
     "euler_maruyama, reverse_diffusion, ancestral, ode (scipy RK45), ode_torch, heun. Writes a picture: a grid "
@@ -24,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
     parser.add_argument("--out", type=Path, default=Path("out/sde/samples.png"), help="picture to write")
     parser.add_argument("--schedule", help="time grid: uniform or karras (default: karras for heun)")
-    parser.add_argument("--snr", type=float, help="Langevin corrector signal-to-noise ratio (pc only)")
+    parser.add_argument("--snr", type=finite_float, help="Langevin corrector signal-to-noise ratio (pc only)")
     parser.add_argument(
         "--label",
         type=_label,
@@ -37,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--guidance-scale",
-        type=float,
+        type=finite_float,
         help=f"classifier gradient multiplier for --label (default: {DEFAULT_GUIDANCE:g}; 1 is the exact "
         "conditional score)",
     )

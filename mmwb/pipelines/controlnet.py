@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,6 +222,7 @@ class ControlNetGenerator:
             )
         if not images:
             raise MmwbInputError("a control image is needed (--control-image IMG)")
+        _check_finite(params)
         width, height = params.width, params.height
         if width is None or height is None:
             auto_width, auto_height = default_size(images[0].size, self.native_size, SIZE_MULTIPLE)
@@ -248,6 +250,16 @@ class ControlNetGenerator:
         if name is None:
             return self._model_scheduler_class.from_config(self._model_scheduler_config)
         return make_scheduler(name, self._model_scheduler_config)
+
+
+def _check_finite(params: GenerationParams) -> None:
+    """NaN or inf guidance runs to the end and writes NaN images: refuse it before any work."""
+    scales = [params.guidance_scale] if params.guidance_scale is not None else []
+    named = {"guidance_scale": scales, "cn_scale": params.cn_scale, "guidance_start": params.guidance_start,
+             "guidance_end": params.guidance_end}  # fmt: skip
+    for name, values in named.items():
+        if not all(math.isfinite(float(v)) for v in values):
+            raise MmwbInputError(f"{name} must be finite, got {list(values)}")
 
 
 def _per_controlnet(values: Sequence[Any], n: int, what: str) -> list[Any]:

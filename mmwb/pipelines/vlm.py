@@ -19,9 +19,10 @@ from mmwb.data.io import ImageSource, load_image
 from mmwb.errors import MmwbError, MmwbInputError
 from mmwb.models.chat import build_prompt, encode_prompts, model_tokens
 from mmwb.models.vlm import VisionLanguageModel
+from mmwb.runtime.resources import shipped_model
 
 Prompts = str | None | Sequence[str | None]
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "models" / "tiny-shapes-vlm"
+DEFAULT_MODEL = shipped_model("tiny-shapes-vlm")
 log = logging.getLogger(__name__)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -116,13 +117,12 @@ def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
 
 
 def _convert_scalar(hint: Any, value: Any, source: str, key: str) -> Any:
-    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:  # PyYAML reads "1e-4" (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
+    if hint is float:
+        number = _as_float(value)
+        if number is not None and not math.isfinite(number):
+            raise MmwbConfigError(f"{source}: {key} must be a finite number, got {value!r}")
+        if number is not None:
+            return number
     if hint is Path and isinstance(value, str):
         return Path(value)
     if hint is int and isinstance(value, bool):
@@ -130,6 +130,17 @@ def _convert_scalar(hint: Any, value: Any, source: str, key: str) -> Any:
     if isinstance(hint, type) and isinstance(value, hint):
         return value
     raise _type_error(source, key, _describe(hint), value)
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:  # PyYAML reads "1e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _describe(hint: Any) -> str:

@@ -36,6 +36,7 @@ from mmwb.errors import MmwbCheckpointError, MmwbConfigError
 from mmwb.models.diffusion.conditions import fit_image
 from mmwb.models.diffusion.loading import load_controlnet
 from mmwb.models.diffusion.metrics import image_edge_f1
+from mmwb.models.diffusion.shapes_sd import DEFAULT_MODEL
 from mmwb.runtime import Precision, make_generator, resolve_device, resolve_precision, seed_everything
 from mmwb.train import checkpoint as ckpt
 from mmwb.train.checkpoint import MODEL_FILE
@@ -70,7 +71,7 @@ class ValidationConfig:
 
 @dataclass
 class ControlNetTrainConfig:
-    model: Path = Path("assets/models/shapes-sd")  # diffusers folder of the frozen base model
+    model: Path = DEFAULT_MODEL  # diffusers folder of the frozen base model (default: the shipped shapes SD)
     controlnet: Path | None = None  # continue from this ControlNet; None: ``ControlNetModel.from_unet``
     caption_dropout: float = (
         0.1  # fraction of prompts replaced by "" so the condition alone must carry the image

@@ -27,11 +27,12 @@ from typing import Any
 from mmwb.data.io import write_json
 from mmwb.errors import MmwbConfigError, MmwbError
 from mmwb.runtime.config import load_config
+from mmwb.runtime.resources import shipped
 from mmwb.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
-CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs" / "recipes"  # the source tree's configs/
+CONFIG_ROOT = shipped("configs/recipes")
 DATA_STEP = "data"  # the step before the stages: `data.n=40000` overrides its data.yaml
 DATA_CONFIG = f"{DATA_STEP}.yaml"
 STATE_FILE = "recipe.json"

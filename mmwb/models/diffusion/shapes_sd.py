@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from pathlib import Path
 
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from mmwb.models.diffusion.tiny import BOS, EOS
+from mmwb.runtime.resources import shipped_model
 
-ASSETS = Path(__file__).resolve().parents[3] / "assets" / "models"
-DEFAULT_MODEL = ASSETS / "shapes-sd"
-DEFAULT_CONTROLNET = ASSETS / "shapes-controlnet-canny"
+DEFAULT_MODEL = shipped_model("shapes-sd")
+DEFAULT_CONTROLNET = shipped_model("shapes-controlnet-canny")
 IMAGE_SIZE = 32
 MAX_PROMPT_TOKENS = 32  # the longest shapes caption is 16 tokens with its start and end markers
 CHANNELS = (32, 64, 64)  # UNet channels per resolution level

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,13 +30,13 @@ from mmwb.models.sde.metrics import sliced_wasserstein
 from mmwb.models.sde.samplers import SampleOutput, sample
 from mmwb.models.sde.trained import TrainedSDE
 from mmwb.runtime import make_generator
+from mmwb.runtime.resources import shipped_model
 
-ASSETS = Path(__file__).resolve().parents[3] / "assets" / "models"
-DEFAULT_MODEL = ASSETS / "sde-checkerboard"
-EIGHT_GAUSSIANS_MODEL = ASSETS / "sde-8gaussians"
-DIGITS_MODEL = ASSETS / "sde-digits"
-DIGITS_CLASSIFIER = ASSETS / "digits-classifier"
-DIGITS_NOISY_CLASSIFIER = ASSETS / "digits-noisy-classifier"  # guides sde-digits towards a class
+DEFAULT_MODEL = shipped_model("sde-checkerboard")
+EIGHT_GAUSSIANS_MODEL = shipped_model("sde-8gaussians")
+DIGITS_MODEL = shipped_model("sde-digits")
+DIGITS_CLASSIFIER = shipped_model("digits-classifier")
+DIGITS_NOISY_CLASSIFIER = shipped_model("digits-noisy-classifier")  # guides sde-digits towards a class
 LIKELIHOOD_EPS = 1e-5  # score_sde's eps for likelihoods (sampling stops at the SDE's own eps)
 TOY_REFERENCE_POINTS = 10_000  # test points the sliced Wasserstein distance compares samples with
 SW_PROJECTIONS = 512
