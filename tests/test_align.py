@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmwb.cli.main import main
-from mmwb.models.vlm import VisionLanguageModel
+from mmwb.models.vlm import load_any_vlm
 from mmwb.train.align import HEALTH_FILE, AlignConfig, HealthConfig, train_align
 from mmwb.train.metrics import read_jsonl
 from mmwb.train.vlm_parts import FeatureCacheConfig, load_vlm
@@ -84,7 +84,7 @@ def test_only_the_projector_changes_and_is_saved(setup, tmp_path, caplog):
     saved_report = json.loads((config.out_dir / HEALTH_FILE).read_text())
     assert saved_report == report
     assert {"caption_loss", "text_only_loss", "image_gain_nats", "retrieval_top1"} <= report.keys()
-    aligned = VisionLanguageModel.from_pretrained(config.out_dir)  # the aligned VLM loads as any mmwb VLM
+    aligned = load_any_vlm(config.out_dir)  # the aligned VLM loads as any mmwb VLM
     assert all(torch.equal(aligned.projector.state_dict()[k], v) for k, v in projector.items())
 
 

@@ -12,7 +12,7 @@ from decoder_fixtures import VOCAB, deepseek_v3, mixtral, qwen3_moe, randomize
 from safetensors.torch import load_file, save_file
 
 from mmwb.errors import MmwbCheckpointError, MmwbConfigError
-from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM
+from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM, load_decoder
 from mmwb.models.loading import from_pretrained
 
 CFG = DecoderConfig(
@@ -86,7 +86,7 @@ def test_decode_layout_keeps_names_shapes_and_values(tmp_path):
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "model.safetensors")
     assert all(saved[n].is_contiguous() and torch.equal(saved[n], p) for n, p in params.items())
-    loaded = DecoderForCausalLM.from_pretrained(tmp_path)
+    loaded = load_decoder(tmp_path)
     assert all(_column_major(dict(loaded.named_parameters())[n]) for n in projections)
     ids = torch.randint(0, VOCAB, (2, 6))
     assert torch.equal(_logits(model.eval(), ids), _logits(loaded, ids))

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mmwb.errors import MmwbInputError
 from mmwb.models.decoder.generate import generate, stream
-from mmwb.models.hf_text import TransformersCausalLM
+from mmwb.models.vlm.hf_text import TransformersCausalLM
 
 VOCAB, PAD, NEW = 61, 0, 32
 

@@ -12,7 +12,7 @@ from mmwb.cli.main import main
 from mmwb.data.shapes import Shape, make_example, read_index
 from mmwb.data.tokenizer import load_tokenizer
 from mmwb.errors import MmwbConfigError
-from mmwb.models.decoder import DecoderForCausalLM
+from mmwb.models.decoder import load_decoder
 from mmwb.models.vision import PixelInputs
 from mmwb.models.vision.base import rgb_uint8
 from mmwb.models.vision.open_clip import OpenClipTower
@@ -158,7 +158,7 @@ def test_stage_outputs_load_with_open_clip_the_tower_and_the_decoder(quick_run):
     pixels = tower.image_processor()([read_image(out, 0)]).pixel_values
     assert tower.encode(PixelInputs(pixels)).features.shape == (1, 64, 64)  # 8x8 patches, no CLS, width 64
 
-    decoder = DecoderForCausalLM.from_pretrained(out / "stage2_lm")
+    decoder = load_decoder(out / "stage2_lm")
     lm_tokenizer = load_tokenizer(out / "stage2_lm")
     rows = encode_texts(
         lm_tokenizer, stage_texts(out / "data", "val", LMStageConfig())

@@ -8,10 +8,11 @@ from vlm_fixtures import WIDTH, images, tiny_vlm
 import mmwb
 from mmwb.cli.main import main
 from mmwb.errors import MmwbInputError
-from mmwb.models.chat import build_prompt, encode_prompts
 from mmwb.models.decoder.model import IGNORE_INDEX
 from mmwb.models.projectors import PixelShuffleMLP
-from mmwb.models.vlm import VisionLanguageModel, expand_image_tokens
+from mmwb.models.vlm import VisionLanguageModel, load_any_vlm
+from mmwb.models.vlm.model import expand_image_tokens
+from mmwb.models.vlm.prompt import build_prompt, encode_prompts
 from mmwb.pipelines.vlm import VLMPipeline
 
 
@@ -150,7 +151,7 @@ def test_trainers_parts_become_a_vlm_that_round_trips(tmp_path):
     setup = make_setup(tmp_path, n=8)
     model = load_vlm(None, setup["vision"], setup["decoder"]).eval()
     model.save_pretrained(tmp_path / "vlm")  # open_clip tower + mlp2x_gelu + mmwb decoder
-    loaded = VisionLanguageModel.from_pretrained(tmp_path / "vlm", device="cpu")
+    loaded = load_any_vlm(tmp_path / "vlm", device="cpu")
     ids, _ = encode_prompts(model.tokenizer, [build_prompt("a red circle", "chat")])
     pics = images((32, 32))
     with torch.no_grad():

@@ -12,10 +12,10 @@ import torch
 
 from mmwb.data.tokenizer import IMAGE
 from mmwb.errors import MmwbInputError
-from mmwb.models.chat import build_prompt, encode_prompts
 from mmwb.models.decoder.model import IGNORE_INDEX
 from mmwb.models.projectors import QFormer, QFormerSize, make_projector
-from mmwb.models.vlm import VisionLanguageModel
+from mmwb.models.vlm import VisionLanguageModel, load_any_vlm
+from mmwb.models.vlm.prompt import build_prompt, encode_prompts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vlm_fixtures import WIDTH, images, tiny_vlm  # noqa: E402
@@ -113,7 +113,7 @@ def test_multi_image_rows_share_their_prompt_and_explicit_ids_are_used(model):
 
 def test_save_load_round_trip(model, tmp_path):
     model.save_pretrained(tmp_path / "vlm")
-    loaded = VisionLanguageModel.from_pretrained(tmp_path / "vlm", device="cpu")
+    loaded = load_any_vlm(tmp_path / "vlm", device="cpu")
     assert isinstance(loaded.projector, QFormer) and loaded.projector.config == model.projector.config
     ids, mask = encode_prompts(model.tokenizer, [build_prompt("what colour is the circle?", "chat")] * 2)
     pics = images((16, 24), (8, 8))
@@ -145,7 +145,7 @@ def test_alignment_trains_a_new_qformer_and_nothing_else(tmp_path):
     assert all(torch.equal(vlm.state_dict()[k], v) for k, v in frozen.items())
     changed = [k for k, v in vlm.projector.state_dict().items() if not torch.equal(v, before[k])]
     assert "query_tokens" in changed and len(changed) > len(before) // 2
-    aligned = VisionLanguageModel.from_pretrained(config.out_dir)
+    aligned = load_any_vlm(config.out_dir)
     assert isinstance(aligned.projector, QFormer) and aligned.projector.config.num_queries == QUERIES
     assert all(
         torch.equal(aligned.projector.state_dict()[k], v) for k, v in vlm.projector.state_dict().items()

@@ -112,13 +112,13 @@ def mmwb_vlm(weights: Path) -> Any:
     from safetensors.torch import load_file
 
     from mmwb.data.tokenizer import load_tokenizer
-    from mmwb.models.decoder import DecoderForCausalLM
+    from mmwb.models.decoder import load_decoder
     from mmwb.models.projectors import MLP2xGelu
     from mmwb.models.vision.hf import HFVisionTower
     from mmwb.train.vlm_parts import assemble
 
     tower = HFVisionTower.from_pretrained(weights / "vision", select_layer=-2)
-    decoder = DecoderForCausalLM.from_pretrained(weights / "text")
+    decoder = load_decoder(weights / "text")
     projector = MLP2xGelu(tower.hidden_size, decoder.config.hidden_size)
     projector.load_state_dict(load_file(weights / "projector.safetensors"))
     return assemble(tower, projector, decoder, load_tokenizer(weights / "text"))

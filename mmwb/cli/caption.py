@@ -26,7 +26,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stream", action="store_true", help="print tokens as they come (one image at a time)"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per image (default: 32)")
     parser.add_argument("--do-sample", action="store_true")
     parser.add_argument("--temperature", type=finite_float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None)

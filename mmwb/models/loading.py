@@ -17,9 +17,9 @@ LOADERS: dict[str, str] = {
     "kimi_k2": "mmwb.models.decoder.checkpoint:load_decoder",
     "qwen3_moe": "mmwb.models.decoder.checkpoint:load_decoder",
     "mixtral": "mmwb.models.decoder.checkpoint:load_decoder",
-    "mmwb_vlm": "mmwb.models.vlm_checkpoint:load_vlm",
-    "kimi_k25": "mmwb.models.vlm_import:load_kimi_k25",
-    "llava": "mmwb.models.vlm_import:load_llava",
+    "mmwb_vlm": "mmwb.models.vlm.checkpoint:load_vlm",
+    "kimi_k25": "mmwb.models.vlm.import_hf:load_kimi_k25",
+    "llava": "mmwb.models.vlm.import_hf:load_llava",
 }
 
 

@@ -17,8 +17,8 @@ import torch
 
 from mmwb.data.io import ImageSource, load_image
 from mmwb.errors import MmwbError, MmwbInputError
-from mmwb.models.chat import build_prompt, encode_prompts, model_tokens
 from mmwb.models.vlm import VisionLanguageModel
+from mmwb.models.vlm.prompt import build_prompt, encode_prompts, model_tokens
 from mmwb.runtime.resources import shipped_model
 
 Prompts = str | None | Sequence[str | None]
@@ -45,7 +45,7 @@ def load_default_or(
     path: str | Path | None, device=None, dtype: torch.dtype | None = None
 ) -> VisionLanguageModel:
     """The model in ``path``, or the shipped default, with a one-line error while that is not built."""
-    from mmwb.models.vlm_checkpoint import load_any_vlm
+    from mmwb.models.vlm import load_any_vlm
 
     if path is None:
         if not DEFAULT_MODEL.is_dir():
@@ -95,7 +95,6 @@ class VLMPipeline:
         prompts = list(prompt) if isinstance(prompt, list | tuple) else [prompt] * len(images)
         if len(prompts) != len(images):
             raise MmwbInputError(f"{len(prompts)} prompts for {len(images)} images; give one per image")
-        generation_args.setdefault("max_new_tokens", 32)
         size = 1 if on_token is not None else self.batch_size
         results = []
         for start in range(0, len(images), size):

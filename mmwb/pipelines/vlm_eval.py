@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from mmwb.data.io import load_image
 from mmwb.data.shapes import read_index
+from mmwb.models.decoder.generate import DEFAULT_MAX_NEW_TOKENS
 from mmwb.models.vlm import VisionLanguageModel
 from mmwb.pipelines.vlm import VLMPipeline
 
@@ -31,7 +32,7 @@ class EvaluationConfig:
     split: str = "test"  # <data_dir>/<split>.jsonl
     max_items: int = 500  # the first records of the split
     batch_size: int = 64
-    max_new_tokens: int = 32
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
 
 def normalize(text: str | None) -> str:

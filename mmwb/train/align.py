@@ -131,7 +131,7 @@ def train_align(
             config.qformer,
         )
     freeze_all_but_projector(vlm)
-    vlm.config.template = "plain"  # captions follow the image directly (mmwb.models.chat)
+    vlm.config.template = "plain"  # captions follow the image directly (mmwb.models.vlm.prompt)
     train_records, val_records = align_records(config)
     encode = make_encoder(vlm.tokenizer, "plain", config.max_length)
     trainer = vlm_trainer(

@@ -31,9 +31,9 @@ from torch import nn
 
 from mmwb.data.captions import read_records, split_turns
 from mmwb.errors import MmwbCheckpointError
-from mmwb.models.chat import DEFAULT_CAPTION_QUESTION
 from mmwb.models.projectors.qformer import QFormerSize
 from mmwb.models.vlm import VisionLanguageModel
+from mmwb.models.vlm.prompt import DEFAULT_CAPTION_QUESTION
 from mmwb.pipelines.vlm_eval import EvaluationConfig
 from mmwb.runtime import seed_everything
 from mmwb.train import checkpoint as ckpt

@@ -2,7 +2,7 @@
 
 Stage 1 (alignment) uses LLaVA's *plain* format: ``<bos> <image> caption <eos>``, loss on the caption and its end.
 Stage 2 (instruction tuning) uses the chat format ``<bos> <|user|> <image> q1 <|assistant|> a1 <eos> <|user|> q2
-<|assistant|> a2 <eos> ...`` (each answer after mmwb.models.chat's ``ANSWER_PREFIX``), loss on the assistant
+<|assistant|> a2 <eos> ...`` (each answer after mmwb.models.vlm.prompt's ``ANSWER_PREFIX``), loss on the assistant
 turns (answers and their ``<eos>``) only. Each sequence holds one ``<image>`` token per image; the VLM widens it to
 the image's feature count when it splices the features in.
 """
@@ -18,9 +18,8 @@ from transformers import PreTrainedTokenizerBase
 from mmwb.data.captions import ImageTextRecord
 from mmwb.data.tokenizer import ASSISTANT, IMAGE, USER
 from mmwb.errors import MmwbInputError
-from mmwb.models.chat import ANSWER_PREFIX
-
-IGNORE_INDEX = -100
+from mmwb.models.decoder.model import IGNORE_INDEX
+from mmwb.models.vlm.prompt import ANSWER_PREFIX
 
 
 def make_encoder(

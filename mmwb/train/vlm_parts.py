@@ -25,10 +25,10 @@ from mmwb.data.feature_cache import FeatureCache, describe_preprocessing, encode
 from mmwb.data.io import atomic_write_path, load_image
 from mmwb.data.tokenizer import IMAGE, load_tokenizer
 from mmwb.errors import MmwbConfigError, MmwbInputError
-from mmwb.models.decoder import DecoderForCausalLM
+from mmwb.models.decoder import load_decoder
 from mmwb.models.projectors.qformer import QFormerSize
 from mmwb.models.vision.base import ImageProcessor, VisionFeatures
-from mmwb.models.vlm import VisionLanguageModel, VLMConfig
+from mmwb.models.vlm import VisionLanguageModel, VLMConfig, load_any_vlm
 from mmwb.pipelines.vlm_eval import EvaluationConfig, evaluate_vlm
 from mmwb.train.config import TrainConfig
 from mmwb.train.engine import Trainer
@@ -70,18 +70,18 @@ def load_vlm(
     tower's tokens: block ``select_layer``'s, with or without the CLS token, optionally through ``ln_post``;
     ``qformer`` shapes a new Q-Former)."""
     if model_dir is not None:
-        return VisionLanguageModel.from_pretrained(model_dir, device="cpu")
+        return load_any_vlm(model_dir, device="cpu")
     if vision_dir is None or decoder_dir is None:
         raise MmwbConfigError("set model_dir (a VLM folder), or both vision_dir and decoder_dir")
     from mmwb.models.projectors import make_projector
     from mmwb.models.vision.open_clip import OpenClipTower
-    from mmwb.models.vlm_checkpoint import tower_spec
+    from mmwb.models.vlm.parts import tower_spec
 
     tower = OpenClipTower.from_name(
         f"local-dir:{vision_dir}", select_layer=select_layer, drop_cls=drop_cls, final_norm=final_norm
     )
     open_clip_config = json.loads((Path(vision_dir) / "open_clip_config.json").read_text())["model_cfg"]
-    decoder = DecoderForCausalLM.from_pretrained(decoder_dir)
+    decoder = load_decoder(decoder_dir)
     tokenizer = load_tokenizer(decoder_dir)
     dims = (
         tower.hidden_size,
@@ -100,7 +100,7 @@ def assemble(
     tokenizer: Any,
     vision_spec: dict | None = None,
 ) -> VisionLanguageModel:
-    """A VLM from parts; ``vision_spec`` is needed to save an open_clip tower (see vlm_checkpoint.tower_spec)."""
+    """A VLM from parts; ``vision_spec`` is needed to save an open_clip tower (see mmwb.models.vlm.parts.tower_spec)."""
     token_id = tokenizer.convert_tokens_to_ids(IMAGE)
     if token_id is None or token_id == tokenizer.unk_token_id:
         raise MmwbInputError(f"the tokenizer has no {IMAGE!r} token")
@@ -131,7 +131,7 @@ def evaluate_saved(folder: Path, data_dir: Path, config: EvaluationConfig, vqa: 
     is missing); the predictions go to ``folder/<split>_predictions.jsonl`` beside it."""
     if config.max_items <= 0 or not (Path(data_dir) / f"{config.split}.jsonl").is_file():
         return {}
-    vlm = VisionLanguageModel.from_pretrained(folder, device="cpu")
+    vlm = load_any_vlm(folder, device="cpu")
     metrics, rows = evaluate_vlm(vlm, data_dir, config, vqa=vqa)
     with atomic_write_path(Path(folder) / f"{config.split}_predictions.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))

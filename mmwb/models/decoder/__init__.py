@@ -1,6 +1,7 @@
 """MoE causal-LM decoder (DeepSeek-V3/Moonlight, Qwen3-MoE, Mixtral) with a static KV cache."""
 
 from mmwb.models.decoder.cache import DecoderCache, cache_bytes_per_token
+from mmwb.models.decoder.checkpoint import load_decoder
 from mmwb.models.decoder.config import DecoderConfig
 from mmwb.models.decoder.generate import GenerationConfig, generate, stream
 from mmwb.models.decoder.model import DecoderForCausalLM, DecoderOutput
@@ -14,6 +15,7 @@ __all__ = [
     "GenerationConfig",
     "cache_bytes_per_token",
     "generate",
+    "load_decoder",
     "stream",
     "update_expert_bias",
 ]

@@ -16,19 +16,15 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from mmwb.data.io import atomic_write_path, write_json
 from mmwb.errors import MmwbCheckpointError
 from mmwb.models.decoder.config import DecoderConfig
 from mmwb.models.decoder.model import DecoderForCausalLM
+from mmwb.models.decoder.save import INDEX_NAME, MODEL_TYPE, WEIGHTS_NAME
 from mmwb.models.loading import read_config
 from mmwb.runtime import resolve_device
 
-MODEL_TYPE = "mmwb_decoder"
 HF_MODEL_TYPES = ("deepseek_v3", "kimi_k2", "qwen3_moe", "mixtral")
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 FP32_BUFFERS = ("e_score_correction_bias",)  # selection bias stays fp32 whatever the model dtype
 MAX_NAMES = 8  # tensor names listed per error category
 
@@ -160,7 +156,7 @@ def _rope_row_permutation(name: str, cfg: DecoderConfig) -> Callable[[list[torch
     return permute
 
 
-def _ignorable_hf(name: str, cfg: DecoderConfig) -> bool:
+def ignorable_hf_tensor(name: str, cfg: DecoderConfig) -> bool:
     """Checkpoint tensors with no counterpart on purpose: DeepSeek's multi-token-prediction layers, rope caches."""
     layer = re.match(r"^model\.layers\.(\d+)\.", name)
     return (layer is not None and int(layer.group(1)) >= cfg.num_layers) or name.endswith(
@@ -185,13 +181,13 @@ def load_decoder(
     elif model_type in HF_MODEL_TYPES:
         cfg = DecoderConfig.from_hf_config(raw)
         recipe_for = hf_recipe(model_type, raw, cfg)
-        ignorable = lambda name: _ignorable_hf(name, cfg)  # noqa: E731
+        ignorable = lambda name: ignorable_hf_tensor(name, cfg)  # noqa: E731
     else:
         raise MmwbCheckpointError(f"{directory}/config.json: model_type {model_type!r} is not a decoder type")
-    return _assemble(cfg, TensorSource(directory), recipe_for, ignorable, device, dtype, directory)
+    return assemble_decoder(cfg, TensorSource(directory), recipe_for, ignorable, device, dtype, directory)
 
 
-def _assemble(
+def assemble_decoder(
     cfg: DecoderConfig,
     source: TensorSource,
     recipe_for: Callable,
@@ -257,53 +253,3 @@ def _check_plan(
     ]
     if problems:
         raise MmwbCheckpointError(f"{directory}: checkpoint does not fit the model: " + "; ".join(problems))
-
-
-# --- saving ---
-
-
-def save_pretrained(model: DecoderForCausalLM, path: str | Path, max_shard_bytes: int | None = None) -> None:
-    """Write safetensors (sharded with an index above max_shard_bytes), then config.json (model_type
-    mmwb_decoder). Every file is written atomically, and weight files of an earlier save that the new one does not
-    list (a stale index would otherwise win over a new single file) are removed."""
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    shards = _shard(state, max_shard_bytes)
-    names = (
-        [WEIGHTS_NAME]
-        if len(shards) == 1
-        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    )
-    for name, shard in zip(names, shards, strict=True):
-        with atomic_write_path(directory / name) as tmp:
-            save_file(shard, tmp, metadata={"format": "pt"})
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        weight_map = {key: name for name, shard in zip(names, shards, strict=True) for key in shard}
-        write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    stale = {directory / INDEX_NAME} if len(shards) == 1 else set()
-    stale |= {p for p in directory.glob("model*.safetensors") if p.name not in names}
-    for file in stale:
-        file.unlink(missing_ok=True)
-    config = {
-        "model_type": MODEL_TYPE,
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "decoder": model.config.to_dict(),
-    }
-    write_json(directory / "config.json", config)
-
-
-def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if max_bytes is not None and shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    return shards

@@ -21,7 +21,7 @@ import torch
 
 from mmwb.errors import MmwbInputError
 from mmwb.models.decoder import logits_processors as lp
-from mmwb.models.decoder.model import positions_from_mask
+from mmwb.models.decoder.mask import positions_from_mask
 
 _NEG = -1.0e9  # transformers' "impossible" beam score; kept identical so beam ranking ties break the same way
 
@@ -56,11 +56,16 @@ class Streamer(Protocol):
     def end(self) -> None: ...
 
 
+DEFAULT_MAX_NEW_TOKENS = (
+    32  # mmwb's one default (transformers bounds the total length instead: max_length=20)
+)
+
+
 @dataclass
 class GenerationConfig:
-    """transformers' generation arguments, names and defaults included."""
+    """transformers' generation arguments, names and defaults included (but ``max_new_tokens``, see above)."""
 
-    max_new_tokens: int = 20
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int | None = 50

@@ -38,3 +38,13 @@ def last_query_rows(
     if mask is not None:
         return mask[:, :, -queries:]
     return attention_mask_for(None, queries, total - queries, device)
+
+
+def positions_from_mask(
+    attention_mask: torch.Tensor | None, batch: int, length: int, cache_position: int, device: torch.device
+) -> torch.Tensor:
+    """RoPE positions (B, T): count of real tokens before each slot, so left padding does not shift positions."""
+    if attention_mask is None:
+        return torch.arange(cache_position, cache_position + length, device=device).expand(batch, -1)
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -length:]

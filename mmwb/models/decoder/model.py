@@ -18,13 +18,15 @@ from mmwb.errors import MmwbInputError
 from mmwb.models.decoder.attention import GroupedQueryAttention
 from mmwb.models.decoder.cache import DecoderCache, KVCache, LatentCache, cache_bytes_per_token
 from mmwb.models.decoder.config import DecoderConfig
+from mmwb.models.decoder.generate import generate
 from mmwb.models.decoder.linear import Linear
-from mmwb.models.decoder.mask import attention_mask_for, last_query_rows
+from mmwb.models.decoder.mask import attention_mask_for, last_query_rows, positions_from_mask
 from mmwb.models.decoder.mla import MultiHeadLatentAttention
 from mmwb.models.decoder.mlp import SwiGLU
 from mmwb.models.decoder.moe import Experts, MoEBlock, Router, Routing, load_balancing_loss, router_z_loss
 from mmwb.models.decoder.norm import RMSNorm
 from mmwb.models.decoder.rope import RotaryEmbedding
+from mmwb.models.decoder.save import save_decoder
 
 IGNORE_INDEX = -100
 
@@ -270,35 +272,16 @@ class DecoderForCausalLM(nn.Module):
         return cache_bytes_per_token(self.config, dtype or self.dtype)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
-        from mmwb.models.decoder.generate import generate
-
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
     def save_pretrained(self, path, max_shard_bytes: int | None = None) -> None:
-        from mmwb.models.decoder.checkpoint import save_pretrained
-
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
-
-    @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None) -> DecoderForCausalLM:
-        from mmwb.models.decoder.checkpoint import load_decoder
-
-        return load_decoder(path, device=device, dtype=dtype)
+        """mmwb's decoder folder, which ``mmwb.from_pretrained`` (``load_decoder``) reads back."""
+        save_decoder(self, path, max_shard_bytes=max_shard_bytes)
 
 
 def _column_major(weight: torch.Tensor) -> torch.Tensor:
     """The same (..., out, in) tensor stored with its last two dimensions transposed in memory."""
     return weight.transpose(-1, -2).contiguous().transpose(-1, -2)
-
-
-def positions_from_mask(
-    attention_mask: torch.Tensor | None, batch: int, length: int, cache_position: int, device: torch.device
-) -> torch.Tensor:
-    """RoPE positions (B, T): count of real tokens before each slot, so left padding does not shift positions."""
-    if attention_mask is None:
-        return torch.arange(cache_position, cache_position + length, device=device).expand(batch, -1)
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.clamp(min=0)[:, -length:]
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

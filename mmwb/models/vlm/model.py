@@ -21,15 +21,17 @@ from PIL import Image
 from torch import nn
 
 from mmwb.errors import MmwbInputError
+from mmwb.models.decoder.generate import generate, stream
 from mmwb.models.decoder.model import IGNORE_INDEX, DecoderForCausalLM
 from mmwb.models.vision.base import PixelInputs, VisionFeatures, VisionTower
+from mmwb.models.vlm.save import save_vlm
 
 
 @dataclass
 class VLMConfig:
     """Everything beyond the three parts' own configs: how they are wired and how prompts look.
 
-    ``vision``, ``projector`` and ``text`` are the parts' specs (see ``mmwb.models.vlm_checkpoint``), kept so that
+    ``vision``, ``projector`` and ``text`` are the parts' specs (see ``mmwb.models.vlm.parts``), kept so that
     ``save_pretrained`` can write a folder that rebuilds the same modules.
     """
 
@@ -37,7 +39,7 @@ class VLMConfig:
     vision: dict[str, Any] = field(default_factory=dict)
     projector: dict[str, Any] = field(default_factory=dict)
     text: dict[str, Any] = field(default_factory=dict)
-    template: str = "chat"  # prompt format of mmwb.models.chat the model was trained with
+    template: str = "chat"  # prompt format of mmwb.models.vlm.prompt the model was trained with
     source: str = "mmwb"  # where the weights came from: mmwb, kimi_k25, llava
 
 
@@ -57,7 +59,7 @@ class VLMOutput:
 
 class VisionLanguageModel(nn.Module):
     """``tower`` (frozen in training), ``projector`` and ``language_model`` (an mmwb decoder, or a transformers
-    causal LM wrapped by ``mmwb.models.hf_text.TransformersCausalLM``)."""
+    causal LM wrapped by ``mmwb.models.vlm.hf_text.TransformersCausalLM``)."""
 
     def __init__(
         self,
@@ -269,16 +271,12 @@ class VisionLanguageModel(nn.Module):
 
         Image arguments as in ``forward``; the rest are generation arguments. Returns ``(B, T' + new)``: the
         (widened) prompt ids, then the new tokens (only these if ``new_tokens_only``)."""
-        from mmwb.models.decoder.generate import generate
-
         inputs = self._generation_inputs(input_ids, kwargs)
         out = generate(self.step_model(), **inputs, **kwargs)
         return out[:, inputs["input_ids"].shape[1] :] if new_tokens_only else out
 
     def stream(self, input_ids: torch.Tensor, **kwargs: Any):
         """Like ``generate`` but yields each step's new tokens ``(B,)`` (num_beams=1)."""
-        from mmwb.models.decoder.generate import stream
-
         return stream(self.step_model(), **self._generation_inputs(input_ids, kwargs), **kwargs)
 
     def _generation_inputs(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -313,16 +311,9 @@ class VisionLanguageModel(nn.Module):
     # --- checkpoints ---
 
     def save_pretrained(self, path: str | Path) -> None:
-        """mmwb's VLM folder: config.json (model_type mmwb_vlm), model.safetensors, tokenizer files."""
-        from mmwb.models.vlm_checkpoint import save_vlm
-
+        """mmwb's VLM folder: config.json (model_type mmwb_vlm), model.safetensors, tokenizer files; read back by
+        ``mmwb.from_pretrained`` (``mmwb.models.vlm.load_vlm``)."""
         save_vlm(self, Path(path))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device=None, dtype=None) -> VisionLanguageModel:
-        from mmwb.models.vlm_checkpoint import load_any_vlm
-
-        return load_any_vlm(path, device=device, dtype=dtype)
 
 
 def expand_image_tokens(

@@ -16,10 +16,16 @@ from torch import nn
 
 from mmwb.data.tokenizer import folder_tokenizer
 from mmwb.errors import MmwbCheckpointError
-from mmwb.models.decoder.checkpoint import HF_MODEL_TYPES, TensorSource, _assemble, _ignorable_hf, hf_recipe
+from mmwb.models.decoder.checkpoint import (
+    HF_MODEL_TYPES,
+    TensorSource,
+    assemble_decoder,
+    hf_recipe,
+    ignorable_hf_tensor,
+)
 from mmwb.models.decoder.config import DecoderConfig
 from mmwb.models.loading import read_config
-from mmwb.models.vlm import VisionLanguageModel, VLMConfig
+from mmwb.models.vlm.model import VisionLanguageModel, VLMConfig
 from mmwb.runtime import resolve_device
 
 # checkpoint prefix -> language-model prefix, published layout first
@@ -71,11 +77,11 @@ def load_text_model(
     model_type = text_config.get("model_type")
     if model_type in HF_MODEL_TYPES:
         cfg = DecoderConfig.from_hf_config(text_config)
-        return _assemble(
-            cfg, source, hf_recipe(model_type, text_config, cfg), lambda n: _ignorable_hf(n, cfg),
+        return assemble_decoder(
+            cfg, source, hf_recipe(model_type, text_config, cfg), lambda n: ignorable_hf_tensor(n, cfg),
             device, dtype, directory,
         )  # fmt: skip
-    from mmwb.models.hf_text import TransformersCausalLM
+    from mmwb.models.vlm.hf_text import TransformersCausalLM
 
     wrapper = TransformersCausalLM.from_config(text_config)
     tied = (

@@ -1,33 +1,17 @@
-"""mmwb's own VLM folder: ``config.json`` (model_type ``mmwb_vlm``), ``model.safetensors``, tokenizer files.
-
-The config holds one spec per part (tower, projector, language model) from which the modules are rebuilt with
-random weights before the file's tensors are loaded into them. Tensor names: ``vision_tower.*``, ``projector.*``,
-``language_model.*`` (the modules' own state-dict names below those prefixes).
-"""
+"""What rebuilds each part of an mmwb VLM from its config.json: one JSON spec per part (vision tower, projector,
+language model), written by ``*_spec`` when saving and turned back into a module with random weights by
+``build_*`` before the checkpoint's tensors are loaded into it."""
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
 from torch import nn
 
-from mmwb.data.io import atomic_write_path, write_json
 from mmwb.errors import MmwbCheckpointError, MmwbConfigError
 from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM
-from mmwb.models.loading import read_config
 from mmwb.models.vision.base import VisionTower
-from mmwb.models.vlm import VisionLanguageModel, VLMConfig
-
-MODEL_TYPE = "mmwb_vlm"
-WEIGHTS_NAME = "model.safetensors"
-
-
-# --- specs: what rebuilds each part ---
 
 
 def tower_spec(tower: VisionTower, open_clip_config: dict | None = None) -> dict[str, Any]:
@@ -145,75 +129,9 @@ def build_text(spec: dict[str, Any]) -> nn.Module:
     if spec.get("type") == "mmwb":
         return DecoderForCausalLM(DecoderConfig.from_dict(spec["decoder"]))
     if spec.get("type") == "transformers":
-        from mmwb.models.hf_text import TransformersCausalLM
+        from mmwb.models.vlm.hf_text import TransformersCausalLM
 
         return TransformersCausalLM.from_config(spec["config"])
     raise MmwbCheckpointError(
         f"language model type {spec.get('type')!r} is not one of ['mmwb', 'transformers']"
     )
-
-
-# --- the folder ---
-
-
-def save_vlm(model: VisionLanguageModel, path: Path) -> None:
-    """Write config, weights and tokenizer; each file appears whole (atomic writes)."""
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    cfg.text = text_spec(model.language_model)
-    cfg.projector = projector_spec(model.projector)
-    if not cfg.vision or cfg.vision.get("type") != "open_clip":
-        cfg.vision = tower_spec(model.vision_tower)
-    config = {
-        "model_type": MODEL_TYPE,
-        "dtype": str(model.dtype).removeprefix("torch."),
-        **dataclasses.asdict(cfg),
-    }
-    with atomic_write_path(path / WEIGHTS_NAME) as tmp:
-        save_model(model, str(tmp), metadata={"format": "pt"}, force_contiguous=True)
-    if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(path)
-    write_json(path / "config.json", config)
-
-
-def load_vlm(path: str | Path, device=None, dtype: torch.dtype | None = None) -> VisionLanguageModel:
-    """Rebuild the parts from config.json and load model.safetensors (strict: every tensor must fit)."""
-    from mmwb.data.tokenizer import folder_tokenizer
-    from mmwb.runtime import resolve_device
-
-    directory = Path(path)
-    raw = read_config(directory)
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        raise MmwbCheckpointError(f"{directory}: {WEIGHTS_NAME} is missing")
-    fields = {f.name for f in dataclasses.fields(VLMConfig)}
-    try:
-        cfg = VLMConfig(**{k: v for k, v in raw.items() if k in fields})
-    except TypeError as err:
-        raise MmwbCheckpointError(f"{directory}/config.json: {err}") from err
-    model = VisionLanguageModel(
-        cfg, build_tower(cfg.vision), build_projector(cfg.projector), build_text(cfg.text)
-    )
-    try:
-        load_model(model, str(weights), strict=True)
-    except (RuntimeError, SafetensorError) as err:
-        raise MmwbCheckpointError(f"{weights}: tensors do not fit the model in config.json ({err})") from err
-    model.tokenizer = folder_tokenizer(directory)
-    _reset_rope(model)
-    model = model.to(resolve_device(device), dtype or getattr(torch, raw.get("dtype", "float32")))
-    return model.eval()
-
-
-def _reset_rope(model: VisionLanguageModel) -> None:
-    if isinstance(model.language_model, DecoderForCausalLM):
-        model.language_model.reset_rope(torch.device("cpu"))
-
-
-def load_any_vlm(path: str | Path, device=None, dtype: torch.dtype | None = None) -> VisionLanguageModel:
-    """``mmwb.from_pretrained`` for a folder that must hold a vision-language model."""
-    from mmwb.models.loading import from_pretrained
-
-    model = from_pretrained(path, device=device, dtype=dtype)
-    if not isinstance(model, VisionLanguageModel):
-        raise MmwbCheckpointError(f"{path}: holds a {type(model).__name__}, not a vision-language model")
-    return model
