@@ -10,8 +10,8 @@ from PIL import Image
 from mmwb.cli import generate
 from mmwb.cli.main import common_flags
 from mmwb.errors import MmwbCheckpointError, MmwbConfigError, MmwbInputError
-from mmwb.models.diffusion.tiny import save_tiny_controlnet_sd
 from mmwb.pipelines.controlnet import GenerationResult, read_record
+from mmwb.testing.tiny_sd import save_tiny_controlnet_sd
 
 
 @pytest.fixture(scope="module")

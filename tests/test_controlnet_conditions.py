@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmwb.errors import MmwbInputError
-from mmwb.models.diffusion.conditions import (
+from mmwb.data.conditions import (
     PREPROCESSORS,
     ConditionOptions,
     default_size,
@@ -15,6 +14,7 @@ from mmwb.models.diffusion.conditions import (
     prepare_condition,
     to_rgb,
 )
+from mmwb.errors import MmwbInputError
 from mmwb.models.diffusion.schedulers import check_scheduler_name, make_scheduler
 
 

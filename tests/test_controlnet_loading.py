@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from mmwb.errors import MmwbCheckpointError
 from mmwb.models.diffusion.loading import load_controlnet, load_controlnet_pipeline
-from mmwb.models.diffusion.tiny import save_tiny_controlnet_sd
+from mmwb.testing.tiny_sd import save_tiny_controlnet_sd
 
 
 @pytest.fixture(scope="module")

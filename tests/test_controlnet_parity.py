@@ -18,8 +18,8 @@ from PIL import Image
 from mmwb.errors import MmwbDeviceError
 from mmwb.models.diffusion.memory import MemorySavers
 from mmwb.models.diffusion.schedulers import SCHEDULERS, make_scheduler
-from mmwb.models.diffusion.tiny import save_tiny_controlnet_sd
 from mmwb.pipelines.controlnet import ControlNetGenerator, GenerationParams
+from mmwb.testing.tiny_sd import save_tiny_controlnet_sd
 
 SIZE = 32
 STEPS = 3

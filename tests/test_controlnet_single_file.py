@@ -24,8 +24,8 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from mmwb.models.diffusion.tiny import save_tiny_controlnet_sd
 from mmwb.pipelines.controlnet import ControlNetGenerator, GenerationParams, GenerationResult
+from mmwb.testing.tiny_sd import save_tiny_controlnet_sd
 
 SIZE = 32
 STEPS = 3

@@ -16,8 +16,8 @@ from mmwb.data.controlnet import ControlNetDataset, build_canny_jsonl, read_reco
 from mmwb.data.shapes import write_dataset
 from mmwb.errors import MmwbInputError
 from mmwb.models.diffusion.loading import load_controlnet
-from mmwb.models.diffusion.tiny import save_tiny_controlnet_sd
 from mmwb.runtime import resolve_precision
+from mmwb.testing.tiny_sd import save_tiny_controlnet_sd
 from mmwb.train import TrainConfig, train
 from mmwb.train.controlnet import (
     ControlNetLoss,

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM, attention, mla, moe
+from mmwb.models.decoder.kernels import cpu as cpu_kernels
 from mmwb.models.decoder.model import _column_major
-from mmwb.runtime import cpu_kernels
 
 needs_compiler = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"

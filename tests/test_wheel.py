@@ -70,6 +70,7 @@ def test_wheel_carries_the_shipped_files_and_stays_small(installed):
         "mmwb/_shipped/assets/models/shapes-sd/model_index.json",
         "mmwb/_shipped/configs/recipes/tiny-shapes/data.yaml",
         "mmwb/_shipped/assets/images/chelsea.jpg",
+        "mmwb/models/decoder/kernels/cpu.c",
     ):
         assert expected in names, expected
     assert not any(name.endswith("make_assets.py") for name in names)

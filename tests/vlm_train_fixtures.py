@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmwb.data.shapes import write_dataset
+from mmwb.testing.tiny_vlm import make_tiny_parts
 from mmwb.train.config import TrainConfig
-from mmwb.train.tiny_vlm import make_tiny_parts
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
 

@@ -88,8 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from mmwb.bench.machine import describe_machine
-    from mmwb.cli.generate import default_source
-    from mmwb.pipelines.controlnet import ControlNetGenerator, GenerationParams
+    from mmwb.pipelines.controlnet import ControlNetGenerator, GenerationParams, default_source
 
     source = default_source()
     model, controlnet = args.model or source.model, args.controlnet or source.controlnets[0]

@@ -27,7 +27,7 @@ MEMORY_FLAGS = ("attention_slicing", "vae_slicing", "vae_tiling", "cpu_offload",
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from mmwb.models.diffusion.conditions import PREPROCESSORS, RESIZE_MODES
+    from mmwb.data.conditions import PREPROCESSORS, RESIZE_MODES
     from mmwb.models.diffusion.schedulers import SCHEDULERS
 
     # every default is None so that, with --from, only the flags actually given replace the recorded values
@@ -136,10 +136,16 @@ def resolve_request(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """The run's model source, runtime and parameters: the recorded run (``--from``) with given flags on top."""
     import dataclasses
 
+    from mmwb.data.conditions import ConditionOptions
     from mmwb.errors import MmwbInputError
-    from mmwb.models.diffusion.conditions import ConditionOptions
     from mmwb.models.diffusion.memory import MemorySavers
-    from mmwb.pipelines.controlnet import GenerationParams, ModelSource, RuntimeSpec, read_record
+    from mmwb.pipelines.controlnet import (
+        GenerationParams,
+        ModelSource,
+        RuntimeSpec,
+        default_source,
+        read_record,
+    )
 
     if args.from_record is not None:
         source, runtime, params = read_record(_read_json(args.from_record), str(args.from_record))
@@ -172,14 +178,6 @@ def resolve_request(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         low, high = args.canny_thresholds
         given["conditions"] = ConditionOptions(low, high, params.conditions.stroke_width)
     return source, runtime, dataclasses.replace(params, **given)
-
-
-def default_source() -> Any:
-    """The shipped tiny shapes Stable Diffusion and its canny ControlNet (assets/models)."""
-    from mmwb.models.diffusion.shapes_sd import DEFAULT_CONTROLNET, DEFAULT_MODEL
-    from mmwb.pipelines.controlnet import ModelSource
-
-    return ModelSource(str(DEFAULT_MODEL), [str(DEFAULT_CONTROLNET)])
 
 
 def write_outputs(result: Any, out: Path) -> dict[str, Any]:

@@ -23,9 +23,9 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from mmwb.data.conditions import ConditionOptions, fit_image, prepare_condition
 from mmwb.data.io import atomic_write_path, load_image
 from mmwb.errors import MmwbInputError
-from mmwb.models.diffusion.conditions import ConditionOptions, fit_image, prepare_condition
 
 
 @dataclass(frozen=True)

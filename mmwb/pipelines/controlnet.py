@@ -24,18 +24,19 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mmwb.data.io import read_image_file
-from mmwb.errors import MmwbInputError
-from mmwb.models.diffusion.conditions import (
+from mmwb.data.conditions import (
     ConditionOptions,
     check_preprocessor_name,
     check_resize_mode,
     default_size,
     prepare_condition,
 )
+from mmwb.data.io import read_image_file
+from mmwb.errors import MmwbInputError
 from mmwb.models.diffusion.loading import load_controlnet_pipeline
 from mmwb.models.diffusion.memory import MemorySavers, place_pipeline
 from mmwb.models.diffusion.schedulers import check_scheduler_name, make_scheduler
+from mmwb.models.diffusion.shapes_sd import DEFAULT_CONTROLNET, DEFAULT_MODEL
 from mmwb.runtime import make_generator, resolve_device, resolve_precision
 from mmwb.runtime.config import from_dict, to_dict
 
@@ -99,6 +100,11 @@ class GenerationResult:
             "runtime": to_dict(self.runtime),
             "params": to_dict(self.params),
         }
+
+
+def default_source() -> ModelSource:
+    """The shipped tiny shapes Stable Diffusion and its canny ControlNet."""
+    return ModelSource(str(DEFAULT_MODEL), [str(DEFAULT_CONTROLNET)])
 
 
 def read_record(

@@ -30,10 +30,10 @@ from diffusers import (
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from mmwb.data.conditions import fit_image
 from mmwb.data.controlnet import ControlNetDataset, read_records
 from mmwb.data.io import load_image, save_image_grid
 from mmwb.errors import MmwbCheckpointError, MmwbConfigError
-from mmwb.models.diffusion.conditions import fit_image
 from mmwb.models.diffusion.loading import load_controlnet
 from mmwb.models.diffusion.metrics import image_edge_f1
 from mmwb.models.diffusion.shapes_sd import DEFAULT_MODEL

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from mmwb.data.controlnet import ControlNetDataset, read_records
 from mmwb.models.diffusion import shapes_sd
-from mmwb.models.diffusion.tiny import sd_scheduler
+from mmwb.models.diffusion.schedulers import sd_scheduler
 from mmwb.train.checkpoint import list_checkpoints, save_model_folder
 from mmwb.train.config import TrainConfig
 from mmwb.train.controlnet import ControlNetDataConfig, FrozenSD, add_noise, drop_captions, encode_latents

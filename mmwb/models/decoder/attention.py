@@ -8,10 +8,10 @@ from torch import nn
 
 from mmwb.models.decoder.cache import KVCache
 from mmwb.models.decoder.config import DecoderConfig
+from mmwb.models.decoder.kernels.cpu import applies, gqa_attention
 from mmwb.models.decoder.linear import Linear
 from mmwb.models.decoder.norm import RMSNorm
 from mmwb.models.decoder.rope import apply_rope, last_positions
-from mmwb.runtime.cpu_kernels import applies, gqa_attention
 
 
 class GroupedQueryAttention(nn.Module):

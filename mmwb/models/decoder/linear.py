@@ -1,4 +1,4 @@
-"""nn.Linear whose decode-sized CPU products take mmwb's streaming kernel (mmwb.runtime.cpu_kernels).
+"""nn.Linear whose decode-sized CPU products take mmwb's streaming kernel (mmwb.models.decoder.kernels.cpu).
 
 Same parameters, names and results as nn.Linear (peft wraps it like one); only a forward with at most a few rows,
 in fp32 on a CPU without autograd, runs differently.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmwb.runtime.cpu_kernels import linear
+from mmwb.models.decoder.kernels.cpu import linear
 
 
 class Linear(nn.Linear):

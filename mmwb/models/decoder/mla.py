@@ -16,10 +16,10 @@ from torch import nn
 from mmwb.models.decoder.attention import grouped_attention
 from mmwb.models.decoder.cache import LatentCache
 from mmwb.models.decoder.config import DecoderConfig
+from mmwb.models.decoder.kernels.cpu import applies, latent_attention
 from mmwb.models.decoder.linear import Linear
 from mmwb.models.decoder.norm import RMSNorm
 from mmwb.models.decoder.rope import apply_rope, last_positions
-from mmwb.runtime.cpu_kernels import applies, latent_attention
 
 
 class MultiHeadLatentAttention(nn.Module):

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmwb.models.decoder.kernels.cpu import swiglu
 from mmwb.models.decoder.linear import Linear
-from mmwb.runtime.cpu_kernels import swiglu
 
 
 class SwiGLU(nn.Module):

@@ -17,8 +17,8 @@ from torch import nn
 from mmwb.errors import MmwbConfigError
 from mmwb.models.decoder.config import DecoderConfig
 from mmwb.models.decoder.fp32_buffers import Fp32Buffers
+from mmwb.models.decoder.kernels.cpu import MAX_ROWS, experts_sum, linear, route
 from mmwb.models.decoder.mlp import SwiGLU
-from mmwb.runtime.cpu_kernels import MAX_ROWS, experts_sum, linear, route
 
 # Inference with at most this many (token, expert) assignments (decode steps) takes Experts._few_tokens.
 FEW_ASSIGNMENTS = 64
@@ -60,7 +60,9 @@ class Router(Fp32Buffers):
         routed = route(
             x, self.weight, bias, self.top_k, self.scoring, groups, self.norm_topk_prob, self.scaling
         )
-        if routed is not None:  # decode-sized CPU inference: one kernel call (mmwb.runtime.cpu_kernels)
+        if (
+            routed is not None
+        ):  # decode-sized CPU inference: one kernel call (mmwb.models.decoder.kernels.cpu)
             return routed
         with torch.autocast(x.device.type, enabled=False):  # routing decisions are made in fp32
             logits = F.linear(x.float(), self.weight.float())
@@ -184,7 +186,9 @@ class _LoopedGroupedLinear(torch.autograd.Function):
         ctx.sizes = sizes
         out = x.new_empty(x.shape[0], weight.shape[1])
         for e, (rows, dst) in enumerate(zip(x.split(sizes), out.split(sizes))):
-            if 0 < sizes[e] <= MAX_ROWS:  # a handful of rows: the streaming kernel (mmwb.runtime.cpu_kernels)
+            if (
+                0 < sizes[e] <= MAX_ROWS
+            ):  # a handful of rows: the streaming kernel (mmwb.models.decoder.kernels.cpu)
                 dst.copy_(linear(rows, weight[e]))
             elif sizes[e]:
                 torch.mm(rows, weight[e].t(), out=dst)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmwb.runtime.cpu_kernels import rms_norm
+from mmwb.models.decoder.kernels.cpu import rms_norm
 
 
 class RMSNorm(nn.Module):

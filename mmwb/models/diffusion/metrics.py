@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import distance_transform_edt
 
-from mmwb.models.diffusion.conditions import ConditionOptions, canny
+from mmwb.data.conditions import ConditionOptions, canny
 
 
 def edge_map(image: Image.Image | np.ndarray, options: ConditionOptions | None = None) -> np.ndarray:

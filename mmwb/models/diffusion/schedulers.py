@@ -38,3 +38,19 @@ def make_scheduler(name: str, base_config: dict[str, Any]) -> Any:
 
     class_name, overrides = SCHEDULERS[check_scheduler_name(name)]
     return getattr(diffusers, class_name).from_config(base_config, **overrides)
+
+
+def sd_scheduler(prediction_type: str = "epsilon") -> Any:
+    """SD's noise schedule (scaled linear betas over 1000 steps; epsilon prediction, v for SD 2.x) sampled by
+    DDIM."""
+    from diffusers import DDIMScheduler  # lazy, as make_scheduler: --help lists names without diffusers
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )

@@ -1,7 +1,7 @@
 """The shipped default: a tiny Stable Diffusion for 32×32 shapes images, and where its files live.
 
 Same layout as SD 1.x (CLIP tokenizer and text encoder, KL autoencoder, cross-attention UNet, and SD's DDIM scheduler from
-``tiny.sd_scheduler``), so
+``schedulers.sd_scheduler``), so
 diffusers' ``StableDiffusionControlNetPipeline`` runs it unchanged; only the sizes shrink. The VAE downsamples by
 2 (32×32 pixels -> 16×16×4 latents) rather than SD's 8, which keeps the shapes' edges sharp after decoding, and
 the UNet's attention then works on 256 positions, cheap enough to train on a shared CPU in minutes.
@@ -18,9 +18,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from mmwb.models.diffusion.tiny import BOS, EOS
 from mmwb.runtime.resources import shipped_model
 
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"  # CLIP's start and end tokens
 DEFAULT_MODEL = shipped_model("shapes-sd")
 DEFAULT_CONTROLNET = shipped_model("shapes-controlnet-canny")
 IMAGE_SIZE = 32

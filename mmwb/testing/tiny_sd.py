@@ -17,7 +17,6 @@ import torch
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
-    DDIMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -25,7 +24,9 @@ from diffusers import (
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+from mmwb.models.diffusion.schedulers import sd_scheduler
+from mmwb.models.diffusion.shapes_sd import BOS, EOS
+
 MAX_PROMPT_TOKENS = 77  # SD's text encoders read 77 positions; the tiny one keeps that so truncation is real
 Layout = Literal["sd1", "sd2", "sdxl"]
 
@@ -82,20 +83,6 @@ def tiny_unet(layout: Layout) -> UNet2DConditionModel:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         **options,
-    )
-
-
-def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
-    """SD's noise schedule (scaled linear betas over 1000 steps; epsilon prediction, v for SD 2.x) sampled by
-    DDIM."""
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
     )
 
 
