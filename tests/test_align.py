@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 from mmwb.cli.main import main
 from mmwb.models.vlm import load_any_vlm
 from mmwb.train.align import HEALTH_FILE, AlignConfig, HealthConfig, train_align
+from mmwb.train.image_features import FeatureCacheConfig
 from mmwb.train.metrics import read_jsonl
-from mmwb.train.vlm_parts import FeatureCacheConfig, load_vlm
+from mmwb.train.vlm_setup import starting_vlm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vlm_train_fixtures import CONFIGS, make_setup, tiny_train  # noqa: E402
@@ -63,7 +64,7 @@ def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_only_the_projector_changes_and_is_saved(setup, tmp_path, caplog):
     config = _config(setup, tmp_path, cache=tmp_path / "cache")
-    vlm = load_vlm(None, setup["vision"], setup["decoder"])
+    vlm = starting_vlm(None, setup["vision"], setup["decoder"])
     parts = {"tower": vlm.vision_tower, "projector": vlm.projector, "decoder": vlm.language_model}
     before = {name: _snapshot(module) for name, module in parts.items()}
     result, report = train_align(config, vlm)
@@ -224,10 +225,11 @@ def test_sequence_losses_equal_the_full_logits_loss(setup):
     import torch.nn.functional as F
 
     from mmwb.data.captions import read_records
-    from mmwb.train.multimodal import IGNORE_INDEX, collate, make_encoder
-    from mmwb.train.vlm_parts import ProcessedPixels, drop_image_tokens, sequence_losses
+    from mmwb.train.image_features import ProcessedPixels
+    from mmwb.train.multimodal import IGNORE_INDEX, collate, drop_image_tokens, make_encoder
+    from mmwb.train.vlm_loss import sequence_losses
 
-    vlm = load_vlm(None, setup["vision"], setup["decoder"]).eval()
+    vlm = starting_vlm(None, setup["vision"], setup["decoder"]).eval()
     records = read_records(setup["data"] / "train.jsonl")[:4]
     encode, pixels = make_encoder(vlm.tokenizer, "plain", 32), ProcessedPixels(vlm.image_processor())
     items = [{**encode(r), **pixels(setup["data"] / r.image)} for r in records]

@@ -12,7 +12,7 @@ from torch import nn
 from mmwb.data.feature_cache import FeatureCache, content_hash, describe_preprocessing, encoder_id, fill_cache
 from mmwb.errors import MmwbInputError
 from mmwb.models.vision.base import FixedSizeImageProcessor, PixelInputs, VisionFeatures, VisionTower
-from mmwb.train.vlm_parts import CachedFeatures
+from mmwb.train.image_features import CachedFeatures
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

@@ -146,10 +146,10 @@ def test_cli_errors(model, tmp_path, capsys, caplog, monkeypatch):
 def test_trainers_parts_become_a_vlm_that_round_trips(tmp_path):
     from vlm_train_fixtures import make_setup
 
-    from mmwb.train.vlm_parts import load_vlm
+    from mmwb.train.vlm_setup import starting_vlm
 
     setup = make_setup(tmp_path, n=8)
-    model = load_vlm(None, setup["vision"], setup["decoder"]).eval()
+    model = starting_vlm(None, setup["vision"], setup["decoder"]).eval()
     model.save_pretrained(tmp_path / "vlm")  # open_clip tower + mlp2x_gelu + mmwb decoder
     loaded = load_any_vlm(tmp_path / "vlm", device="cpu")
     ids, _ = encode_prompts(model.tokenizer, [build_prompt("a red circle", "chat")])

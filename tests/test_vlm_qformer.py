@@ -129,7 +129,8 @@ def test_save_load_round_trip(model, tmp_path):
 @pytest.mark.slow
 def test_alignment_trains_a_new_qformer_and_nothing_else(tmp_path):
     from mmwb.train.align import AlignConfig, HealthConfig, train_align
-    from mmwb.train.vlm_parts import FeatureCacheConfig, load_vlm
+    from mmwb.train.image_features import FeatureCacheConfig
+    from mmwb.train.vlm_setup import starting_vlm
 
     setup = make_setup(tmp_path, n=16)
     size = QFormerSize(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=32, num_queries=QUERIES)
@@ -138,7 +139,7 @@ def test_alignment_trains_a_new_qformer_and_nothing_else(tmp_path):
                          feature_cache=FeatureCacheConfig(root=tmp_path / "cache"),
                          health=HealthConfig(max_items=8, retrieval_group=4),
                          train=tiny_train(tmp_path / "run", max_steps=2))  # fmt: skip
-    vlm = load_vlm(None, setup["vision"], setup["decoder"], "qformer", qformer=size)
+    vlm = starting_vlm(None, setup["vision"], setup["decoder"], "qformer", qformer=size)
     frozen = {k: v.clone() for k, v in vlm.state_dict().items() if not k.startswith("projector.")}
     before = {k: v.clone() for k, v in vlm.projector.state_dict().items()}
     train_align(config, vlm)

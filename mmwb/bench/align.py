@@ -115,7 +115,7 @@ def mmwb_vlm(weights: Path) -> Any:
     from mmwb.models.decoder import load_decoder
     from mmwb.models.projectors import MLP2xGelu
     from mmwb.models.vision.hf import HFVisionTower
-    from mmwb.train.vlm_parts import assemble
+    from mmwb.train.vlm_setup import assemble
 
     tower = HFVisionTower.from_pretrained(weights / "vision", select_layer=-2)
     decoder = load_decoder(weights / "text")
@@ -130,8 +130,8 @@ def time_mmwb(
     """One engine run of ``mmwb.train.align``; samples/s is the engine's, over the run's steps."""
     from mmwb.train import align
     from mmwb.train.config import TrainConfig
+    from mmwb.train.image_features import FeatureCacheConfig
     from mmwb.train.metrics import read_jsonl
-    from mmwb.train.vlm_parts import FeatureCacheConfig
 
     config = align.AlignConfig(
         data_dir=data,

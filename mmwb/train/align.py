@@ -33,19 +33,12 @@ from mmwb.runtime import seed_everything
 from mmwb.train.checkpoint import save_model_folder
 from mmwb.train.config import TrainConfig
 from mmwb.train.engine import TrainResult
+from mmwb.train.image_features import FeatureCacheConfig, ProcessedPixels
 from mmwb.train.multimodal import collate, make_encoder
 from mmwb.train.recipes import write_metrics
-from mmwb.train.vlm_parts import (
-    FeatureCacheConfig,
-    ProcessedPixels,
-    Unregistered,
-    caption_losses,
-    evaluate_saved,
-    freeze_all_but_projector,
-    load_vlm,
-    multimodal_loss,
-    vlm_trainer,
-)
+from mmwb.train.vlm_loss import caption_losses, multimodal_loss
+from mmwb.train.vlm_setup import freeze_all_but_projector, starting_vlm
+from mmwb.train.vlm_trainer import Unregistered, evaluate_saved, vlm_trainer
 
 log = logging.getLogger(__name__)
 HEALTH_FILE = "alignment_health.json"
@@ -120,7 +113,7 @@ def train_align(
     health report (also saved beside the aligned VLM in ``out_dir``)."""
     seed_everything(config.train.seed)
     if vlm is None:
-        vlm = load_vlm(
+        vlm = starting_vlm(
             config.model_dir,
             config.vision_dir,
             config.decoder_dir,

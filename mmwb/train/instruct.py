@@ -40,17 +40,12 @@ from mmwb.train import checkpoint as ckpt
 from mmwb.train.checkpoint import save_model_folder
 from mmwb.train.config import TrainConfig
 from mmwb.train.engine import TrainResult
+from mmwb.train.image_features import FeatureCacheConfig
 from mmwb.train.multimodal import make_encoder
 from mmwb.train.recipes import write_metrics
-from mmwb.train.vlm_parts import (
-    FeatureCacheConfig,
-    Unregistered,
-    evaluate_saved,
-    freeze_all_but_projector,
-    load_vlm,
-    multimodal_loss,
-    vlm_trainer,
-)
+from mmwb.train.vlm_loss import multimodal_loss
+from mmwb.train.vlm_setup import freeze_all_but_projector, starting_vlm
+from mmwb.train.vlm_trainer import Unregistered, evaluate_saved, vlm_trainer
 
 log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"  # under train.out_dir
@@ -153,7 +148,7 @@ def add_lora(vlm: VisionLanguageModel, settings: LoraSettings) -> PeftModel:
 def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path]:
     """LoRA + projector training; writes the adapter folder and the merged VLM; returns the result and the adapter."""
     seed_everything(config.train.seed)
-    vlm = load_vlm(
+    vlm = starting_vlm(
         config.model_dir,
         config.vision_dir,
         config.decoder_dir,
@@ -211,7 +206,7 @@ def load_adapter(folder: Path) -> tuple[VisionLanguageModel, PeftModel]:
     folder = _adapter_folder(folder)
     base = json.loads((folder / BASE_FILE).read_text())
     paths = {k: Path(base[k]) if base.get(k) else None for k in ("model_dir", "vision_dir", "decoder_dir")}
-    vlm = load_vlm(
+    vlm = starting_vlm(
         paths["model_dir"],
         paths["vision_dir"],
         paths["decoder_dir"],
