@@ -225,8 +225,9 @@ def test_sequence_losses_equal_the_full_logits_loss(setup):
     import torch.nn.functional as F
 
     from mmwb.data.captions import read_records
+    from mmwb.models.vlm.prompt import make_encoder
     from mmwb.train.image_features import ProcessedPixels
-    from mmwb.train.multimodal import IGNORE_INDEX, collate, drop_image_tokens, make_encoder
+    from mmwb.train.multimodal import IGNORE_INDEX, collate, drop_image_tokens
     from mmwb.train.vlm_loss import sequence_losses
 
     vlm = starting_vlm(None, setup["vision"], setup["decoder"]).eval()

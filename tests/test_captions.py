@@ -11,8 +11,9 @@ from PIL import Image
 from mmwb.data.captions import ImageTextDataset, Turn, read_records, split_turns
 from mmwb.data.tokenizer import ASSISTANT, train_bpe_tokenizer
 from mmwb.errors import MmwbInputError
+from mmwb.models.vlm.prompt import make_encoder
 from mmwb.train.data import BadItem, SkipBadItems, skip_bad_items
-from mmwb.train.multimodal import IGNORE_INDEX, collate, drop_image_tokens, make_encoder
+from mmwb.train.multimodal import IGNORE_INDEX, collate, drop_image_tokens
 
 LLAVA = [
     {
@@ -132,3 +133,19 @@ def test_split_turns_gives_every_question_the_first_position(tmp_path):
         [("user", "how many shapes?"), ("assistant", "two")],
     ]
     assert {r.image for r in records} == {"a.png"}
+
+
+@pytest.mark.parametrize("template", ["plain", "chat"])
+def test_training_sequences_start_with_the_generation_prompt(tokenizer, tmp_path, template):
+    """Training and generation share one prompt format: a training sequence's first unlabelled stretch is exactly
+    the ids generation prompts the model with, so a trained model is asked the way it learned."""
+    from mmwb.models.vlm.prompt import build_prompt, encode_prompts
+
+    (tmp_path / "llava.json").write_text(json.dumps(LLAVA))
+    record = read_records(tmp_path / "llava.json")[0]
+    item = make_encoder(tokenizer, template, 64)(record)
+    question = None if template == "plain" else record.turns[0].text
+    prompt, _ = encode_prompts(tokenizer, [build_prompt(question, template)])
+    first_label = int((item["labels"] != IGNORE_INDEX).nonzero()[0])
+    assert item["input_ids"][: len(prompt[0])].tolist() == prompt[0].tolist()
+    assert len(prompt[0]) == first_label

@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 import mmwb
 from mmwb.cli.main import main
 from mmwb.data.captions import read_records
+from mmwb.models.vlm.prompt import make_encoder
 from mmwb.train.image_features import FeatureCacheConfig, ProcessedPixels, batch_features
 from mmwb.train.instruct import InstructConfig, load_adapter, merged, train_instruct
-from mmwb.train.multimodal import collate, make_encoder
+from mmwb.train.multimodal import collate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vlm_train_fixtures import make_setup, tiny_train  # noqa: E402

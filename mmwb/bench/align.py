@@ -168,8 +168,9 @@ def time_llava(data: Path, weights: Path, args: argparse.Namespace, device: torc
     from mmwb.data.captions import read_records
     from mmwb.data.io import load_image
     from mmwb.data.tokenizer import load_tokenizer
+    from mmwb.models.vlm.prompt import make_encoder
     from mmwb.runtime import synchronize
-    from mmwb.train.multimodal import IGNORE_INDEX, make_encoder
+    from mmwb.train.multimodal import IGNORE_INDEX
 
     tokenizer = load_tokenizer(weights / "text")
     llava = make_llava(tokenizer)

@@ -28,13 +28,14 @@ from mmwb.data.io import atomic_write_path
 from mmwb.errors import MmwbInputError
 from mmwb.models.projectors.qformer import QFormerSize
 from mmwb.models.vlm import VisionLanguageModel
+from mmwb.models.vlm.prompt import make_encoder
 from mmwb.pipelines.vlm_eval import EvaluationConfig
 from mmwb.runtime import seed_everything
 from mmwb.train.checkpoint import save_model_folder
 from mmwb.train.config import TrainConfig
 from mmwb.train.engine import TrainResult
 from mmwb.train.image_features import FeatureCacheConfig, ProcessedPixels
-from mmwb.train.multimodal import collate, make_encoder
+from mmwb.train.multimodal import collate
 from mmwb.train.recipes import write_metrics
 from mmwb.train.vlm_loss import caption_losses, multimodal_loss
 from mmwb.train.vlm_setup import freeze_all_but_projector, starting_vlm

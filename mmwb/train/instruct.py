@@ -33,7 +33,7 @@ from mmwb.data.captions import read_records, split_turns
 from mmwb.errors import MmwbCheckpointError
 from mmwb.models.projectors.qformer import QFormerSize
 from mmwb.models.vlm import VisionLanguageModel
-from mmwb.models.vlm.prompt import DEFAULT_CAPTION_QUESTION
+from mmwb.models.vlm.prompt import DEFAULT_CAPTION_QUESTION, make_encoder
 from mmwb.pipelines.vlm_eval import EvaluationConfig
 from mmwb.runtime import seed_everything
 from mmwb.train import checkpoint as ckpt
@@ -41,7 +41,6 @@ from mmwb.train.checkpoint import save_model_folder
 from mmwb.train.config import TrainConfig
 from mmwb.train.engine import TrainResult
 from mmwb.train.image_features import FeatureCacheConfig
-from mmwb.train.multimodal import make_encoder
 from mmwb.train.recipes import write_metrics
 from mmwb.train.vlm_loss import multimodal_loss
 from mmwb.train.vlm_setup import freeze_all_but_projector, starting_vlm

@@ -1,63 +1,18 @@
-"""Token ids, labels and image slots of image-text training sequences, and their collation.
+"""Batches of image-text training sequences: collation (ids, labels, image slots) and the text-only baseline.
 
-Stage 1 (alignment) uses LLaVA's *plain* format: ``<bos> <image> caption <eos>``, loss on the caption and its end.
-Stage 2 (instruction tuning) uses the chat format ``<bos> <|user|> <image> q1 <|assistant|> a1 <eos> <|user|> q2
-<|assistant|> a2 <eos> ...`` (each answer after mmwb.models.vlm.prompt's ``ANSWER_PREFIX``), loss on the assistant
-turns (answers and their ``<eos>``) only. Each sequence holds one ``<image>`` token per image; the VLM widens it to
-the image's feature count when it splices the features in.
+The sequences themselves (token ids and labels in the plain or chat format) come from
+``mmwb.models.vlm.prompt.make_encoder``, the prompt format generation uses too. Each sequence holds one ``<image>``
+token per image; the VLM widens it to the image's feature count when it splices the features in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
-from mmwb.data.captions import ImageTextRecord
-from mmwb.data.tokenizer import ASSISTANT, IMAGE, USER
-from mmwb.errors import MmwbInputError
 from mmwb.models.decoder.model import IGNORE_INDEX
-from mmwb.models.vlm.prompt import ANSWER_PREFIX
-
-
-def make_encoder(
-    tokenizer: PreTrainedTokenizerBase, style: Literal["plain", "chat"], max_length: int
-) -> Callable[[ImageTextRecord], dict[str, torch.Tensor]]:
-    """``record -> {"input_ids", "labels"}`` (1-D long tensors) in the stage's format, cut at ``max_length``."""
-    special = {name: _token_id(tokenizer, name) for name in (IMAGE, USER, ASSISTANT)}
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-
-    def text_ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False).input_ids if text else []
-
-    def encode(record: ImageTextRecord) -> dict[str, torch.Tensor]:
-        pieces: list[tuple[list[int], bool]] = [([bos, special[IMAGE]], False)]  # (ids, trained on)
-        if style == "plain":
-            pieces.append(([*text_ids(record.caption), eos], True))
-        else:
-            for index, turn in enumerate(record.turns):
-                if turn.role == "user":
-                    prefix = [special[USER]] if index else []  # the first user turn follows the image
-                    pieces.append(([*prefix, *text_ids(turn.text), special[ASSISTANT]], False))
-                else:
-                    pieces.append(([*text_ids(ANSWER_PREFIX + turn.text), eos], True))
-            pieces[0] = ([bos, special[USER], special[IMAGE]], False)
-        ids = [i for piece, _ in pieces for i in piece][:max_length]
-        labels = [i if trained else IGNORE_INDEX for piece, trained in pieces for i in piece][:max_length]
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
-
-    return encode
-
-
-def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        raise MmwbInputError(
-            f"the tokenizer has no {token!r} token; use a tokenizer with mmwb's special tokens"
-        )
-    return int(token_id)
 
 
 def collate(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,37 +1,62 @@
-"""Prompt templates of mmwb's VLMs, the same token layout the trainers use (mmwb.train.multimodal).
+"""The prompt format of mmwb's VLMs, written once for generation and for training.
 
 ``plain`` (stage-1 captioning): ``<|bos|><image>`` then the caption. ``chat`` (instruction tuning):
-``<|bos|><|user|><image>question<|assistant|>`` then a space and the answer. One ``<image>`` per image; the model
-widens it. The space matters with a byte-level BPE: ``" triangle"`` is one word token, as in the language model's
-pretraining text ("question answer"), where a bare ``"triangle"`` splits into rare pieces (``t ri angle``).
+``<|bos|><|user|><image>question<|assistant|>`` then a space and the answer, then ``<eos>``; later turns
+``<|user|>question<|assistant|> answer<eos>``. One ``<image>`` per image; the model widens it. ``user_text`` and
+``answer_text`` are the only places that know this layout: generation tokenizes ``build_prompt`` (the first user
+turn), training (``make_encoder``) tokenizes every turn the same way and labels the answers. The space matters with
+a byte-level BPE: ``" triangle"`` is one word token, as in the language model's pretraining text ("question
+answer"), where a bare ``"triangle"`` splits into rare pieces (``t ri angle``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from mmwb.data.captions import ImageTextRecord, Turn
 from mmwb.data.tokenizer import ASSISTANT, BOS, IMAGE, USER
 from mmwb.errors import MmwbInputError
+from mmwb.models.decoder.model import IGNORE_INDEX
 
 TEMPLATES = ("plain", "chat")
 DEFAULT_CAPTION_QUESTION = "describe the image"
 ANSWER_PREFIX = " "  # between <|assistant|> and the answer (chat template)
 
 
-def build_prompt(
-    question: str | None, template: str = "chat", n_images: int = 1, image: str = IMAGE, bos: str = BOS
+def user_text(
+    question: str | None,
+    template: str,
+    first: bool = True,
+    n_images: int = 1,
+    image: str = IMAGE,
+    bos: str = BOS,
 ) -> str:
-    """The prompt text up to where the model starts writing; ``question=None`` asks for a caption. ``image`` and
-    ``bos`` are the placeholder and start tokens as text: mmwb's by default, an imported model's own
-    (``model_tokens``) for its tokenizer."""
+    """A user turn as text, up to where the model starts writing; the first turn carries the start token and the
+    image placeholders. ``question=None`` asks for a caption (``""`` is a turn without text, as in caption
+    records)."""
     if template not in TEMPLATES:
         raise MmwbInputError(f"template {template!r} is not one of {TEMPLATES}")
     images = image * n_images
     if template == "plain":
-        return f"{bos}{images}" + (question or "")
-    return f"{bos}{USER}{images}{question or DEFAULT_CAPTION_QUESTION}{ASSISTANT}"
+        return (f"{bos}{images}" if first else "") + (question or "")
+    text = DEFAULT_CAPTION_QUESTION if question is None else question
+    return f"{bos}{USER}{images}{text}{ASSISTANT}" if first else f"{USER}{text}{ASSISTANT}"
+
+
+def answer_text(answer: str, template: str) -> str:
+    """What the model writes after a user turn (the tokenizer's end token follows it)."""
+    return answer if template == "plain" else ANSWER_PREFIX + answer
+
+
+def build_prompt(
+    question: str | None, template: str = "chat", n_images: int = 1, image: str = IMAGE, bos: str = BOS
+) -> str:
+    """The generation prompt: the first user turn. ``image`` and ``bos`` are the placeholder and start tokens as
+    text: mmwb's by default, an imported model's own (``model_tokens``) for its tokenizer."""
+    return user_text(question, template, True, n_images, image, bos)
 
 
 def model_tokens(tokenizer, image_token_id: int) -> dict[str, str]:
@@ -48,3 +73,38 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> tuple[torch.Tensor, tor
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     return ids, mask
+
+
+def make_encoder(
+    tokenizer: PreTrainedTokenizerBase, template: str, max_length: int
+) -> Callable[[ImageTextRecord], dict[str, torch.Tensor]]:
+    """``record -> {"input_ids", "labels"}`` (1-D long tensors) for training, cut at ``max_length``: every turn
+    tokenized as generation tokenizes its prompt, labels on the answers and their end token only. ``plain`` reads
+    the record's caption; ``chat`` its whole conversation."""
+    for token in (IMAGE, USER, ASSISTANT):  # a missing special token would silently become text
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise MmwbInputError(
+                f"the tokenizer has no {token!r} token; use a tokenizer with mmwb's special tokens"
+            )
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+    def encode(record: ImageTextRecord) -> dict[str, torch.Tensor]:
+        turns = (Turn("user", ""), Turn("assistant", record.caption)) if template == "plain" else record.turns
+        pieces: list[tuple[list[int], bool]] = []  # (ids, trained on)
+        for turn in turns:
+            if (
+                turn.role == "user" or not pieces
+            ):  # a conversation that opens with an answer gets an empty question
+                pieces.append(
+                    (ids(user_text(turn.text if turn.role == "user" else "", template, not pieces)), False)
+                )
+            if turn.role == "assistant":
+                pieces.append(([*ids(answer_text(turn.text, template)), tokenizer.eos_token_id], True))
+        flat = [i for piece, _ in pieces for i in piece][:max_length]
+        labels = [i if trained else IGNORE_INDEX for piece, trained in pieces for i in piece][:max_length]
+        return {"input_ids": torch.tensor(flat), "labels": torch.tensor(labels)}
+
+    return encode
