@@ -81,12 +81,32 @@ def test_position_questions_name_either_object_first():
     firsts = []
     for index in range(200):
         scene = sample_scene(split_rng(5, "train", index))
-        if scene.relation is not None:
+        first, second = scene.objects[0], scene.objects[-1]
+        if scene.relation is not None and (first.colour, first.shape) != (second.colour, second.shape):
             asked = [q for q in questions(scene, split_rng(5, "train", index)) if q["type"] == "position"]
             firsts.append(
                 asked[0]["question"].split()[2:4] == [scene.objects[0].colour, scene.objects[0].shape]
             )
     assert 0.3 < sum(firsts) / len(firsts) < 0.8  # the caption's first object is not always named first
+
+
+def test_objects_that_look_alike_get_no_position_question():
+    """'is the red circle left of the red circle?' has no answer: such scenes are asked none; all others one."""
+    alike = 0
+    for index in range(600):
+        scene = sample_scene(split_rng(0, "test", index))
+        asked = [q for q in questions(scene, split_rng(0, "test", index)) if q["type"] == "position"]
+        if scene.relation is None:
+            assert asked == []
+            continue
+        first, second = scene.objects
+        same = (first.colour, first.shape) == (second.colour, second.shape)
+        alike += same
+        assert len(asked) == (0 if same else 1)
+        if asked:
+            words = asked[0]["question"].split()
+            assert (words[2], words[3]) != (words[-2], words[-1].rstrip("?"))
+    assert alike > 0  # the case occurs in this sample
 
 
 def test_cli_writes_splits_and_index(tmp_path, capsys):

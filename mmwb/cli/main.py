@@ -29,6 +29,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("mmwb.cli.train", "train a model: align, instruct, controlnet, sde, ..."),
     "data": ("mmwb.cli.data", "make datasets: shapes, ..."),
     "recipe": ("mmwb.cli.recipe", "run a whole training recipe: tiny-shapes, ..."),
+    "eval": ("mmwb.cli.eval", "score a model on a data set: vlm, ..."),
     "export": ("mmwb.cli.export", "export a checkpoint (e.g. merge LoRA adapters)"),
     "bench": ("mmwb.cli.bench", "benchmark mmwb against the reference: decoder, vlm, align, generate, sde"),
 }

@@ -193,20 +193,23 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
     if scene.relation is not None:
         first, second = objs  # in caption order: first is left of / above second
         flipped = {"left of": "right of", "above": "below"}[scene.relation]
-        # either object may be named first (unless both look the same), so the answer never follows from the
-        # word order alone
-        swapped = bool(rng.integers(2)) and (first.colour, first.shape) != (second.colour, second.shape)
+        # either object may be named first, so the answer never follows from the word order alone; two objects
+        # that look the same ("is the red circle left of the red circle?") get no position question, which would
+        # be ill-posed. The random draws are made either way, so every other question stays as it was.
+        alike = (first.colour, first.shape) == (second.colour, second.shape)
+        swapped = bool(rng.integers(2)) and not alike
         truth = flipped if swapped else scene.relation
         if swapped:
             first, second = second, first
         asked = str(rng.choice([scene.relation, flipped]))
-        qa.append(
-            {
-                "question": f"is the {first.colour} {first.shape} {asked} the {second.colour} {second.shape}?",
-                "answer": "yes" if asked == truth else "no",
-                "type": "position",
-            }
-        )
+        if not alike:
+            qa.append(
+                {
+                    "question": f"is the {first.colour} {first.shape} {asked} the {second.colour} {second.shape}?",
+                    "answer": "yes" if asked == truth else "no",
+                    "type": "position",
+                }
+            )
     colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
     present = any(o.colour == colour and o.shape == shape for o in objs)
     qa.append(
