@@ -98,3 +98,34 @@ def test_export_merges_into_a_folder_that_loads_without_peft(run):
     torch.testing.assert_close(_logits(exported, batch), _logits(vlm, batch), atol=1e-5, rtol=1e-5)
     final = mmwb.from_pretrained(run["config"].out_dir)  # the merged model the run wrote itself
     torch.testing.assert_close(_logits(final, batch), _logits(exported, batch), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_new_conv_tower_and_the_whole_decoder_train_together(tmp_path):
+    """Full fine-tuning (lora: null) with a convolutional tower built fresh from its spec: tower, projector and
+    every decoder weight train, BatchNorm statistics are checkpointed for resume, and the saved VLM reloads with
+    the same logits."""
+    setup = make_setup(tmp_path, n=16)
+    tower = {"type": "conv", "config": {"image_size": 32, "channels": [8, 16], "strides": [2, 2]}}
+    config = InstructConfig(
+        data_dir=setup["data"], decoder_dir=setup["decoder"], tower=tower, lora=None, max_length=48,
+        out_dir=tmp_path / "model", train=tiny_train(tmp_path / "run", max_steps=2),
+    )  # fmt: skip
+    result, adapter = train_instruct(config)
+    assert adapter is None and result.step == 2
+    saved = load_file(result.checkpoint / "model.safetensors")
+    start = {k: v for k, v in mmwb.from_pretrained(setup["decoder"], device="cpu").named_parameters()}
+    moved = [k for k, v in start.items() if not torch.equal(v, saved[f"language_model.{k}"])]
+    assert len(moved) == len(start)  # every decoder weight trained (not a LoRA factor in sight)
+    assert not any(".lora_" in k for k in saved)
+    assert "vision_tower.stages.0.1.running_mean" in saved and "vision_tower.row_embed" in saved
+    assert any(k.startswith("projector.") for k in saved)
+    vlm = mmwb.from_pretrained(tmp_path / "model", device="cpu")
+    assert vlm.config.vision["type"] == "conv" and vlm.config.vision["config"]["channels"] == [8, 16]
+    trained = {k.removeprefix("vision_tower."): v for k, v in saved.items() if k.startswith("vision_tower.")}
+    for name, tensor in vlm.vision_tower.state_dict().items():
+        assert torch.equal(tensor, trained[name]), name
+    assert not torch.equal(trained["stages.0.1.running_mean"], torch.zeros(8))  # the statistics moved
+    batch = _batch(vlm, setup)
+    again = mmwb.from_pretrained(tmp_path / "model", device="cpu")
+    assert torch.equal(_logits(vlm.eval(), batch), _logits(again.eval(), batch))

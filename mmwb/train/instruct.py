@@ -96,8 +96,10 @@ class InstructConfig:
     caption_turn: bool = True  # shapes JSONL: each image also trains "describe the image" -> its caption
     single_turn: bool = False  # each QA pair its own record (mmwb.data.captions.split_turns)
     train_tower: bool = False  # also fine-tune the vision tower fully (Kimi-VL style); no feature cache then
+    # or a new tower built from this spec and trained from scratch with the rest ({"type": "conv", "config": ...})
+    tower: dict[str, Any] | None = None
     out_dir: Path = Path("runs/instruct/model")  # the merged VLM
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora: LoraSettings | None = field(default_factory=LoraSettings)  # null: full fine-tuning of the decoder
     feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)  # captions + VQA of the test split
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir=Path("runs/instruct")))
@@ -118,6 +120,7 @@ class InstructTraining(nn.Module):
         super().__init__()
         self.projector = vlm.projector  # the same modules the VLM runs
         self.language_model = vlm.language_model
+        self.trains_tower = train_tower
         if train_tower:
             self.vision_tower = vlm.vision_tower
         self.held = Unregistered(vlm)
@@ -129,6 +132,8 @@ class InstructTraining(nn.Module):
         full = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", "")
         trained = {prefix + name for name, param in self.named_parameters() if param.requires_grad}
+        if self.trains_tower:  # its BatchNorm statistics change as it trains: a resume needs them too
+            trained |= {prefix + name for name, _ in self.vision_tower.named_buffers(prefix="vision_tower")}
         return OrderedDict((key, value) for key, value in full.items() if key in trained)
 
 
@@ -144,8 +149,15 @@ def add_lora(vlm: VisionLanguageModel, settings: LoraSettings) -> PeftModel:
     return peft_model
 
 
-def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path]:
-    """LoRA + projector training; writes the adapter folder and the merged VLM; returns the result and the adapter."""
+def train_whole_decoder(vlm: VisionLanguageModel) -> None:
+    """Full fine-tuning: the projector and every weight of the language model train (no adapter to merge)."""
+    freeze_all_but_projector(vlm)
+    vlm.language_model.requires_grad_(True).train()
+
+
+def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path | None]:
+    """LoRA (or full) + projector (+ tower) training; writes the adapter folder (with LoRA) and the merged VLM;
+    returns the result and the adapter folder (None without LoRA)."""
     seed_everything(config.train.seed)
     vlm = starting_vlm(
         config.model_dir,
@@ -154,12 +166,14 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path]:
         config.projector,
         config.select_layer,
         qformer=config.qformer,
+        new_tower=config.tower,
     )
     if config.projector_from is not None:
         load_projector(vlm.projector, config.projector_from)
-    peft_model = add_lora(vlm, config.lora)
+    peft_model = add_lora(vlm, config.lora) if config.lora is not None else train_whole_decoder(vlm)
     cache = config.feature_cache
-    if config.train_tower:
+    train_tower = config.train_tower or config.tower is not None
+    if train_tower:
         vlm.vision_tower.requires_grad_(True).train()
         cache = FeatureCacheConfig(enabled=False)  # the tower's features change as it trains
     vlm.config.template = "chat"
@@ -169,13 +183,15 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path]:
         records = split_turns(records)
     encode = make_encoder(vlm.tokenizer, "chat", config.max_length)
     trainer = vlm_trainer(
-        InstructTraining(vlm, config.train_tower), vlm, records, config.data_dir, encode, config.train, cache
+        InstructTraining(vlm, train_tower), vlm, records, config.data_dir, encode, config.train, cache
     )
     result = trainer.run()
-    adapter = Path(config.train.out_dir) / ADAPTER_DIR
+    adapter = Path(config.train.out_dir) / ADAPTER_DIR if peft_model is not None else None
     if trainer.accelerator.is_main_process:
-        save_adapter(vlm, peft_model, base_of(config), adapter, config.train_tower)
-        save_model_folder(merged(vlm, peft_model), Path(config.out_dir))
+        if peft_model is not None:
+            save_adapter(vlm, peft_model, base_of(config), adapter, train_tower)
+            vlm = merged(vlm, peft_model)
+        save_model_folder(vlm, Path(config.out_dir))
     return result, adapter
 
 
@@ -254,7 +270,7 @@ def run_instruct_stage(config: InstructConfig) -> dict[str, Any]:
         "stage": "instruct",
         "steps": result.step,
         "last_loss": result.last_loss,
-        "adapter": str(adapter),
+        "adapter": str(adapter) if adapter is not None else None,
     }
     metrics |= evaluate_saved(Path(config.out_dir), config.data_dir, config.evaluation, vqa=True)
     metrics["seconds"] = time.perf_counter() - started

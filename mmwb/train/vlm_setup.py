@@ -17,7 +17,7 @@ from mmwb.models.projectors import make_projector
 from mmwb.models.projectors.qformer import QFormerSize
 from mmwb.models.vision.open_clip import OpenClipTower
 from mmwb.models.vlm import VisionLanguageModel, VLMConfig, load_any_vlm
-from mmwb.models.vlm.parts import tower_spec
+from mmwb.models.vlm.parts import build_tower, tower_spec
 
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -31,18 +31,25 @@ def starting_vlm(
     drop_cls: bool = True,
     final_norm: bool = False,
     qformer: QFormerSize | None = None,
+    new_tower: dict[str, Any] | None = None,
 ) -> VisionLanguageModel:
-    """An mmwb VLM folder, or an open_clip tower folder + an mmwb decoder folder joined by a new projector (the
-    tower's tokens: block ``select_layer``'s, with or without the CLS token, optionally through ``ln_post``;
-    ``qformer`` shapes a new Q-Former)."""
+    """An mmwb VLM folder, or a tower + an mmwb decoder folder joined by a new projector. The tower is an open_clip
+    folder (its tokens: block ``select_layer``'s, with or without the CLS token, optionally through ``ln_post``),
+    or ``new_tower``, a tower spec (``{"type": "conv", "config": {...}}``, see mmwb.models.vlm.parts) built with
+    fresh weights to be trained with the rest; ``qformer`` shapes a new Q-Former."""
     if model_dir is not None:
         return load_any_vlm(model_dir, device="cpu")
-    if vision_dir is None or decoder_dir is None:
-        raise MmwbConfigError("set model_dir (a VLM folder), or both vision_dir and decoder_dir")
-    tower = OpenClipTower.from_name(
-        f"local-dir:{vision_dir}", select_layer=select_layer, drop_cls=drop_cls, final_norm=final_norm
-    )
-    open_clip_config = json.loads((Path(vision_dir) / "open_clip_config.json").read_text())["model_cfg"]
+    if (vision_dir is None) == (new_tower is None) or decoder_dir is None:
+        raise MmwbConfigError(
+            "set model_dir (a VLM folder), or decoder_dir and one of vision_dir (a tower folder) or tower (a new one)"
+        )
+    if new_tower is not None:
+        tower, open_clip_config = build_tower(new_tower), None
+    else:
+        tower = OpenClipTower.from_name(
+            f"local-dir:{vision_dir}", select_layer=select_layer, drop_cls=drop_cls, final_norm=final_norm
+        )
+        open_clip_config = json.loads((Path(vision_dir) / "open_clip_config.json").read_text())["model_cfg"]
     decoder = load_decoder(decoder_dir)
     tokenizer = load_tokenizer(decoder_dir)
     dims = (

@@ -16,12 +16,15 @@ from mmwb.models.vision.base import VisionTower
 
 def tower_spec(tower: VisionTower, open_clip_config: dict | None = None) -> dict[str, Any]:
     """The tower's architecture and feature choice (layer, CLS, norm) as JSON; open_clip needs its model config."""
+    from mmwb.models.vision.conv import ConvTower
     from mmwb.models.vision.hf import HFVisionTower
     from mmwb.models.vision.moonvit import MoonViT
     from mmwb.models.vision.open_clip import OpenClipTower
 
     if isinstance(tower, MoonViT):
         return {"type": "moonvit", "config": dataclasses.asdict(tower.config)}
+    if isinstance(tower, ConvTower):
+        return {"type": "conv", "config": dataclasses.asdict(tower.config)}
     if isinstance(tower, HFVisionTower):
         p = tower.processor
         return {
@@ -49,6 +52,10 @@ def tower_spec(tower: VisionTower, open_clip_config: dict | None = None) -> dict
 
 def build_tower(spec: dict[str, Any]) -> VisionTower:
     kind = spec.get("type")
+    if kind == "conv":
+        from mmwb.models.vision.conv import ConvTower, ConvTowerConfig
+
+        return ConvTower(ConvTowerConfig(**spec["config"]))
     if kind == "moonvit":
         from mmwb.models.vision.moonvit import MoonViT, MoonViTConfig
 
@@ -72,7 +79,9 @@ def build_tower(spec: dict[str, Any]) -> VisionTower:
         return OpenClipTower(
             visual, spec["select_layer"], spec["drop_cls"], spec["final_norm"], spec["resize_mode"]
         )
-    raise MmwbCheckpointError(f"vision tower type {kind!r} is not one of ['hf', 'moonvit', 'open_clip']")
+    raise MmwbCheckpointError(
+        f"vision tower type {kind!r} is not one of ['conv', 'hf', 'moonvit', 'open_clip']"
+    )
 
 
 def projector_spec(projector: nn.Module) -> dict[str, Any]:
