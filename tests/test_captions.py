@@ -149,3 +149,11 @@ def test_training_sequences_start_with_the_generation_prompt(tokenizer, tmp_path
     first_label = int((item["labels"] != IGNORE_INDEX).nonzero()[0])
     assert item["input_ids"][: len(prompt[0])].tolist() == prompt[0].tolist()
     assert len(prompt[0]) == first_label
+
+
+def test_an_empty_question_asks_for_a_caption_as_none_does():
+    from mmwb.models.vlm.prompt import build_prompt
+
+    for template in ("plain", "chat"):
+        assert build_prompt("", template) == build_prompt(None, template)
+    assert build_prompt(None, "chat") == "<|bos|><|user|><image>describe the image<|assistant|>"

@@ -237,10 +237,13 @@ def rebuilt():
     cpu_kernels._kernels.cache_clear()
 
 
-@pytest.mark.parametrize("reason", ["switched off", "unwritable cache"])
+@pytest.mark.parametrize("reason", ["switched off", "unwritable cache", "no source file"])
 def test_without_the_kernels_everything_runs_on_torch_ops(monkeypatch, tmp_path, rebuilt, reason):
     if reason == "switched off":
         monkeypatch.setenv("MMWB_CPU_KERNELS", "0")
+    elif reason == "no source file":  # an install that lost its package data
+        monkeypatch.setenv("MMWB_CACHE", str(tmp_path))
+        monkeypatch.setattr(cpu_kernels, "SOURCE", tmp_path / "missing.c")
     else:
         blocker = tmp_path / "file"
         blocker.write_text("not a directory")

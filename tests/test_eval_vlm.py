@@ -34,6 +34,9 @@ def test_eval_vlm_json_matches_the_evaluation_it_reports(data, capsys):
         assert accuracy == pytest.approx(metrics[f"test_vqa_accuracy_{kind}"])
     records = read_index(data, "test")[:20]
     assert report["n_questions"] == sum(len(r["qa"]) for r in records)
+    asked = [qa for row in rows for qa in row["qa"]]  # recounted from the predictions themselves
+    hits = [normalize(qa["prediction"]) == normalize(qa["answer"]) for qa in asked]
+    assert report["vqa_accuracy"] == pytest.approx(sum(hits) / len(hits))
     for n, accuracy in report["caption_exact_match_by_objects"].items():
         hits = [normalize(row["caption"]) == normalize(row["reference"])
                 for row, record in zip(rows, records) if len(record["objects"]) == int(n)]  # fmt: skip

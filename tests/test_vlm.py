@@ -8,6 +8,7 @@ from vlm_fixtures import WIDTH, images, tiny_vlm
 import mmwb
 from mmwb.cli.main import main
 from mmwb.errors import MmwbInputError
+from mmwb.models.decoder.generate import DEFAULT_MAX_NEW_TOKENS
 from mmwb.models.decoder.model import IGNORE_INDEX
 from mmwb.models.projectors import PixelShuffleMLP
 from mmwb.models.vlm import VisionLanguageModel, load_any_vlm
@@ -90,6 +91,11 @@ def test_save_load_round_trip_and_generation(model, tmp_path):
         assert torch.equal(alone[0], a[row, : alone.shape[1]])
     with pytest.raises(MmwbInputError, match="does not fit the model's context of 512 tokens"):
         loaded.generate(ids, images=pics, max_new_tokens=600)
+    # without max_new_tokens the check counts the default 32 that generation will make, not 0
+    widened = loaded.prepare_inputs(ids[:1], images=pics[:1])["input_ids"].shape[1]
+    filler = torch.full((1, 512 - DEFAULT_MAX_NEW_TOKENS + 4 - widened), int(ids[0, -1]))
+    with pytest.raises(MmwbInputError, match="plus max_new_tokens=32 does not fit"):
+        loaded.generate(torch.cat([ids[:1], filler], dim=1), images=pics[:1])
     texts = VLMPipeline(loaded, batch_size=2)(
         pics + pics[:1], prompt="what colour is the circle?", max_new_tokens=4
     )

@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "amortised_vs_uncached": amortised / rate["mmwb_uncached"],
         "amortised_vs_transformers": amortised / rate["transformers"],
     }
+    report["exit_code"] = 0 if report["same_loss"]["same"] else 1  # ratios of two different computations
     if not args.json:
         print(format_report(report))
     return report

@@ -45,9 +45,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = resolve_precision(args.dtype, device).param_dtype if args.dtype else None
     vlm = load_default_or(args.model, device, dtype)
     config = EvaluationConfig(split=args.split, max_items=limit, batch_size=args.batch_size)
-    _, rows = evaluate_vlm(vlm, args.data, config, vqa=not args.no_vqa, progress=not args.json)
+    metrics, rows = evaluate_vlm(vlm, args.data, config, vqa=not args.no_vqa, progress=not args.json)
     report = {"model": str(args.model or DEFAULT_MODEL), "data": str(args.data), "split": args.split}
-    report |= shapes_report(rows, records[:limit])
+    report |= shapes_report(metrics, rows, records[:limit], args.split)
     if not args.json:
         print(format_report(report))
     return report

@@ -15,7 +15,8 @@ HELP = (
     "for images, the samples over the data density (with the score field) for 2-D data. Digits models draw a "
     "chosen class with --label, guided by a noisy classifier."
 )
-# 1 is the exact conditional score; 2 reads as the asked digit far more often (BENCHMARKS.md)
+# 1 is the exact conditional score; 2 reads as the asked digit far more often (the figures:
+# assets/models/digits-noisy-classifier/MODEL_CARD.md)
 DEFAULT_GUIDANCE = 2.0
 
 

@@ -31,7 +31,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.json:
         print(
             f"trained {result.step} steps (last loss {result.last_loss:.4g}, {result.skipped_items} items skipped); "
-            + (f"adapter in {adapter}, merged VLM in {config.out_dir}" if adapter else f"VLM in {config.out_dir}")
+            + (
+                f"adapter in {adapter}, merged VLM in {config.out_dir}"
+                if adapter
+                else f"VLM in {config.out_dir}"
+            )
         )
     paths = {"adapter": str(adapter) if adapter else None, "model": str(config.out_dir)}
     return {**paths, "config": to_dict(config), **dataclasses.asdict(result)}

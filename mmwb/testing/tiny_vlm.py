@@ -1,7 +1,7 @@
 """Random tiny VLM parts on the shapes data: an open_clip tower folder and a decoder folder with its tokenizer.
 
-Tests, ``mmwb bench align`` and the tiny configs train on these when no recipe output is at hand: the same
-folder layout as stages 1-2 of ``mmwb recipe tiny-shapes`` (``vision/`` is an open_clip local-dir model,
+The alignment and instruction-tuning tests train on these: the same folder layout as stages 1-2 of
+``mmwb recipe tiny-shapes`` (``vision/`` is an open_clip local-dir model,
 ``decoder/`` an mmwb decoder with the BPE tokenizer), with untrained weights from a fixed seed.
 """
 

@@ -56,9 +56,8 @@ class Streamer(Protocol):
     def end(self) -> None: ...
 
 
-DEFAULT_MAX_NEW_TOKENS = (
-    32  # mmwb's one default (transformers bounds the total length instead: max_length=20)
-)
+# mmwb's one default for every generating caller (transformers bounds the total length instead: max_length=20)
+DEFAULT_MAX_NEW_TOKENS = 32
 
 
 @dataclass

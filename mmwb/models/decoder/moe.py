@@ -60,9 +60,8 @@ class Router(Fp32Buffers):
         routed = route(
             x, self.weight, bias, self.top_k, self.scoring, groups, self.norm_topk_prob, self.scaling
         )
-        if (
-            routed is not None
-        ):  # decode-sized CPU inference: one kernel call (mmwb.models.decoder.kernels.cpu)
+        # decode-sized CPU inference: one kernel call (mmwb.models.decoder.kernels.cpu)
+        if routed is not None:
             return routed
         with torch.autocast(x.device.type, enabled=False):  # routing decisions are made in fp32
             logits = F.linear(x.float(), self.weight.float())
@@ -186,9 +185,8 @@ class _LoopedGroupedLinear(torch.autograd.Function):
         ctx.sizes = sizes
         out = x.new_empty(x.shape[0], weight.shape[1])
         for e, (rows, dst) in enumerate(zip(x.split(sizes), out.split(sizes))):
-            if (
-                0 < sizes[e] <= MAX_ROWS
-            ):  # a handful of rows: the streaming kernel (mmwb.models.decoder.kernels.cpu)
+            # a handful of rows: the streaming kernel (mmwb.models.decoder.kernels.cpu)
+            if 0 < sizes[e] <= MAX_ROWS:
                 dst.copy_(linear(rows, weight[e]))
             elif sizes[e]:
                 torch.mm(rows, weight[e].t(), out=dst)

@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 
 from mmwb.errors import MmwbInputError
-from mmwb.models.decoder.generate import generate, stream
+from mmwb.models.decoder.generate import DEFAULT_MAX_NEW_TOKENS, generate, stream
 from mmwb.models.decoder.model import IGNORE_INDEX, DecoderForCausalLM
 from mmwb.models.vision.base import PixelInputs, VisionFeatures, VisionTower
 from mmwb.models.vlm.save import save_vlm
@@ -283,7 +283,9 @@ class VisionLanguageModel(nn.Module):
         """Pop the image arguments from ``kwargs`` and splice them; default eos/pad/tokenizer for generation."""
         picked = {name: kwargs.pop(name) for name in _IMAGE_ARGUMENTS if name in kwargs}
         inputs = self.prepare_inputs(input_ids, **picked, padding_side="left")
-        self._check_context(inputs["input_ids"].shape[1], int(kwargs.get("max_new_tokens") or 0))
+        self._check_context(
+            inputs["input_ids"].shape[1], int(kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+        )
         kwargs.setdefault("tokenizer", self.tokenizer)
         self._default_special_ids(kwargs)
         return {key: inputs[key] for key in ("input_ids", "attention_mask", "inputs_embeds")}

@@ -56,7 +56,7 @@ def build_prompt(
 ) -> str:
     """The generation prompt: the first user turn. ``image`` and ``bos`` are the placeholder and start tokens as
     text: mmwb's by default, an imported model's own (``model_tokens``) for its tokenizer."""
-    return user_text(question, template, True, n_images, image, bos)
+    return user_text(question or None, template, True, n_images, image, bos)  # "" asks for a caption too
 
 
 def model_tokens(tokenizer, image_token_id: int) -> dict[str, str]:
@@ -81,7 +81,7 @@ def make_encoder(
     """``record -> {"input_ids", "labels"}`` (1-D long tensors) for training, cut at ``max_length``: every turn
     tokenized as generation tokenizes its prompt, labels on the answers and their end token only. ``plain`` reads
     the record's caption; ``chat`` its whole conversation."""
-    for token in (IMAGE, USER, ASSISTANT):  # a missing special token would silently become text
+    for token in (BOS, IMAGE, USER, ASSISTANT):  # a missing special token would silently become text
         token_id = tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == tokenizer.unk_token_id:
             raise MmwbInputError(
@@ -95,12 +95,10 @@ def make_encoder(
         turns = (Turn("user", ""), Turn("assistant", record.caption)) if template == "plain" else record.turns
         pieces: list[tuple[list[int], bool]] = []  # (ids, trained on)
         for turn in turns:
-            if (
-                turn.role == "user" or not pieces
-            ):  # a conversation that opens with an answer gets an empty question
-                pieces.append(
-                    (ids(user_text(turn.text if turn.role == "user" else "", template, not pieces)), False)
-                )
+            # a conversation that opens with an answer gets an empty question
+            if turn.role == "user" or not pieces:
+                question = turn.text if turn.role == "user" else ""
+                pieces.append((ids(user_text(question, template, first=not pieces)), False))
             if turn.role == "assistant":
                 pieces.append(([*ids(answer_text(turn.text, template)), tokenizer.eos_token_id], True))
         flat = [i for piece, _ in pieces for i in piece][:max_length]

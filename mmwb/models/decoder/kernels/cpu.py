@@ -15,8 +15,8 @@ The C source (``cpu.c`` beside this module) is compiled with the machine's C com
 compiler and CPU). Without a compiler, or with ``MMWB_CPU_KERNELS=0`` (read once, at the first use in a
 process), ``linear`` and ``rms_norm`` are their torch equivalents and the others return None so that their callers
 run their torch code; the same happens outside each kernel's case (more rows, not fp32, autograd or autocast on,
-other strides, shapes that do not fit: torch then raises its own error). BENCHMARKS.md ("CPU
-decode kernels") has the measurements.
+other strides, shapes that do not fit: torch then raises its own error). What they bought was measured
+when they came in (`git log -p BENCHMARKS.md`, "CPU decode kernels"); `mmwb bench decoder` measures it now.
 """
 
 from __future__ import annotations
@@ -350,7 +350,7 @@ def _kernels() -> _Kernels | None:
 
 def _build() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    if compiler is None or not SOURCE.is_file():  # no compiler, or an install without the package data
         return None
     for flags in _FLAG_SETS:
         target = _cache_dir() / f"cpu_kernels-{_build_key(compiler, flags)}.so"
