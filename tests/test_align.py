@@ -228,7 +228,7 @@ def test_sequence_losses_equal_the_full_logits_loss(setup):
     from mmwb.models.vlm.prompt import make_encoder
     from mmwb.train.image_features import ProcessedPixels
     from mmwb.train.multimodal import IGNORE_INDEX, collate, drop_image_tokens
-    from mmwb.train.vlm_loss import sequence_losses
+    from mmwb.train.vlm_loss import multimodal_loss, sequence_losses
 
     vlm = starting_vlm(None, setup["vision"], setup["decoder"]).eval()
     records = read_records(setup["data"] / "train.jsonl")[:4]
@@ -251,3 +251,12 @@ def test_sequence_losses_equal_the_full_logits_loss(setup):
         full = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
         expected = full.sum(1) / (targets != IGNORE_INDEX).sum(1).clamp(min=1)
         assert losses[1] == 0 and torch.allclose(losses, expected, atol=1e-6), (losses, expected)
+    # the two averages of the training loss: over sequences, or over all labelled tokens of the batch
+    with torch.no_grad():
+        by_sequence = multimodal_loss(vlm, batch)
+        by_token = multimodal_loss(vlm, batch, average="token")
+        with_images = sequence_losses(vlm, batch)
+    counts = (batch["labels"] != IGNORE_INDEX).sum(1)  # the first token is never a target
+    assert torch.allclose(by_sequence, with_images.mean(), atol=1e-6)
+    assert torch.allclose(by_token, (with_images * counts).sum() / counts.sum(), atol=1e-6)
+    assert not torch.allclose(by_token, by_sequence)  # a label-less row and unequal lengths: they differ

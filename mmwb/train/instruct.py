@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -100,6 +100,7 @@ class InstructConfig:
     tower: dict[str, Any] | None = None
     out_dir: Path = Path("runs/instruct/model")  # the merged VLM
     lora: LoraSettings | None = field(default_factory=LoraSettings)  # null: full fine-tuning of the decoder
+    loss_average: Literal["sequence", "token"] = "sequence"  # see mmwb.train.vlm_loss.multimodal_loss
     feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)  # captions + VQA of the test split
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir=Path("runs/instruct")))
@@ -116,8 +117,11 @@ class InstructTraining(nn.Module):
     resume (which checks keys against ``state_dict``) expects exactly those.
     """
 
-    def __init__(self, vlm: VisionLanguageModel, train_tower: bool = False) -> None:
+    def __init__(
+        self, vlm: VisionLanguageModel, train_tower: bool = False, loss_average: str = "sequence"
+    ) -> None:
         super().__init__()
+        self.loss_average = loss_average
         self.projector = vlm.projector  # the same modules the VLM runs
         self.language_model = vlm.language_model
         self.trains_tower = train_tower
@@ -126,7 +130,7 @@ class InstructTraining(nn.Module):
         self.held = Unregistered(vlm)
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
-        return multimodal_loss(self.held.vlm, batch)
+        return multimodal_loss(self.held.vlm, batch, self.loss_average)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         full = super().state_dict(*args, **kwargs)
@@ -183,7 +187,13 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path | None]:
         records = split_turns(records)
     encode = make_encoder(vlm.tokenizer, "chat", config.max_length)
     trainer = vlm_trainer(
-        InstructTraining(vlm, train_tower), vlm, records, config.data_dir, encode, config.train, cache
+        InstructTraining(vlm, train_tower, config.loss_average),
+        vlm,
+        records,
+        config.data_dir,
+        encode,
+        config.train,
+        cache,
     )
     result = trainer.run()
     adapter = Path(config.train.out_dir) / ADAPTER_DIR if peft_model is not None else None

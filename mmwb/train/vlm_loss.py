@@ -13,12 +13,12 @@ from mmwb.train.image_features import batch_features
 from mmwb.train.multimodal import drop_image_tokens
 
 
-def sequence_losses(
+def token_losses(
     vlm: VisionLanguageModel, batch: dict[str, torch.Tensor], with_images: bool = True
-) -> torch.Tensor:
-    """(B,) mean next-token cross entropy over each sequence's labelled tokens (0 for a sequence with none).
-
-    ``with_images=False`` is the text-only baseline: the same sequences with their ``<image>`` token removed."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross entropy ``(B, T')`` over the positions from the first labelled one on, and which of them are
+    labelled (``(B, T')`` bool). ``with_images=False`` is the text-only baseline: the same sequences with their
+    ``<image>`` token removed."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     if with_images:
         inputs = vlm.prepare_inputs(ids, mask, labels, vision_features=batch_features(vlm, batch))
@@ -35,16 +35,30 @@ def sequence_losses(
     )
     logits, targets = out.logits.float(), targets[:, start:]  # (B, T - start, V), (B, T - start)
     loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    return loss.sum(1) / (targets != IGNORE_INDEX).sum(1).clamp(min=1)
+    return loss, targets != IGNORE_INDEX
 
 
-def multimodal_loss(vlm: VisionLanguageModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean over sequences of their mean token loss on labelled tokens (captions or assistant turns).
+def sequence_losses(
+    vlm: VisionLanguageModel, batch: dict[str, torch.Tensor], with_images: bool = True
+) -> torch.Tensor:
+    """(B,) mean next-token cross entropy over each sequence's labelled tokens (0 for a sequence with none)."""
+    loss, labelled = token_losses(vlm, batch, with_images)
+    return loss.sum(1) / labelled.sum(1).clamp(min=1)
 
-    Every sequence weighs the same whatever its length, so a batch split over processes (each averaging its own
-    sequences, DDP averaging the processes) gives the same gradient as one process holding it all; a token mean
-    would weigh each process's tokens by its own count.
-    """
+
+def multimodal_loss(
+    vlm: VisionLanguageModel, batch: dict[str, torch.Tensor], average: str = "sequence"
+) -> torch.Tensor:
+    """The training loss on labelled tokens (captions or assistant turns).
+
+    ``sequence`` (default): the mean over sequences of their mean token loss. Every sequence weighs the same
+    whatever its length, so a batch split over processes (each averaging its own sequences, DDP averaging the
+    processes) gives the same gradient as one process holding it all. ``token``: the mean over all labelled tokens
+    of the batch, so a 20-token caption weighs ten times a 2-token answer (under DDP each process then weighs its
+    own tokens by its own count)."""
+    if average == "token":
+        loss, labelled = token_losses(vlm, batch)
+        return loss.sum() / labelled.sum().clamp(min=1)
     return sequence_losses(vlm, batch).mean()
 
 
