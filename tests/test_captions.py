@@ -157,3 +157,21 @@ def test_an_empty_question_asks_for_a_caption_as_none_does():
     for template in ("plain", "chat"):
         assert build_prompt("", template) == build_prompt(None, template)
     assert build_prompt(None, "chat") == "<|bos|><|user|><image>describe the image<|assistant|>"
+
+
+def test_draw_questions_gives_each_image_its_caption_and_random_questions_equally(tmp_path):
+    from mmwb.data.captions import draw_questions
+
+    (tmp_path / "llava.json").write_text(json.dumps(LLAVA * 3))
+    conversations = read_records(tmp_path / "llava.json")  # 3 images, 2 question-answer pairs each
+    caption = read_records(tmp_path / "llava.json")[0]
+    caption = type(caption)(
+        caption.image, (Turn("user", "describe the image"), Turn("assistant", "a red square"))
+    )
+    drawn = draw_questions([*conversations, caption], draws=4, seed=0)
+    assert len(drawn) == 4 * 4 and all(len(r.turns) == 2 for r in drawn)
+    assert drawn[12:] == [caption] * 4  # a one-turn record: repeated
+    pairs = {(r.turns[0].text, r.turns[1].text) for r in drawn[:12]}
+    assert pairs == {("what colour is the square?", "red"), ("how many shapes?", "two")}  # drawn from both
+    assert draw_questions(conversations, 4, seed=0) == drawn[:12]  # seeded: the same records again
+    assert draw_questions(conversations, 4, seed=1) != drawn[:12]

@@ -129,3 +129,10 @@ def test_a_new_conv_tower_and_the_whole_decoder_train_together(tmp_path):
     batch = _batch(vlm, setup)
     again = mmwb.from_pretrained(tmp_path / "model", device="cpu")
     assert torch.equal(_logits(vlm.eval(), batch), _logits(again.eval(), batch))
+
+
+def test_records_chosen_two_ways_is_a_config_error():
+    from mmwb.errors import MmwbConfigError
+
+    with pytest.raises(MmwbConfigError, match="single_turn and question_draws"):
+        train_instruct(InstructConfig(single_turn=True, question_draws=3))

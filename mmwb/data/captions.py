@@ -14,6 +14,7 @@ Formats, one record per image:
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -96,6 +97,19 @@ def split_turns(records: list[ImageTextRecord]) -> list[ImageTextRecord]:
         for i in range(0, len(r.turns) - 1, 2)
         if r.turns[i].role == "user" and r.turns[i + 1].role == "assistant"
     ]
+
+
+def draw_questions(records: list[ImageTextRecord], draws: int, seed: int) -> list[ImageTextRecord]:
+    """Each conversation as ``draws`` one-turn records, each of one question drawn at random (seeded) from its
+    pairs; a one-turn record (a caption) is repeated ``draws`` times. So every image weighs the same, and its
+    caption as much as its questions together, however many questions it has: the mix that let a tiny shapes
+    VLM learn to caption several objects (caption exact match 0.31 -> 0.69 at 1800 steps, issue 19)."""
+    rng = random.Random(seed)
+    drawn = []
+    for record in records:
+        pairs = split_turns([record])
+        drawn += [rng.choice(pairs) for _ in range(draws)] if len(pairs) > 1 else [record] * draws
+    return drawn
 
 
 def _record(where: str, item: Any, prefer: str) -> ImageTextRecord:

@@ -29,8 +29,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmwb.data.captions import read_records, split_turns
-from mmwb.errors import MmwbCheckpointError
+from mmwb.data.captions import draw_questions, read_records, split_turns
+from mmwb.errors import MmwbCheckpointError, MmwbConfigError
 from mmwb.models.projectors.qformer import QFormerSize
 from mmwb.models.vlm import VisionLanguageModel
 from mmwb.models.vlm.prompt import DEFAULT_CAPTION_QUESTION, make_encoder
@@ -95,6 +95,8 @@ class InstructConfig:
     max_length: int = 96
     caption_turn: bool = True  # shapes JSONL: each image also trains "describe the image" -> its caption
     single_turn: bool = False  # each QA pair its own record (mmwb.data.captions.split_turns)
+    # or: each image's caption N times and N of its questions drawn at random (mmwb.data.captions.draw_questions)
+    question_draws: int = 0
     train_tower: bool = False  # also fine-tune the vision tower fully (Kimi-VL style); no feature cache then
     # or a new tower built from this spec and trained from scratch with the rest ({"type": "conv", "config": ...})
     tower: dict[str, Any] | None = None
@@ -162,6 +164,8 @@ def train_whole_decoder(vlm: VisionLanguageModel) -> None:
 def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path | None]:
     """LoRA (or full) + projector (+ tower) training; writes the adapter folder (with LoRA) and the merged VLM;
     returns the result and the adapter folder (None without LoRA)."""
+    if config.single_turn and config.question_draws:
+        raise MmwbConfigError("single_turn and question_draws choose the records two ways: set one of them")
     seed_everything(config.train.seed)
     vlm = starting_vlm(
         config.model_dir,
@@ -185,6 +189,8 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path | None]:
     records = read_records(Path(config.data_dir) / config.train_file, "qa", caption_question=question)
     if config.single_turn:
         records = split_turns(records)
+    if config.question_draws:
+        records = draw_questions(records, config.question_draws, config.train.seed)
     encode = make_encoder(vlm.tokenizer, "chat", config.max_length)
     trainer = vlm_trainer(
         InstructTraining(vlm, train_tower, config.loss_average),
