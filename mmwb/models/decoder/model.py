@@ -122,9 +122,9 @@ class DecoderForCausalLM(nn.Module):
 
         A decode step multiplies one row per sequence by every weight. CPU BLAS streams a weight kept (in, out) in
         memory up to twice as fast as nn.Linear's (out, in) for such products, and prefill and training run as
-        fast either way (measured when it came in: `git log -p BENCHMARKS.md`, "decode layout"). New decoders start so, and checkpoint loading allocates
-        its CPU tensors with these strides; checkpoints are unchanged (every saver writes contiguous copies). A tied
-        LM head stays an embedding table, row-major."""
+        fast either way (measured when it came in: `git log -p BENCHMARKS.md`, "decode layout"). New decoders
+        start so, and checkpoint loading allocates its CPU tensors with these strides; checkpoints are unchanged
+        (every saver writes contiguous copies). A tied LM head stays an embedding table, row-major."""
         if self.device.type not in ("cpu", "meta"):  # meta: the strides checkpoint loading allocates
             return self
         tied = self.lm_head.weight is self.model.embed_tokens.weight

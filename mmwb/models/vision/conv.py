@@ -10,6 +10,7 @@ column embeddings added, so every token knows where it is (a CLS-pooled tower lo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,11 +25,8 @@ from mmwb.models.vision.base import (
     VisionTower,
 )
 
-SHAPES_MEAN = (
-    0.5,
-    0.5,
-    0.5,
-)  # the shapes images are synthetic: centre [0, 1] on 0, no data statistics needed
+# the shapes images are synthetic: centre [0, 1] on 0, no data statistics needed
+SHAPES_MEAN = (0.5, 0.5, 0.5)
 SHAPES_STD = (0.5, 0.5, 0.5)
 
 
@@ -54,10 +52,8 @@ class ConvTowerConfig:
 
     @property
     def reduction(self) -> int:
-        total = 1
-        for stride in self.strides:
-            total *= stride
-        return total
+        """How many pixels one output cell spans along each side."""
+        return math.prod(self.strides)
 
     @property
     def grid(self) -> int:

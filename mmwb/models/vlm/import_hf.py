@@ -84,9 +84,8 @@ def load_text_model(
     from mmwb.models.vlm.hf_text import TransformersCausalLM
 
     wrapper = TransformersCausalLM.from_config(text_config)
-    tied = (
-        ("lm_head.weight",) if wrapper.model.config.tie_word_embeddings else ()
-    )  # else a missing head is an error
+    # a missing head is an error unless it is tied to the embeddings
+    tied = ("lm_head.weight",) if wrapper.model.config.tie_word_embeddings else ()
     _load_strict(wrapper.model, source, directory, "language model", tied_ok=tied)
     return wrapper.to(device, dtype or torch.float32).eval()
 
