@@ -175,3 +175,22 @@ def test_draw_questions_gives_each_image_its_caption_and_random_questions_equall
     assert pairs == {("what colour is the square?", "red"), ("how many shapes?", "two")}  # drawn from both
     assert draw_questions(conversations, 4, seed=0) == drawn[:12]  # seeded: the same records again
     assert draw_questions(conversations, 4, seed=1) != drawn[:12]
+
+
+def test_question_weights_draw_the_named_types_more_often_and_zero_never(tmp_path):
+    from mmwb.data.captions import draw_questions
+    from mmwb.data.shapes import write_dataset
+
+    write_dataset(tmp_path, 40, seed=0, size=32, n_eval=0, progress=False)
+    records = read_records(tmp_path / "train.jsonl", prefer="qa")
+    kinds = {t.kind for r in records for t in r.turns if t.role == "user"}
+    assert kinds == {"count", "colour", "shape", "position", "yesno"}  # the shapes QA types reach the turns
+
+    def share(weights):
+        drawn = draw_questions(records, draws=20, seed=0, weights=weights)
+        return sum(r.turns[0].kind == "position" for r in drawn) / len(drawn)
+
+    assert share({"position": 0.0}) == 0.0
+    assert share({"position": 8.0}) > 2 * share(None) > 0
+    with pytest.raises(MmwbInputError, match="question weights"):
+        draw_questions(records, 2, seed=0, weights={"position": -1.0})

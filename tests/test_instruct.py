@@ -131,6 +131,36 @@ def test_a_new_conv_tower_and_the_whole_decoder_train_together(tmp_path):
     assert torch.equal(_logits(vlm.eval(), batch), _logits(again.eval(), batch))
 
 
+@pytest.mark.slow
+def test_the_cell_loss_trains_a_head_that_the_saved_vlm_leaves_out(tmp_path):
+    """cell_loss: the run's checkpoints hold the auxiliary head (a resume needs it), the saved VLM does not, and the
+    head's loss is what the training module adds to the language loss."""
+    setup = make_setup(tmp_path, n=16)
+    tower = {"type": "conv", "config": {"image_size": 32, "channels": [8, 16], "strides": [2, 2]}}
+    config = InstructConfig(
+        data_dir=setup["data"], decoder_dir=setup["decoder"], tower=tower, lora=None, max_length=48,
+        question_draws=2, question_weights={"position": 4.0}, cell_loss=0.5,
+        out_dir=tmp_path / "model", train=tiny_train(tmp_path / "run", max_steps=2),
+    )  # fmt: skip
+    result, _ = train_instruct(config)
+    saved = load_file(result.checkpoint / "model.safetensors")
+    assert saved["cell_head.linear.weight"].shape == (7 + 5 + 3, 16)
+    vlm = mmwb.from_pretrained(tmp_path / "model", device="cpu")
+    assert not any("cell_head" in k for k in vlm.state_dict())
+
+
+def test_cell_loss_settings_that_cannot_work_are_config_errors(tmp_path):
+    from mmwb.errors import MmwbConfigError
+
+    setup = make_setup(tmp_path, n=16)
+    frozen = InstructConfig(data_dir=setup["data"], vision_dir=setup["vision"], decoder_dir=setup["decoder"],
+                            cell_loss=1.0, train=tiny_train(tmp_path / "run"))  # fmt: skip
+    with pytest.raises(MmwbConfigError, match="cell_loss trains the vision tower"):
+        train_instruct(frozen)
+    with pytest.raises(MmwbConfigError, match="set question_draws too"):
+        train_instruct(InstructConfig(question_weights={"position": 2.0}))
+
+
 def test_records_chosen_two_ways_is_a_config_error():
     from mmwb.errors import MmwbConfigError
 

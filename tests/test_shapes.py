@@ -9,7 +9,9 @@ from mmwb.cli.main import main
 from mmwb.data.shapes import (
     COLOURS,
     NUMBERS,
+    SIZES,
     caption,
+    cell_labels,
     make_example,
     questions,
     record_document,
@@ -160,3 +162,32 @@ def test_a_swapped_twin_keeps_the_words_and_changes_the_binding():
             words = [sorted(text.replace(",", "").split()) for text in (caption(twin), record["caption"])]
             assert words[0] == words[1]
         render(twin, 32)
+
+
+def test_cell_labels_name_the_object_covering_each_cell_centre():
+    red_circle = {"shape": "circle", "colour": "red", "size": "large", "x": 0.5, "y": 0.25}
+    labels = cell_labels([red_circle], grid=4).reshape(4, 4, 3)
+    covered = np.zeros((4, 4), dtype=bool)
+    covered[0:2, 1:3] = (
+        True  # centres (0.375 | 0.625, 0.125 | 0.375) lie 0.177 from the centre, under r = 0.19
+    )
+    assert (labels[covered] == [1, 1, 2]).all()  # 1 + index of red, circle, large
+    assert (labels[~covered] == 0).all()
+
+
+def test_cell_labels_are_true_to_the_pixels_of_circles():
+    """A cell labelled with a circle shows the circle's colour at its centre (away from the anti-aliased rim)."""
+    checked = 0
+    for index in range(40):
+        image, record = make_example(0, "train", index, size=64)
+        pixels = np.asarray(image).astype(int)
+        labels = cell_labels(record["objects"], grid=8).reshape(8, 8, 3)
+        for obj in (o for o in record["objects"] if o["shape"] == "circle"):
+            for row, col in zip(*np.nonzero(labels[..., 1] == 1)):
+                inner = SIZES[obj["size"]] - 2 / 64
+                if np.hypot((col + 0.5) / 8 - obj["x"], (row + 0.5) / 8 - obj["y"]) < inner:
+                    assert list(COLOURS)[labels[row, col, 0] - 1] == obj["colour"]
+                    centre = pixels[row * 8 + 3 : row * 8 + 5, col * 8 + 3 : col * 8 + 5]  # (2, 2, 3)
+                    assert np.abs(centre - COLOURS[obj["colour"]]).max() < 40
+                    checked += 1
+    assert checked > 20

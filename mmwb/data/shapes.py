@@ -218,6 +218,40 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
     return qa
 
 
+CELL_ATTRIBUTES = (("colour", tuple(COLOURS)), ("shape", SHAPES), ("size", tuple(SIZES)))
+
+
+def cell_labels(objects: list[dict], grid: int) -> np.ndarray:
+    """``(grid * grid, 3)`` int64 dense targets of a record's image cut into ``grid`` x ``grid`` cells, row by row:
+    for each cell, 1 + the index of the colour, shape and size (``CELL_ATTRIBUTES``) of the object whose disc
+    covers the cell's centre, 0 for background. A tower trained to predict these from its own tokens learns what
+    is where in a few hundred steps, instead of waiting for the language model's loss to reach it."""
+    centres = (np.arange(grid) + 0.5) / grid
+    labels = np.zeros((grid, grid, len(CELL_ATTRIBUTES)), dtype=np.int64)
+    for obj in objects:
+        shape = Shape(**obj)
+        covered = (
+            np.hypot(centres[None, :] - shape.x, centres[:, None] - shape.y) < shape.radius
+        )  # (row, col)
+        labels[covered] = [1 + names.index(getattr(shape, key)) for key, names in CELL_ATTRIBUTES]
+    return labels.reshape(grid * grid, len(CELL_ATTRIBUTES))
+
+
+def read_cell_labels(path: Path, grid: int) -> dict[str, np.ndarray]:
+    """``cell_labels`` of every image of a shapes JSONL file, by the image's path as the file names it."""
+    labels = {}
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        if not isinstance(item.get("objects"), list):
+            raise MmwbInputError(
+                f"{path}:{n}: no 'objects' list; cell labels need shapes data ('mmwb data shapes')"
+            )
+        labels[item["image"]] = cell_labels(item["objects"], grid)
+    return labels
+
+
 def split_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The generator of one example: splits draw from disjoint streams of the same seed."""
     return np.random.default_rng([seed, SPLITS.index(split), index])

@@ -112,7 +112,12 @@ def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, Mapping):
             raise _type_error(source, key, "a mapping", value)
-        return dict(value)
+        if len(args) != 2:
+            return dict(value)
+        return {
+            _convert(args[0], k, source, key): _convert(args[1], v, source, f"{key}.{k}")
+            for k, v in value.items()
+        }
     return _convert_scalar(hint, value, source, key)
 
 

@@ -20,23 +20,28 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmwb.data.captions import draw_questions, read_records, split_turns
-from mmwb.errors import MmwbCheckpointError, MmwbConfigError
+from mmwb.data.captions import ImageTextRecord, draw_questions, read_records, split_turns
+from mmwb.data.shapes import CELL_ATTRIBUTES, read_cell_labels
+from mmwb.errors import MmwbCheckpointError, MmwbConfigError, MmwbInputError
 from mmwb.models.projectors.qformer import QFormerSize
+from mmwb.models.vision.base import PixelInputs
 from mmwb.models.vlm import VisionLanguageModel
 from mmwb.models.vlm.prompt import DEFAULT_CAPTION_QUESTION, make_encoder
 from mmwb.pipelines.vlm_eval import EvaluationConfig
 from mmwb.runtime import seed_everything
 from mmwb.train import checkpoint as ckpt
+from mmwb.train.cell_loss import CellHead
 from mmwb.train.checkpoint import save_model_folder
 from mmwb.train.config import TrainConfig
 from mmwb.train.engine import TrainResult
@@ -97,6 +102,10 @@ class InstructConfig:
     single_turn: bool = False  # each QA pair its own record (mmwb.data.captions.split_turns)
     # or: each image's caption N times and N of its questions drawn at random (mmwb.data.captions.draw_questions)
     question_draws: int = 0
+    # with question_draws: how much likelier each question type (shapes QA "type") is drawn; others weigh 1
+    question_weights: dict[str, float] = field(default_factory=dict)
+    # weight of the tower's dense auxiliary loss (mmwb.train.cell_loss; shapes data, a tower with a fixed grid)
+    cell_loss: float = 0.0
     train_tower: bool = False  # also fine-tune the vision tower fully (Kimi-VL style); no feature cache then
     # or a new tower built from this spec and trained from scratch with the rest ({"type": "conv", "config": ...})
     tower: dict[str, Any] | None = None
@@ -120,10 +129,16 @@ class InstructTraining(nn.Module):
     """
 
     def __init__(
-        self, vlm: VisionLanguageModel, train_tower: bool = False, loss_average: str = "sequence"
+        self,
+        vlm: VisionLanguageModel,
+        train_tower: bool = False,
+        loss_average: str = "sequence",
+        cell_head: CellHead | None = None,
+        cell_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.loss_average = loss_average
+        self.cell_head, self.cell_weight = cell_head, cell_weight  # training only: not part of the saved VLM
         self.projector = vlm.projector  # the same modules the VLM runs
         self.language_model = vlm.language_model
         self.trains_tower = train_tower
@@ -132,7 +147,13 @@ class InstructTraining(nn.Module):
         self.held = Unregistered(vlm)
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
-        return multimodal_loss(self.held.vlm, batch, self.loss_average)
+        cells = batch.pop("cell_labels", None)
+        vlm = self.held.vlm
+        if self.cell_head is None or cells is None:
+            return multimodal_loss(vlm, batch, self.loss_average)
+        features = vlm.encode_images(PixelInputs(batch["pixel_values"], batch.get("grid_hw")))  # (B, N, C)
+        loss = multimodal_loss(vlm, batch, self.loss_average, features)
+        return loss + self.cell_weight * self.cell_head.loss(features.features, cells)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         full = super().state_dict(*args, **kwargs)
@@ -166,6 +187,10 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path | None]:
     returns the result and the adapter folder (None without LoRA)."""
     if config.single_turn and config.question_draws:
         raise MmwbConfigError("single_turn and question_draws choose the records two ways: set one of them")
+    if config.question_weights and not config.question_draws:
+        raise MmwbConfigError(
+            "question_weights weigh the questions of question_draws: set question_draws too"
+        )
     seed_everything(config.train.seed)
     vlm = starting_vlm(
         config.model_dir,
@@ -190,10 +215,21 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path | None]:
     if config.single_turn:
         records = split_turns(records)
     if config.question_draws:
-        records = draw_questions(records, config.question_draws, config.train.seed)
+        records = draw_questions(records, config.question_draws, config.train.seed, config.question_weights)
+    elif config.question_weights:
+        raise MmwbConfigError(
+            "question_weights weigh the questions of question_draws: set question_draws too"
+        )
     encode = make_encoder(vlm.tokenizer, "chat", config.max_length)
+    cell_head = None
+    if config.cell_loss:
+        if not train_tower:
+            raise MmwbConfigError("cell_loss trains the vision tower: set tower (a new one) or train_tower")
+        grid = tower_grid(vlm)
+        encode = with_cell_labels(encode, read_cell_labels(Path(config.data_dir) / config.train_file, grid))
+        cell_head = CellHead(vlm.vision_tower.hidden_size, [len(names) + 1 for _, names in CELL_ATTRIBUTES])
     trainer = vlm_trainer(
-        InstructTraining(vlm, train_tower, config.loss_average),
+        InstructTraining(vlm, train_tower, config.loss_average, cell_head, config.cell_loss),
         vlm,
         records,
         config.data_dir,
@@ -209,6 +245,29 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path | None]:
             vlm = merged(vlm, peft_model)
         save_model_folder(vlm, Path(config.out_dir))
     return result, adapter
+
+
+def tower_grid(vlm: VisionLanguageModel) -> int:
+    """The side of a tower's fixed square token grid (the conv tower's), which cell labels are drawn on."""
+    grid = getattr(getattr(vlm.vision_tower, "config", None), "grid", None)
+    if not isinstance(grid, int):
+        raise MmwbConfigError(
+            f"cell_loss needs a tower with a fixed square token grid (type 'conv'), not {type(vlm.vision_tower).__name__}"
+        )
+    return grid
+
+
+def with_cell_labels(
+    encode: Callable[[ImageTextRecord], dict[str, torch.Tensor]], labels: dict[str, np.ndarray]
+) -> Callable[[ImageTextRecord], dict[str, torch.Tensor]]:
+    """``encode`` whose items also carry their image's ``cell_labels`` ``(N, A)``."""
+
+    def encode_with_cells(record: ImageTextRecord) -> dict[str, torch.Tensor]:
+        if record.image not in labels:
+            raise MmwbInputError(f"{record.image}: no objects listed for this image, so no cell labels")
+        return {**encode(record), "cell_labels": torch.from_numpy(labels[record.image])}
+
+    return encode_with_cells
 
 
 def base_of(config: InstructConfig) -> dict[str, Any]:

@@ -39,6 +39,8 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Ten
         batch["token_counts"] = counts
     else:
         batch["pixel_values"] = torch.cat([it["pixel_values"] for it in items])
+    if "cell_labels" in items[0]:  # dense per-token targets of the tower (mmwb.train.cell_loss)
+        batch["cell_labels"] = torch.stack([it["cell_labels"] for it in items])  # (B, N, A)
     if "grid_hw" in items[0]:
         batch["grid_hw"] = torch.stack([it["grid_hw"].reshape(2) for it in items])  # (B, 2)
     return batch

@@ -8,20 +8,26 @@ import torch.nn.functional as F
 from accelerate.utils import send_to_device
 
 from mmwb.models.decoder.model import IGNORE_INDEX
+from mmwb.models.vision.base import VisionFeatures
 from mmwb.models.vlm import VisionLanguageModel
 from mmwb.train.image_features import batch_features
 from mmwb.train.multimodal import drop_image_tokens
 
 
 def token_losses(
-    vlm: VisionLanguageModel, batch: dict[str, torch.Tensor], with_images: bool = True
+    vlm: VisionLanguageModel,
+    batch: dict[str, torch.Tensor],
+    with_images: bool = True,
+    features: VisionFeatures | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross entropy ``(B, T')`` over the positions from the first labelled one on, and which of them are
     labelled (``(B, T')`` bool). ``with_images=False`` is the text-only baseline: the same sequences with their
-    ``<image>`` token removed."""
+    ``<image>`` token removed. ``features``: the tower's output for the batch when the caller computed it already
+    (by default it is read from the batch's cache entries or computed from its pixels)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     if with_images:
-        inputs = vlm.prepare_inputs(ids, mask, labels, vision_features=batch_features(vlm, batch))
+        features = features if features is not None else batch_features(vlm, batch)
+        inputs = vlm.prepare_inputs(ids, mask, labels, vision_features=features)
     else:
         inputs = vlm.prepare_inputs(*drop_image_tokens(ids, mask, labels, vlm.config.image_token_id))
     targets = F.pad(inputs["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T): the next token's label
@@ -39,15 +45,21 @@ def token_losses(
 
 
 def sequence_losses(
-    vlm: VisionLanguageModel, batch: dict[str, torch.Tensor], with_images: bool = True
+    vlm: VisionLanguageModel,
+    batch: dict[str, torch.Tensor],
+    with_images: bool = True,
+    features: VisionFeatures | None = None,
 ) -> torch.Tensor:
     """(B,) mean next-token cross entropy over each sequence's labelled tokens (0 for a sequence with none)."""
-    loss, labelled = token_losses(vlm, batch, with_images)
+    loss, labelled = token_losses(vlm, batch, with_images, features)
     return loss.sum(1) / labelled.sum(1).clamp(min=1)
 
 
 def multimodal_loss(
-    vlm: VisionLanguageModel, batch: dict[str, torch.Tensor], average: str = "sequence"
+    vlm: VisionLanguageModel,
+    batch: dict[str, torch.Tensor],
+    average: str = "sequence",
+    features: VisionFeatures | None = None,
 ) -> torch.Tensor:
     """The training loss on labelled tokens (captions or assistant turns).
 
@@ -57,9 +69,9 @@ def multimodal_loss(
     of the batch, so a 20-token caption weighs ten times a 2-token answer (under DDP each process then weighs its
     own tokens by its own count)."""
     if average == "token":
-        loss, labelled = token_losses(vlm, batch)
+        loss, labelled = token_losses(vlm, batch, features=features)
         return loss.sum() / labelled.sum().clamp(min=1)
-    return sequence_losses(vlm, batch).mean()
+    return sequence_losses(vlm, batch, features=features).mean()
 
 
 @torch.no_grad()
