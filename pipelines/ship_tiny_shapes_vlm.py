@@ -3,7 +3,7 @@
     mmwb recipe tiny-shapes --out runs/tiny-shapes
     python pipelines/ship_tiny_shapes_vlm.py --recipe runs/tiny-shapes
 
-Copies the stage-4 model (config, weights, tokenizer) and writes ``metrics.json``: every stage's metrics as the
+Copies the last stage's model (config, weights, tokenizer) and writes ``metrics.json``: every stage's metrics as the
 recipe measured them, and the scores on a fixed sample (the first N test images of the data seed, drawn afresh)
 that ``tests/test_shipped_vlm.py`` checks the shipped model still reaches.
 """
@@ -28,8 +28,9 @@ parser.add_argument("--sample", type=int, default=100, help="test images of the 
 args = parser.parse_args()
 
 args.out.mkdir(parents=True, exist_ok=True)
+final = RECIPES["tiny-shapes"][-1].name
 for name in SHIPPED:
-    shutil.copy2(args.recipe / "stage4_instruct" / name, args.out / name)
+    shutil.copy2(args.recipe / final / name, args.out / name)
 stages = {
     s.name: json.loads((args.recipe / s.name / "metrics.json").read_text()) for s in RECIPES["tiny-shapes"]
 }

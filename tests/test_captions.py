@@ -194,3 +194,31 @@ def test_question_weights_draw_the_named_types_more_often_and_zero_never(tmp_pat
     assert share({"position": 8.0}) > 2 * share(None) > 0
     with pytest.raises(MmwbInputError, match="question weights"):
         draw_questions(records, 2, seed=0, weights={"position": -1.0})
+
+
+def test_question_first_template_puts_the_image_after_the_first_question_only():
+    from mmwb.models.vlm.prompt import build_prompt
+
+    assert build_prompt("what colour is the circle?", "chat_question_first") == (
+        "<|bos|><|user|>what colour is the circle?<image><|assistant|>"
+    )
+    assert (
+        build_prompt(None, "chat_question_first") == "<|bos|><|user|>describe the image<image><|assistant|>"
+    )
+    tokenizer = train_bpe_tokenizer(["what colour is the circle? red", "how many shapes? two"], 300)
+    record = read_records_from([("what colour is the circle?", "red"), ("how many shapes?", "two")])
+    item = make_encoder(tokenizer, "chat_question_first", 64)(record)
+    text = tokenizer.decode(item["input_ids"])
+    assert text == (
+        "<|bos|><|user|>what colour is the circle?<image><|assistant|> red<|eos|>"
+        "<|user|>how many shapes?<|assistant|> two<|eos|>"
+    )
+    trained = tokenizer.decode(item["input_ids"][item["labels"] != -100])
+    assert trained == " red<|eos|> two<|eos|>"
+
+
+def read_records_from(pairs):
+    from mmwb.data.captions import ImageTextRecord
+
+    turns = tuple(Turn(role, text) for q, a in pairs for role, text in (("user", q), ("assistant", a)))
+    return ImageTextRecord("x.png", turns)

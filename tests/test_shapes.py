@@ -1,6 +1,7 @@
 """The synthetic shapes dataset: deterministic, disjoint splits, captions and answers true to the pixels."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -191,3 +192,36 @@ def test_cell_labels_are_true_to_the_pixels_of_circles():
                     assert np.abs(centre - COLOURS[obj["colour"]]).max() < 40
                     checked += 1
     assert checked > 20
+
+
+def test_practice_questions_are_true_and_leave_the_rest_of_the_record_alone():
+    for index in range(30):
+        plain_image, plain = make_example(0, "train", index)
+        image, record = make_example(0, "train", index, practice=True)
+        assert np.array_equal(np.asarray(plain_image), np.asarray(image))
+        assert record["qa"][: len(plain["qa"])] == plain["qa"] and record["caption"] == plain["caption"]
+        objects = record["objects"]
+        extra = record["qa"][len(plain["qa"]) :]
+        looks = {f"{o['colour']} {o['shape']}" for o in objects}
+        assert {q["question"] for q in extra if q["type"] == "yesno"} == {
+            f"is there a {look}?" for look in looks
+        }
+        assert all(q["answer"] == "yes" for q in extra if q["type"] == "yesno")
+        for q in (q for q in extra if q["type"] == "position"):
+            assert len(objects) == 3
+            first, asked, second = re.fullmatch(
+                r"is the (\w+ \w+) (left of|right of) the (\w+ \w+)\?", q["question"]
+            ).groups()
+            x = {f"{o['colour']} {o['shape']}": o["x"] for o in objects}
+            truth = "left of" if x[first] < x[second] else "right of"
+            assert q["answer"] == ("yes" if asked == truth else "no")
+
+
+def test_practice_questions_go_to_the_train_split_only(tmp_path):
+    write_dataset(tmp_path / "a", 6, seed=0, size=32, n_eval=6, progress=False)
+    write_dataset(tmp_path / "b", 6, seed=0, size=32, n_eval=6, progress=False, practice=True)
+    for split in ("val", "test"):
+        assert (tmp_path / "a" / f"{split}.jsonl").read_text() == (
+            tmp_path / "b" / f"{split}.jsonl"
+        ).read_text()
+    assert (tmp_path / "a" / "train.jsonl").read_text() != (tmp_path / "b" / "train.jsonl").read_text()

@@ -26,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shapes.add_argument("--n", type=int, default=1000, help="training images (default: 1000)")
     shapes.add_argument("--n-eval", type=int, default=None, help="images in val and in test (default: n/5)")
     shapes.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
+    shapes.add_argument(
+        "--practice",
+        action="store_true",
+        help="add training-only questions to the train split: 'is there a ...?' about each object (yes) and "
+        "left/right questions in three-object scenes (val and test keep the standard mix)",
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -36,10 +42,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise MmwbInputError("--n and --n-eval must be at least 1 and --size at least 16")
     seed = 0 if args.seed is None else args.seed
     counts = write_dataset(
-        args.out, args.n, seed=seed, size=args.size, n_eval=args.n_eval, progress=not args.json
+        args.out,
+        args.n,
+        seed=seed,
+        size=args.size,
+        n_eval=args.n_eval,
+        progress=not args.json,
+        practice=args.practice,
     )
     if not args.json:
         print(
             f"wrote {sum(counts.values())} images to {args.out} ({', '.join(f'{k} {v}' for k, v in counts.items())})"
         )
-    return {"out": str(args.out), "seed": seed, "size": args.size, "splits": counts}
+    return {
+        "out": str(args.out),
+        "seed": seed,
+        "size": args.size,
+        "splits": counts,
+        "practice": args.practice,
+    }

@@ -11,12 +11,18 @@ HELP = (
     "configs/recipes/NAME/. Every stage prints and saves its metric (OUT/STAGE/metrics.json); run again on the "
     "same --out to skip finished stages and resume an interrupted one."
 )
-NAMES = ("tiny-shapes",)  # mirrors mmwb.train.recipes.RECIPES without importing torch for --help
+NAMES = (
+    "tiny-shapes",
+    "tiny-shapes-llava",
+)  # mirrors mmwb.train.recipes.RECIPES without importing torch for --help
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "name", choices=NAMES, help="tiny-shapes: the VLM recipe in miniature on synthetic shapes"
+        "name",
+        choices=NAMES,
+        help="tiny-shapes: the default VLM (LM pretraining, then tower, projector and decoder end to end); "
+        "tiny-shapes-llava: the classic LLaVA recipe (CLIP, LM, align, LoRA instruct), for comparison",
     )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/recipes/NAME)")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage on a few images (tests)")
@@ -32,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a dotted override for every stage (train.lr=1e-3) or one (stage2_lm.train.max_steps=200); repeatable",
+        help="a dotted override for every stage (train.lr=1e-3) or one (stage1_lm.train.max_steps=200); repeatable",
     )
 
 

@@ -98,6 +98,9 @@ class InstructConfig:
     # the shape of a new Q-Former (projector: qformer)
     qformer: QFormerSize = field(default_factory=QFormerSize)
     max_length: int = 96
+    template: Literal["chat", "chat_question_first"] = (
+        "chat"  # mmwb.models.vlm.prompt; the saved VLM keeps it
+    )
     caption_turn: bool = True  # shapes JSONL: each image also trains "describe the image" -> its caption
     single_turn: bool = False  # each QA pair its own record (mmwb.data.captions.split_turns)
     # or: each image's caption N times and N of its questions drawn at random (mmwb.data.captions.draw_questions)
@@ -209,7 +212,7 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path | None]:
     if train_tower:
         vlm.vision_tower.requires_grad_(True).train()
         cache = FeatureCacheConfig(enabled=False)  # the tower's features change as it trains
-    vlm.config.template = "chat"
+    vlm.config.template = config.template
     question = DEFAULT_CAPTION_QUESTION if config.caption_turn else None
     records = read_records(Path(config.data_dir) / config.train_file, "qa", caption_question=question)
     if config.single_turn:
@@ -220,7 +223,7 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path | None]:
         raise MmwbConfigError(
             "question_weights weigh the questions of question_draws: set question_draws too"
         )
-    encode = make_encoder(vlm.tokenizer, "chat", config.max_length)
+    encode = make_encoder(vlm.tokenizer, config.template, config.max_length)
     cell_head = None
     if config.cell_loss:
         if not train_tower:

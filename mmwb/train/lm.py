@@ -2,7 +2,7 @@
 
 The decoder learns the words and grammar of captions and QA pairs before it ever sees an image, so the later
 stages only have to ground them. Each caption and each "question answer" line is one sequence,
-``<|bos|> text <|eos|>``, with the BPE tokenizer of stage 1. The metric is the validation perplexity (per token,
+``<|bos|> text <|eos|>``, with a given tokenizer or a BPE fitted here on the training text. The metric is the validation perplexity (per token,
 over every predicted token including the end of text).
 """
 
@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from mmwb.data.shapes import SPLITS, read_index, record_document, record_texts
-from mmwb.data.tokenizer import load_tokenizer
+from mmwb.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM
 from mmwb.models.decoder.model import IGNORE_INDEX
 from mmwb.runtime import seed_everything
@@ -39,8 +39,11 @@ class LMStageConfig:
     """
 
     data_dir: Path = Path("data/shapes")
-    tokenizer_dir: Path = Path("runs/tiny-shapes/stage1_clip")
-    out_dir: Path = Path("runs/tiny-shapes/stage2_lm")  # the model folder; the engine's run is train.out_dir
+    tokenizer_dir: Path | None = (
+        None  # a tokenizer folder, or None: fit a BPE of vocab_size on the training text
+    )
+    vocab_size: int = 512
+    out_dir: Path = Path("runs/tiny-shapes/stage1_lm")  # the model folder; the engine's run is train.out_dir
     eval_batch_size: int = 256
     # each image's caption and QA pairs as one text (mmwb.data.shapes.record_document), not one text per line:
     # only then must the model look back over many tokens, the skill that later reads the image tokens
@@ -110,7 +113,11 @@ def stage_texts(data_dir: Path, split: str, config: LMStageConfig) -> list[str]:
 def run_lm_stage(config: LMStageConfig) -> dict[str, Any]:
     """Train the decoder, measure validation perplexity, publish the model folder whole; returns the metrics."""
     started = time.perf_counter()
-    tokenizer = load_tokenizer(config.tokenizer_dir)
+    if config.tokenizer_dir is not None:
+        tokenizer = load_tokenizer(config.tokenizer_dir)
+    else:
+        lines = (t for r in read_index(Path(config.data_dir), "train") for t in record_texts(r))
+        tokenizer = train_bpe_tokenizer(lines, config.vocab_size)
     rows = {
         split: encode_texts(tokenizer, stage_texts(Path(config.data_dir), split, config))
         for split in ("train", "val")

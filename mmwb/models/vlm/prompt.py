@@ -2,7 +2,10 @@
 
 ``plain`` (stage-1 captioning): ``<|bos|><image>`` then the caption. ``chat`` (instruction tuning):
 ``<|bos|><|user|><image>question<|assistant|>`` then a space and the answer, then ``<eos>``; later turns
-``<|user|>question<|assistant|> answer<eos>``. One ``<image>`` per image; the model widens it. ``user_text`` and
+``<|user|>question<|assistant|> answer<eos>``. ``chat_question_first`` puts the first question before the image
+(``<|bos|><|user|>question<image><|assistant|>``): every image token of a causal decoder then sees the question,
+so each can check its own cell against it ("is this the red circle?") before the answer looks for a match; with
+the image first, the answer position alone must find a conjunction of attributes among 64 tokens. One ``<image>`` per image; the model widens it. ``user_text`` and
 ``answer_text`` are the only places that know this layout: generation tokenizes ``build_prompt`` (the first user
 turn), training (``make_encoder``) tokenizes every turn the same way and labels the answers. The space matters with
 a byte-level BPE: ``" triangle"`` is one word token, as in the language model's pretraining text ("question
@@ -21,7 +24,7 @@ from mmwb.data.tokenizer import ASSISTANT, BOS, IMAGE, USER
 from mmwb.errors import MmwbInputError
 from mmwb.models.decoder.model import IGNORE_INDEX
 
-TEMPLATES = ("plain", "chat")
+TEMPLATES = ("plain", "chat", "chat_question_first")
 DEFAULT_CAPTION_QUESTION = "describe the image"
 ANSWER_PREFIX = " "  # between <|assistant|> and the answer (chat template)
 
@@ -43,7 +46,11 @@ def user_text(
     if template == "plain":
         return (f"{bos}{images}" if first else "") + (question or "")
     text = DEFAULT_CAPTION_QUESTION if question is None else question
-    return f"{bos}{USER}{images}{text}{ASSISTANT}" if first else f"{USER}{text}{ASSISTANT}"
+    if not first:
+        return f"{USER}{text}{ASSISTANT}"
+    if template == "chat_question_first":
+        return f"{bos}{USER}{text}{images}{ASSISTANT}"
+    return f"{bos}{USER}{images}{text}{ASSISTANT}"
 
 
 def answer_text(answer: str, template: str) -> str:
@@ -80,7 +87,7 @@ def make_encoder(
 ) -> Callable[[ImageTextRecord], dict[str, torch.Tensor]]:
     """``record -> {"input_ids", "labels"}`` (1-D long tensors) for training, cut at ``max_length``: every turn
     tokenized as generation tokenizes its prompt, labels on the answers and their end token only. ``plain`` reads
-    the record's caption; ``chat`` its whole conversation."""
+    the record's caption; the chat templates its whole conversation."""
     for token in (BOS, IMAGE, USER, ASSISTANT):  # a missing special token would silently become text
         token_id = tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == tokenizer.unk_token_id:
