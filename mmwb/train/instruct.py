@@ -120,7 +120,8 @@ class InstructConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir=Path("runs/instruct")))
 
 
-InstructStageConfig = InstructConfig  # stage 4 of the tiny-shapes recipe
+# stage 2 of tiny-shapes (end to end) and stage 4 of tiny-shapes-llava (LoRA)
+InstructStageConfig = InstructConfig
 
 
 class InstructTraining(nn.Module):
@@ -340,7 +341,7 @@ def load_projector(projector: nn.Module, source: Path) -> None:
 
 
 def run_instruct_stage(config: InstructConfig) -> dict[str, Any]:
-    """The tiny-shapes recipe's stage 4: instruction-tune, merge, evaluate captions and VQA on the test split, and
+    """A recipe's VLM stage: train (LoRA or whole), merge, evaluate captions and VQA on the test split, and
     save the metrics beside the merged model."""
     started = time.perf_counter()
     result, adapter = train_instruct(config)
