@@ -2,17 +2,18 @@
 the conv tower, projector and whole decoder trained together; the model answers as its metrics say, and the same
 seed gives the same model."""
 
-import json
+import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 import mmwb
-from mmwb.data.shapes import read_index
 from mmwb.models.vision.conv import ConvTower
-from mmwb.pipelines.vlm import VLMPipeline
-from mmwb.pipelines.vlm_eval import normalize
 from mmwb.train.recipes import run_recipe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vlm_train_fixtures import check_recipe_model_answers_as_recorded  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +43,7 @@ def test_quick_recipe_runs_both_stages_into_a_conv_tower_vlm(quick_run):
 @pytest.mark.slow
 def test_the_recipes_model_answers_as_its_metrics_say(quick_run):
     out, report = quick_run
-    vlm = mmwb.from_pretrained(out / "stage2_vlm")
-    rows = [
-        json.loads(line) for line in (out / "stage2_vlm" / "test_predictions.jsonl").read_text().splitlines()
-    ]
-    records = read_index(out / "data", "test")
-    question = records[0]["qa"][0]["question"]
-    answer = VLMPipeline(vlm)(out / "data" / records[0]["image"], question, max_new_tokens=32)
-    assert answer == rows[0]["qa"][0]["prediction"]
-    exact = sum(normalize(r["caption"]) == r["reference"] for r in rows) / len(rows)
-    assert exact == report["stages"]["stage2_vlm"]["metrics"]["test_caption_exact_match"]
+    check_recipe_model_answers_as_recorded(out, "stage2_vlm", report["stages"]["stage2_vlm"]["metrics"])
 
 
 @pytest.mark.slow
