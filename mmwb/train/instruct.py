@@ -98,9 +98,8 @@ class InstructConfig:
     # the shape of a new Q-Former (projector: qformer)
     qformer: QFormerSize = field(default_factory=QFormerSize)
     max_length: int = 96
-    template: Literal["chat", "chat_question_first"] = (
-        "chat"  # mmwb.models.vlm.prompt; the saved VLM keeps it
-    )
+    # the prompt format (mmwb.models.vlm.prompt); the saved VLM keeps it
+    template: Literal["chat", "chat_question_first"] = "chat"
     caption_turn: bool = True  # shapes JSONL: each image also trains "describe the image" -> its caption
     single_turn: bool = False  # each QA pair its own record (mmwb.data.captions.split_turns)
     # or: each image's caption N times and N of its questions drawn at random (mmwb.data.captions.draw_questions)
@@ -220,10 +219,6 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path | None]:
         records = split_turns(records)
     if config.question_draws:
         records = draw_questions(records, config.question_draws, config.train.seed, config.question_weights)
-    elif config.question_weights:
-        raise MmwbConfigError(
-            "question_weights weigh the questions of question_draws: set question_draws too"
-        )
     encode = make_encoder(vlm.tokenizer, config.template, config.max_length)
     cell_head = None
     if config.cell_loss:
@@ -256,7 +251,8 @@ def tower_grid(vlm: VisionLanguageModel) -> int:
     grid = getattr(getattr(vlm.vision_tower, "config", None), "grid", None)
     if not isinstance(grid, int):
         raise MmwbConfigError(
-            f"cell_loss needs a tower with a fixed square token grid (type 'conv'), not {type(vlm.vision_tower).__name__}"
+            "cell_loss needs a tower with a fixed square token grid (type 'conv'), "
+            f"not {type(vlm.vision_tower).__name__}"
         )
     return grid
 

@@ -2,7 +2,8 @@
 
 The decoder learns the words and grammar of captions and QA pairs before it ever sees an image, so the later
 stages only have to ground them. Each caption and each "question answer" line is one sequence,
-``<|bos|> text <|eos|>``, with a given tokenizer or a BPE fitted here on the training text. The metric is the validation perplexity (per token,
+``<|bos|> text <|eos|>``, with a given tokenizer or a BPE fitted here on the training text. The metric is the
+validation perplexity (per token,
 over every predicted token including the end of text).
 """
 
@@ -39,9 +40,8 @@ class LMStageConfig:
     """
 
     data_dir: Path = Path("data/shapes")
-    tokenizer_dir: Path | None = (
-        None  # a tokenizer folder, or None: fit a BPE of vocab_size on the training text
-    )
+    # a tokenizer folder, or None: fit a BPE of vocab_size on the training text
+    tokenizer_dir: Path | None = None
     vocab_size: int = 512
     out_dir: Path = Path("runs/tiny-shapes/stage1_lm")  # the model folder; the engine's run is train.out_dir
     eval_batch_size: int = 256

@@ -6,8 +6,8 @@ new convolutional tower, the projector and the whole decoder train together on c
 dense auxiliary loss on the tower's tokens. ``tiny-shapes-llava`` is the classic LLaVA recipe in miniature: (1)
 the tokenizer and contrastive pretraining of a tiny open_clip model, (2) LM pretraining of a tiny MoE decoder, (3)
 projector alignment with both towers frozen, (4) LoRA instruction tuning; it stays as the comparison (issue 19:
-caption exact match 0.30, VQA 0.67, against the end-to-end recipe's figures in the model card). Stage ``X`` reads ``<config_dir>/X.yaml`` (a normal
-mmwb training config; the recipe only fills in paths), publishes its model folder ``OUT/X/`` whole with
+caption exact match 0.30, VQA 0.67, against the end-to-end recipe's figures in the model card). Stage ``X``
+reads ``<config_dir>/X.yaml`` (a normal mmwb training config; the recipe only fills in paths), publishes its model folder ``OUT/X/`` whole with
 ``metrics.json`` in it, and keeps its engine run (checkpoints, metrics.jsonl, loss.png) in ``OUT/runs/X/``.
 
 Run again on the same ``OUT``, a recipe skips what is finished (the data, every stage whose ``metrics.json``
