@@ -3,8 +3,7 @@
 The decoder learns the words and grammar of captions and QA pairs before it ever sees an image, so the later
 stages only have to ground them. Each caption and each "question answer" line is one sequence,
 ``<|bos|> text <|eos|>``, with a given tokenizer or a BPE fitted here on the training text. The metric is the
-validation perplexity (per token,
-over every predicted token including the end of text).
+validation perplexity (per token, over every predicted token including the end of text).
 """
 
 from __future__ import annotations

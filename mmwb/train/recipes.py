@@ -7,8 +7,9 @@ dense auxiliary loss on the tower's tokens. ``tiny-shapes-llava`` is the classic
 the tokenizer and contrastive pretraining of a tiny open_clip model, (2) LM pretraining of a tiny MoE decoder, (3)
 projector alignment with both towers frozen, (4) LoRA instruction tuning; it stays as the comparison (issue 19:
 caption exact match 0.30, VQA 0.67, against the end-to-end recipe's figures in the model card). Stage ``X``
-reads ``<config_dir>/X.yaml`` (a normal mmwb training config; the recipe only fills in paths), publishes its model folder ``OUT/X/`` whole with
-``metrics.json`` in it, and keeps its engine run (checkpoints, metrics.jsonl, loss.png) in ``OUT/runs/X/``.
+reads ``<config_dir>/X.yaml`` (a normal mmwb training config; the recipe only fills in paths), publishes its
+model folder ``OUT/X/`` whole with ``metrics.json`` in it, and keeps its engine run (checkpoints, metrics.jsonl,
+loss.png) in ``OUT/runs/X/``.
 
 Run again on the same ``OUT``, a recipe skips what is finished (the data, every stage whose ``metrics.json``
 exists) and resumes an interrupted stage from its latest engine checkpoint.

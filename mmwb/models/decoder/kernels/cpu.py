@@ -15,8 +15,8 @@ The C source (``cpu.c`` beside this module) is compiled with the machine's C com
 cached per source, compiler and CPU). Without a compiler or the source file, or with ``MMWB_CPU_KERNELS=0`` (read
 once, at the first use in a process), ``linear`` and ``rms_norm`` are their torch equivalents and the others
 return None so that their callers run their torch code; the same happens outside each kernel's case (more
-rows, not fp32, autograd or autocast on,
-other strides, shapes that do not fit: torch then raises its own error). What they bought was measured
+rows, not fp32, autograd or autocast on, other strides, shapes that do not fit: torch then raises its own
+error). What they bought was measured
 when they came in (`git log -p BENCHMARKS.md`, "CPU decode kernels"); `mmwb bench decoder` measures it now.
 """
 
