@@ -20,6 +20,7 @@ LOADERS: dict[str, str] = {
     "mmwb_vlm": "mmwb.models.vlm.checkpoint:load_vlm",
     "kimi_k25": "mmwb.models.vlm.import_hf:load_kimi_k25",
     "llava": "mmwb.models.vlm.import_hf:load_llava",
+    "instructblip": "mmwb.models.vlm.import_hf:load_instructblip",
 }
 
 

@@ -28,7 +28,7 @@ from mmwb.data.io import atomic_write_path
 from mmwb.errors import MmwbInputError
 from mmwb.models.projectors.qformer import QFormerSize
 from mmwb.models.vlm import VisionLanguageModel
-from mmwb.models.vlm.prompt import make_encoder
+from mmwb.models.vlm.prompt import make_encoder, model_tokens
 from mmwb.pipelines.vlm_eval import EvaluationConfig
 from mmwb.runtime import seed_everything
 from mmwb.train.checkpoint import save_model_folder
@@ -125,9 +125,8 @@ def train_align(
             config.qformer,
         )
     freeze_all_but_projector(vlm)
-    vlm.config.template = "plain"  # captions follow the image directly (mmwb.models.vlm.prompt)
     train_records, val_records = align_records(config)
-    encode = make_encoder(vlm.tokenizer, "plain", config.max_length)
+    encode = caption_encoder(vlm, config.max_length)
     trainer = vlm_trainer(
         ProjectorTraining(vlm),
         vlm,
@@ -146,6 +145,15 @@ def train_align(
             tmp.write_text(json.dumps(report, indent=2) + "\n")
         print_report(report)
     return result, report
+
+
+def caption_encoder(vlm: VisionLanguageModel, max_length: int):
+    """Alignment's prompts, set as the model's template: mmwb's ``plain`` (the caption straight after the image)
+    or an imported InstructBLIP's own (its caption instruction first), in the model's own special tokens."""
+    if vlm.config.template != "instructblip":
+        vlm.config.template = "plain"
+    tokens = model_tokens(vlm.tokenizer, vlm.config.image_token_id)
+    return make_encoder(vlm.tokenizer, vlm.config.template, max_length, **tokens)
 
 
 @torch.no_grad()
@@ -191,7 +199,7 @@ def evaluation_items(
     vlm: VisionLanguageModel, records: list[ImageTextRecord], config: AlignConfig
 ) -> list[dict[str, Any]]:
     """Pixels and tokens of the (few) evaluation records; unreadable images are logged and left out."""
-    encode = make_encoder(vlm.tokenizer, "plain", config.max_length)
+    encode = caption_encoder(vlm, config.max_length)
     load = ProcessedPixels(vlm.image_processor())
     items = []
     for record in records:

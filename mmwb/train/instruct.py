@@ -37,7 +37,7 @@ from mmwb.errors import MmwbCheckpointError, MmwbConfigError, MmwbInputError
 from mmwb.models.projectors.qformer import QFormerSize
 from mmwb.models.vision.base import PixelInputs
 from mmwb.models.vlm import VisionLanguageModel
-from mmwb.models.vlm.prompt import DEFAULT_CAPTION_QUESTION, make_encoder
+from mmwb.models.vlm.prompt import caption_question, make_encoder, model_tokens
 from mmwb.pipelines.vlm_eval import EvaluationConfig
 from mmwb.runtime import seed_everything
 from mmwb.train import checkpoint as ckpt
@@ -99,7 +99,7 @@ class InstructConfig:
     qformer: QFormerSize = field(default_factory=QFormerSize)
     max_length: int = 96
     # the prompt format (mmwb.models.vlm.prompt); the saved VLM keeps it
-    template: Literal["chat", "chat_question_first"] = "chat"
+    template: Literal["chat", "chat_question_first", "instructblip"] = "chat"
     caption_turn: bool = True  # shapes JSONL: each image also trains "describe the image" -> its caption
     single_turn: bool = False  # each QA pair its own record (mmwb.data.captions.split_turns)
     # or: each image's caption N times and N of its questions drawn at random (mmwb.data.captions.draw_questions)
@@ -213,13 +213,14 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path | None]:
         vlm.vision_tower.requires_grad_(True).train()
         cache = FeatureCacheConfig(enabled=False)  # the tower's features change as it trains
     vlm.config.template = config.template
-    question = DEFAULT_CAPTION_QUESTION if config.caption_turn else None
+    question = caption_question(config.template) if config.caption_turn else None
     records = read_records(Path(config.data_dir) / config.train_file, "qa", caption_question=question)
     if config.single_turn:
         records = split_turns(records)
     if config.question_draws:
         records = draw_questions(records, config.question_draws, config.train.seed, config.question_weights)
-    encode = make_encoder(vlm.tokenizer, config.template, config.max_length)
+    tokens = model_tokens(vlm.tokenizer, vlm.config.image_token_id)
+    encode = make_encoder(vlm.tokenizer, config.template, config.max_length, **tokens)
     cell_head = None
     if config.cell_loss:
         if not train_tower:

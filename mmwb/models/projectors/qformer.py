@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,35 @@ class QFormerConfig:
         tokenizer (``vocab_size`` ids) also writes the instructions."""
         return cls(vision_dim=vision_dim, out_dim=out_dim, vocab_size=vocab_size, pad_token_id=pad_token_id,
                    norm_eps=1e-6, **asdict(size))  # fmt: skip
+
+    @classmethod
+    def from_transformers(
+        cls, qformer: Mapping[str, Any], num_queries: int, vision_dim: int, out_dim: int, where: str
+    ) -> QFormerConfig:
+        """The Q-Former of an InstructBLIP ``config.json`` (its ``qformer_config`` section), between a tower of
+        width ``vision_dim`` and a language model of width ``out_dim``; ``where`` names the file in errors."""
+        if qformer.get("hidden_act", "gelu") != "gelu":
+            raise MmwbCheckpointError(
+                f"{where}: Q-Former hidden_act {qformer['hidden_act']!r} (mmwb's is gelu)"
+            )
+        defaults = cls()
+        try:
+            return cls(
+                vision_dim=vision_dim,
+                out_dim=out_dim,
+                hidden_size=int(qformer.get("hidden_size", 768)),
+                num_layers=int(qformer.get("num_hidden_layers", 12)),
+                num_heads=int(qformer.get("num_attention_heads", 12)),
+                intermediate_size=int(qformer.get("intermediate_size", 3072)),
+                cross_attention_frequency=int(qformer.get("cross_attention_frequency", 2)),
+                num_queries=int(num_queries),
+                vocab_size=int(qformer.get("vocab_size", 30522)),
+                max_positions=int(qformer.get("max_position_embeddings", defaults.max_positions)),
+                norm_eps=float(qformer.get("layer_norm_eps", defaults.norm_eps)),
+                pad_token_id=int(qformer.get("pad_token_id") or 0),
+            )
+        except (TypeError, ValueError) as err:
+            raise MmwbCheckpointError(f"{where}: unusable qformer_config ({err})") from err
 
 
 @dataclass
@@ -201,16 +231,20 @@ _RENAMES = (
 )
 
 
+def name_from_transformers(key: str) -> str | None:
+    """An InstructBLIP tensor name (with or without a ``model.`` prefix) -> its QFormer name; None: not a Q-Former
+    tensor (the vision and language models')."""
+    name = key.removeprefix("model.")
+    for pattern, replacement in _RENAMES:
+        renamed, hits = re.subn(pattern, replacement, name)
+        if hits:
+            return renamed
+    return None
+
+
 def state_from_transformers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """InstructBLIP (transformers names, with or without a ``model.`` prefix) -> QFormer state dict."""
-    out = {}
-    for key, tensor in state.items():
-        name = key.removeprefix("model.")
-        for pattern, replacement in _RENAMES:
-            renamed, hits = re.subn(pattern, replacement, name)
-            if hits:
-                out[renamed] = tensor
-                break
+    out = {new: tensor for key, tensor in state.items() if (new := name_from_transformers(key)) is not None}
     if "query_tokens" not in out:
         raise MmwbCheckpointError("no query_tokens found: not an InstructBLIP Q-Former state dict")
     return out

@@ -1,7 +1,8 @@
-"""transformers CLIP and SigLIP vision towers from local checkpoint folders, features from a chosen layer.
+"""transformers CLIP, SigLIP and InstructBLIP (EVA) vision towers from local checkpoint folders, features from a
+chosen layer.
 
-transformers runs the tower; mmwb only picks the hidden state (LLaVA: penultimate layer, CLS dropped) and drops the
-blocks after it, so they cost nothing.
+transformers runs the tower; mmwb only picks the hidden state (LLaVA: penultimate layer, CLS dropped; InstructBLIP:
+the last layer through the final LayerNorm, CLS kept) and drops the blocks after it, so they cost nothing.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionModel, SiglipVisionModel
+from transformers import CLIPVisionModel, InstructBlipVisionModel, SiglipVisionModel
 
 from mmwb.errors import MmwbCheckpointError, MmwbConfigError
 from mmwb.models.vision.base import (
@@ -21,15 +22,19 @@ from mmwb.models.vision.base import (
     hidden_state_index,
 )
 
-# model_type -> (model class, has a CLS token, default mean, default std, default resize mode)
+_CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+# model_type -> (model class, has a CLS token, default mean, default std, default resize mode); BLIP's processor
+# stretches to a square (no crop) with CLIP's statistics
 _FAMILIES = {
-    "clip_vision_model": (CLIPVisionModel, True, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), "crop"),
+    "clip_vision_model": (CLIPVisionModel, True, _CLIP_MEAN, _CLIP_STD, "crop"),
     "siglip_vision_model": (SiglipVisionModel, False, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "squash"),
-}  # fmt: skip
+    "instructblip_vision_model": (InstructBlipVisionModel, True, _CLIP_MEAN, _CLIP_STD, "squash"),
+}
+VisionModel = CLIPVisionModel | SiglipVisionModel | InstructBlipVisionModel
 
 
-def vision_model_from_config(config: dict, where: str) -> CLIPVisionModel | SiglipVisionModel:
-    """A randomly initialised CLIP or SigLIP vision model from a config dict with its ``model_type``; ``where``
+def vision_model_from_config(config: dict, where: str) -> VisionModel:
+    """A randomly initialised CLIP, SigLIP or InstructBLIP vision model from a config dict with its ``model_type``; ``where``
     names the config in the error for any other type."""
     from transformers import AutoConfig
 
@@ -43,11 +48,11 @@ def vision_model_from_config(config: dict, where: str) -> CLIPVisionModel | Sigl
 
 
 class HFVisionTower(VisionTower):
-    """``(B, N, C)`` hidden states of one layer of a transformers CLIP/SigLIP vision model."""
+    """``(B, N, C)`` hidden states of one layer of a transformers CLIP/SigLIP/InstructBLIP vision model."""
 
     def __init__(
         self,
-        model: CLIPVisionModel | SiglipVisionModel,
+        model: VisionModel,
         select_layer: int = -2,
         drop_cls: bool = True,
         final_norm: bool = False,
@@ -89,7 +94,7 @@ class HFVisionTower(VisionTower):
                 f"{config_file}: model_type {model_type!r} is not one of {sorted(_FAMILIES)}"
             )
         model = _FAMILIES[model_type][0].from_pretrained(path, local_files_only=True, dtype=dtype)
-        processor = _processor_from_file(
+        processor = processor_from_file(
             path / "preprocessor_config.json", model_type, model.config.image_size
         )
         tower = cls(model, select_layer, drop_cls, final_norm, processor)
@@ -112,15 +117,31 @@ class HFVisionTower(VisionTower):
         return self.processor
 
 
-def _processor_from_file(path: Path, model_type: str, image_size: int) -> FixedSizeImageProcessor | None:
-    """Mean and std from a saved transformers preprocessor_config.json, if there is one."""
-    if not path.is_file():
+def processor_from_file(path: Path, model_type: str, image_size: int) -> FixedSizeImageProcessor | None:
+    """Mean and std from the image processor saved in a checkpoint folder, if there is one (size and resizing are
+    the tower's: its image size, its family's resize mode). ``path`` is its preprocessor_config.json; a
+    transformers-5 processor keeps the same settings in processor_config.json's ``image_processor`` section."""
+    section = path.with_name("processor_config.json")
+    if path.is_file():
+        saved, where = _read_json(path), path
+    elif section.is_file():
+        saved, where = _read_json(section).get("image_processor"), section
+    else:
         return None
-    saved = json.loads(path.read_text())
+    if not isinstance(saved, dict):
+        return None
     _, _, mean, std, mode = _FAMILIES[model_type]
     try:
         return FixedSizeImageProcessor(
             image_size, tuple(saved.get("image_mean", mean)), tuple(saved.get("image_std", std)), mode
         )
     except (TypeError, ValueError) as error:
-        raise MmwbConfigError(f"{path}: unusable image_mean/image_std ({error})") from error
+        raise MmwbConfigError(f"{where}: unusable image_mean/image_std ({error})") from error
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise MmwbConfigError(f"{path}: not valid JSON ({error})") from error
+    return saved if isinstance(saved, dict) else {}

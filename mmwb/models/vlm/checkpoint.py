@@ -16,7 +16,7 @@ from mmwb.models.decoder import DecoderForCausalLM
 from mmwb.models.loading import from_pretrained, read_config
 from mmwb.models.vlm.model import VisionLanguageModel, VLMConfig
 from mmwb.models.vlm.parts import build_projector, build_text, build_tower
-from mmwb.models.vlm.save import WEIGHTS_NAME
+from mmwb.models.vlm.save import QFORMER_TOKENIZER_DIR, WEIGHTS_NAME
 from mmwb.runtime import resolve_device
 
 
@@ -40,6 +40,7 @@ def load_vlm(path: str | Path, device=None, dtype: torch.dtype | None = None) ->
     except (RuntimeError, SafetensorError) as err:
         raise MmwbCheckpointError(f"{weights}: tensors do not fit the model in config.json ({err})") from err
     model.tokenizer = folder_tokenizer(directory)
+    model.qformer_tokenizer = folder_tokenizer(directory / QFORMER_TOKENIZER_DIR)
     _reset_rope(model)
     model = model.to(resolve_device(device), dtype or getattr(torch, raw.get("dtype", "float32")))
     return model.eval()

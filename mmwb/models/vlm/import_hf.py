@@ -1,4 +1,4 @@
-"""``kimi_k25`` and ``llava`` checkpoint folders as mmwb VisionLanguageModels.
+"""``kimi_k25``, ``llava`` and ``instructblip`` checkpoint folders as mmwb VisionLanguageModels.
 
 Both layouts are read: the published one (``language_model.model.*``, ``vision_tower.*``, ...) and transformers'
 in-memory one (``model.language_model.*``, ``model.vision_tower.*``, ...). A text model mmwb's decoder knows
@@ -26,6 +26,7 @@ from mmwb.models.decoder.checkpoint import (
 from mmwb.models.decoder.config import DecoderConfig
 from mmwb.models.loading import read_config
 from mmwb.models.vlm.model import VisionLanguageModel, VLMConfig
+from mmwb.models.vlm.save import QFORMER_TOKENIZER_DIR
 from mmwb.runtime import resolve_device
 
 # checkpoint prefix -> language-model prefix, published layout first
@@ -180,6 +181,74 @@ def load_llava(path: str | Path, device=None, dtype: torch.dtype | None = None) 
     model.vision_tower.to(device, dtype)
     model.projector.to(device, dtype)
     return model.eval()
+
+
+def load_instructblip(path: str | Path, device=None, dtype: torch.dtype | None = None) -> VisionLanguageModel:
+    """EVA tower (last layer through its final LayerNorm, CLS kept) + mmwb's Q-Former reading the instruction +
+    a decoder-only text model (Vicuna/Llama) from an instructblip folder. The Q-Former's BERT tokenizer is read
+    from ``qformer_tokenizer/``, where InstructBLIP's processor saves it."""
+    from mmwb.models.projectors.qformer import QFormer, QFormerConfig, name_from_transformers
+    from mmwb.models.vision.hf import HFVisionTower, processor_from_file, vision_model_from_config
+
+    directory = Path(path)
+    where = f"{directory}/config.json"
+    raw = read_config(directory)
+    text_config = _section(raw, "text_config", directory)
+    _check_decoder_only(text_config, where)
+    image_token = raw.get("image_token_index", raw.get("image_token_id"))
+    if image_token is None:
+        raise MmwbCheckpointError(
+            f"{where}: image_token_index is missing (a checkpoint from before InstructBLIP prompts held image "
+            "tokens: add the tokenizer's <image> id as image_token_index)"
+        )
+    text_tokenizer = folder_tokenizer(directory)
+    qformer_tokenizer = folder_tokenizer(directory / QFORMER_TOKENIZER_DIR)
+    if text_tokenizer is not None and qformer_tokenizer is None:
+        raise MmwbCheckpointError(
+            f"{directory}: no {QFORMER_TOKENIZER_DIR}/ beside the text tokenizer (InstructBLIP's Q-Former reads the "
+            "instruction with a BERT tokenizer of its own)"
+        )
+    device = resolve_device(device)
+    text = load_text_model(directory, text_config, device, dtype)
+    dtype = dtype or next(text.parameters()).dtype
+    source = TensorSource(directory)
+
+    vision_model = vision_model_from_config(_section(raw, "vision_config", directory), where)
+    processor = processor_from_file(
+        directory / "preprocessor_config.json", vision_model.config.model_type, vision_model.config.image_size
+    )
+    tower = HFVisionTower(vision_model, select_layer=-1, drop_cls=False, final_norm=True, processor=processor)
+    prefixes = (("vision_model.", ""), ("model.vision_model.", ""))
+    _load_strict(tower.model, RenamedSource(source, _prefix_rename(prefixes)), directory, "vision tower")
+
+    qformer = QFormer(
+        QFormerConfig.from_transformers(
+            _section(raw, "qformer_config", directory),
+            raw.get("num_query_tokens", 32),
+            vision_model.config.hidden_size,
+            int(text_config["hidden_size"]),
+            where,
+        )
+    )
+    _load_strict(qformer, RenamedSource(source, name_from_transformers), directory, "Q-Former")
+
+    cfg = VLMConfig(int(image_token), template="instructblip", source="instructblip")
+    model = VisionLanguageModel(cfg, tower, qformer, text, text_tokenizer, qformer_tokenizer)
+    model.vision_tower.to(device, dtype)
+    model.projector.to(device, dtype)
+    return model.eval()
+
+
+def _check_decoder_only(text_config: dict, where: str) -> None:
+    """InstructBLIP-Flan-T5 feeds an encoder-decoder; mmwb's VLMs splice images into a decoder-only prompt."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = text_config.get("model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in HF_MODEL_TYPES:
+        raise MmwbCheckpointError(
+            f"{where}: text model {model_type!r} is not a decoder-only causal LM (InstructBLIP-Flan-T5 is an "
+            "encoder-decoder); mmwb runs the Vicuna/Llama variants"
+        )
 
 
 def _dropped_layer(name: str, kept: int) -> bool:

@@ -40,7 +40,7 @@ class VLMConfig:
     projector: dict[str, Any] = field(default_factory=dict)
     text: dict[str, Any] = field(default_factory=dict)
     template: str = "chat"  # prompt format of mmwb.models.vlm.prompt the model was trained with
-    source: str = "mmwb"  # where the weights came from: mmwb, kimi_k25, llava
+    source: str = "mmwb"  # where the weights came from: mmwb, kimi_k25, llava, instructblip
 
 
 _IMAGE_ARGUMENTS = (
@@ -68,6 +68,7 @@ class VisionLanguageModel(nn.Module):
         projector: nn.Module,
         language_model: nn.Module,
         tokenizer: Any = None,
+        qformer_tokenizer: Any = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -75,6 +76,8 @@ class VisionLanguageModel(nn.Module):
         self.projector = projector
         self.language_model = language_model
         self.tokenizer = tokenizer
+        # InstructBLIP's Q-Former reads instructions in a vocabulary of its own (BERT's); None: the text one
+        self.qformer_tokenizer = qformer_tokenizer
 
     @property
     def device(self) -> torch.device:
@@ -128,7 +131,9 @@ class VisionLanguageModel(nn.Module):
         image placeholders and not trained on (labels -100), so training and generation see the same prompt.
 
         Returns ``(images, L)`` ids right-padded with the Q-Former's pad id and their mask; the images of a row
-        (one ``<image>`` token each, or as many tokens as the projector makes if already widened) share it."""
+        (one ``<image>`` token each, or as many tokens as the projector makes if already widened) share it. With
+        a ``qformer_tokenizer`` (InstructBLIP) the prompt's text is tokenized again in the Q-Former's vocabulary,
+        special tokens left out, as InstructBLIP's processor tokenizes the same instruction text twice."""
         is_image = (input_ids == self.config.image_token_id) & attention_mask.bool()
         keep = attention_mask.bool() & ~is_image
         if labels is not None:
@@ -137,10 +142,26 @@ class VisionLanguageModel(nn.Module):
         if int(per_row.sum()) != images:  # widened prompts: every image has the same number of query tokens
             per_row = per_row // self.projector.config.num_queries
         rows = [ids[k] for ids, k in zip(input_ids, keep)]
-        ids = _pad(rows, self.projector.config.pad_token_id, "right")
-        mask = _pad([torch.ones_like(r) for r in rows], 0, "right")
+        if self.qformer_tokenizer is not None:
+            ids, mask = self._retokenized(rows)
+        elif self.config.source == "instructblip":  # its Q-Former's vocabulary is BERT's, not the prompt's
+            raise MmwbInputError("this InstructBLIP model has no Q-Former tokenizer; pass qformer_input_ids")
+        else:
+            ids = _pad(rows, self.projector.config.pad_token_id, "right")
+            mask = _pad([torch.ones_like(r) for r in rows], 0, "right")
         index = torch.repeat_interleave(torch.arange(len(rows), device=input_ids.device), per_row)
         return ids[index], mask[index]
+
+    def _retokenized(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt rows in the language model's ids -> ``(B, L)`` Q-Former ids and mask (right-padded)."""
+        if self.tokenizer is None:
+            raise MmwbInputError(
+                "the Q-Former's instructions need the text tokenizer, or pass qformer_input_ids"
+            )
+        texts = [self.tokenizer.decode(row.tolist(), skip_special_tokens=True).strip() for row in rows]
+        encoded = self.qformer_tokenizer(texts, padding=True, return_tensors="pt")
+        device = rows[0].device
+        return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
     def _features(
         self,

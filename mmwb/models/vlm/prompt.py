@@ -5,7 +5,9 @@
 ``<|user|>question<|assistant|> answer<eos>``. ``chat_question_first`` puts the first question before the image
 (``<|bos|><|user|>question<image><|assistant|>``): every image token of a causal decoder then sees the question,
 so each can check its own cell against it ("is this the red circle?") before the answer looks for a match; with
-the image first, the answer position alone must find a conjunction of attributes among 64 tokens. One ``<image>``
+the image first, the answer position alone must find a conjunction of attributes among 64 tokens. ``instructblip``
+is InstructBLIP's: the image's query tokens, then the start token and the instruction (a caption asks
+``INSTRUCTBLIP_CAPTION``), the answer straight after it, as its processor and LAVIS's training write them. One ``<image>``
 per image; the model widens it. ``user_text`` and ``answer_text`` are the only places that know this layout:
 generation tokenizes ``build_prompt`` (the first user turn), training (``make_encoder``) tokenizes every turn the
 same way and labels the answers. The space matters with a byte-level BPE: ``" triangle"`` is one word token, as
@@ -25,9 +27,16 @@ from mmwb.data.tokenizer import ASSISTANT, BOS, IMAGE, USER
 from mmwb.errors import MmwbInputError
 from mmwb.models.decoder.model import IGNORE_INDEX
 
-TEMPLATES = ("plain", "chat", "chat_question_first")
+TEMPLATES = ("plain", "chat", "chat_question_first", "instructblip")
 DEFAULT_CAPTION_QUESTION = "describe the image"
+INSTRUCTBLIP_CAPTION = "A short image caption:"  # one of the InstructBLIP paper's captioning instructions
+_UNDELIMITED = ("plain", "instructblip")  # templates without user/assistant tokens
 ANSWER_PREFIX = " "  # between <|assistant|> and the answer (chat template)
+
+
+def caption_question(template: str) -> str:
+    """The instruction that asks for a caption in ``template``."""
+    return INSTRUCTBLIP_CAPTION if template == "instructblip" else DEFAULT_CAPTION_QUESTION
 
 
 def user_text(
@@ -46,7 +55,9 @@ def user_text(
     images = image * n_images
     if template == "plain":
         return (f"{bos}{images}" if first else "") + (question or "")
-    text = DEFAULT_CAPTION_QUESTION if question is None else question
+    if template == "instructblip":
+        return (f"{images}{bos}" if first else "") + (question or caption_question(template))
+    text = caption_question(template) if question is None else question
     if not first:
         return f"{USER}{text}{ASSISTANT}"
     if template == "chat_question_first":
@@ -56,7 +67,7 @@ def user_text(
 
 def answer_text(answer: str, template: str) -> str:
     """What the model writes after a user turn (the tokenizer's end token follows it)."""
-    return answer if template == "plain" else ANSWER_PREFIX + answer
+    return answer if template in _UNDELIMITED else ANSWER_PREFIX + answer
 
 
 def build_prompt(
@@ -84,12 +95,14 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> tuple[torch.Tensor, tor
 
 
 def make_encoder(
-    tokenizer: PreTrainedTokenizerBase, template: str, max_length: int
+    tokenizer: PreTrainedTokenizerBase, template: str, max_length: int, image: str = IMAGE, bos: str = BOS
 ) -> Callable[[ImageTextRecord], dict[str, torch.Tensor]]:
     """``record -> {"input_ids", "labels"}`` (1-D long tensors) for training, cut at ``max_length``: every turn
     tokenized as generation tokenizes its prompt, labels on the answers and their end token only. ``plain`` reads
-    the record's caption; the chat templates its whole conversation."""
-    for token in (BOS, IMAGE, USER, ASSISTANT):  # a missing special token would silently become text
+    the record's caption; the other templates its whole conversation. ``image`` and ``bos`` as in
+    ``build_prompt`` (an imported model's own, from ``model_tokens``)."""
+    needed = (bos, image) if template in _UNDELIMITED else (bos, image, USER, ASSISTANT)
+    for token in filter(None, needed):  # a missing special token would silently become text
         token_id = tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == tokenizer.unk_token_id:
             raise MmwbInputError(
@@ -106,7 +119,7 @@ def make_encoder(
             # a conversation that opens with an answer gets an empty question
             if turn.role == "user" or not pieces:
                 question = turn.text if turn.role == "user" else ""
-                pieces.append((ids(user_text(question, template, first=not pieces)), False))
+                pieces.append((ids(user_text(question, template, not pieces, 1, image, bos)), False))
             if turn.role == "assistant":
                 pieces.append(([*ids(answer_text(turn.text, template)), tokenizer.eos_token_id], True))
         flat = [i for piece, _ in pieces for i in piece][:max_length]

@@ -1,6 +1,6 @@
 """mmwb's VLM folder and its writer: ``config.json`` (model_type ``mmwb_vlm``, one spec per part),
 ``model.safetensors`` (tensor names ``vision_tower.*``, ``projector.*``, ``language_model.*``) and the tokenizer
-files. ``checkpoint.load_vlm`` reads it back; this module does not import the model class, so the model's
+files (an InstructBLIP Q-Former's own in ``qformer_tokenizer/``). ``checkpoint.load_vlm`` reads it back; this module does not import the model class, so the model's
 ``save_pretrained`` can use it without an import circle."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from mmwb.models.vlm.parts import projector_spec, text_spec, tower_spec
 
 MODEL_TYPE = "mmwb_vlm"
 WEIGHTS_NAME = "model.safetensors"
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"  # InstructBLIP's second tokenizer, where its processor saves it
 
 
 def save_vlm(model: nn.Module, path: Path) -> None:
@@ -35,4 +36,6 @@ def save_vlm(model: nn.Module, path: Path) -> None:
         save_model(model, str(tmp), metadata={"format": "pt"}, force_contiguous=True)
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(path)
+    if model.qformer_tokenizer is not None:
+        model.qformer_tokenizer.save_pretrained(path / QFORMER_TOKENIZER_DIR)
     write_json(path / "config.json", config)
