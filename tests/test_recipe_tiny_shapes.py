@@ -58,3 +58,24 @@ def test_the_same_seed_gives_the_same_model(quick_run, tmp_path):
         )
         assert first.keys() == second.keys()
         assert all(first[k].equal(second[k]) for k in first), stage
+
+
+@pytest.mark.slow
+def test_the_optional_dpo_stage_tunes_the_stage2_model_on_its_own_pairs(quick_run):
+    """``--dpo``: the finished stages are skipped, the pairs are made from the stage 2 model, then DPO runs."""
+    import json
+
+    from mmwb.data.preferences import read_preferences
+    from mmwb.errors import MmwbConfigError
+
+    out, _ = quick_run
+    report = run_recipe("tiny-shapes", out, quick=True, progress=False, optional=("stage3_dpo",))
+    assert report["stages"]["stage2_vlm"]["status"] == "skipped"
+    dpo = report["stages"]["stage3_dpo"]
+    assert dpo["status"] == "done" and dpo["metrics"]["steps"] == 3 and dpo["metrics"]["test_images"] == 8
+    pairs = read_preferences(out / "preferences" / "preferences.jsonl")
+    summary = json.loads((out / "preferences" / "summary.json").read_text())
+    assert summary["pairs"] == len(pairs) and summary["images"] == 16
+    assert mmwb.from_pretrained(out / "stage3_dpo").config.template == "chat"
+    with pytest.raises(MmwbConfigError, match="no optional stage 'stage3_dpo'"):
+        run_recipe("tiny-shapes-llava", out / "llava", quick=True, progress=False, optional=("stage3_dpo",))

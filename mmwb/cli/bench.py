@@ -19,4 +19,5 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "ControlNet generation vs the plain diffusers pipeline; quality vs steps",
     ),
     "sde": ("mmwb.bench.sde", "quality vs number of function evaluations for each SDE sampler"),
+    "dpo": ("mmwb.bench.dpo", "peak memory of a DPO step with LoRA vs an instruct step (no reference copy)"),
 }

@@ -33,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--stages", type=int, default=None, metavar="N", help="run only the first N stages (default: all)"
     )
     parser.add_argument(
+        "--dpo",
+        action="store_true",
+        help="tiny-shapes: also run the optional stage3_dpo (preference pairs from the stage 2 model's own "
+        "mistakes, then DPO with LoRA)",
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -57,6 +63,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         data_seed=args.seed,
         stages=args.stages,
         progress=not args.json,
+        optional=("stage3_dpo",) if args.dpo else (),
     )
     if not args.json:
         for name, stage in result["stages"].items():

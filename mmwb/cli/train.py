@@ -18,6 +18,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "mmwb.cli.train_instruct",
         "stage 2: LoRA on the decoder plus the projector, loss on assistant turns",
     ),
+    "dpo": (
+        "mmwb.cli.train_dpo",
+        "preference tuning (DPO, IPO, hinge) on chosen/rejected pairs; reference = adapters off, or cached",
+    ),
     "controlnet": ("mmwb.cli.train_controlnet", "train a ControlNet on a frozen Stable Diffusion"),
     "sde": ("mmwb.cli.train_sde", "train a score-based SDE model"),
 }

@@ -162,19 +162,25 @@ def caption(scene: Scene) -> str:
     return f"{phrases[0]}, {phrases[1]} and {phrases[2]}"
 
 
+def record_scene(record: dict, background: tuple[int, int, int] = (0, 0, 0)) -> Scene:
+    """The scene an index record describes (its objects in caption order, its relation read off the caption)."""
+    relation = next((r for r in ("left of", "above") if f" {r} " in record["caption"]), None)
+    return Scene(tuple(Shape(**o) for o in record["objects"]), background, relation)
+
+
 def swapped_scene(record: dict, background: tuple[int, int, int], rng: np.random.Generator) -> Scene:
     """A record's scene with each object's look (shape, colour) moved to the next object's place; a lone object,
     or objects that all look alike, get another colour. Same words, other binding: the hard negative that an
     encoder reading a bag of attributes cannot tell from the original."""
-    objects = [Shape(**o) for o in record["objects"]]
-    looks = [(o.shape, o.colour) for o in objects]
+    scene = record_scene(record, background)
+    looks = [(o.shape, o.colour) for o in scene.objects]
     moved = looks[1:] + looks[:1]
     if moved == looks:
         shape, colour = looks[0]
         moved[0] = (shape, str(rng.choice([c for c in COLOURS if c != colour])))
-    swapped = tuple(replace(o, shape=s, colour=c) for o, (s, c) in zip(objects, moved))
-    relation = next((r for r in ("left of", "above") if f" {r} " in record["caption"]), None)
-    return Scene(swapped, background, relation)
+    return replace(
+        scene, objects=tuple(replace(o, shape=s, colour=c) for o, (s, c) in zip(scene.objects, moved))
+    )
 
 
 def questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:

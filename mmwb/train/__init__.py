@@ -1,4 +1,5 @@
-"""Training: the shared engine (accelerate), its config, data order, checkpoints, EMA, schedules and metrics."""
+"""Training: the shared engine (accelerate), its config, data order, checkpoints, EMA, schedules and metrics; the
+DPO family's loss."""
 
 from mmwb.train.config import ParamGroupConfig, TrainConfig
 from mmwb.train.data import (
@@ -9,6 +10,7 @@ from mmwb.train.data import (
     SkipBadItems,
     skip_bad_items,
 )
+from mmwb.train.dpo_loss import dpo_loss
 from mmwb.train.engine import Trainer, TrainingDivergedError, TrainResult, param_groups, train
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "TrainingDivergedError",
+    "dpo_loss",
     "param_groups",
     "skip_bad_items",
     "train",

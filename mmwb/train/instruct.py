@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,7 +48,7 @@ from mmwb.train.image_features import FeatureCacheConfig
 from mmwb.train.recipes import write_metrics
 from mmwb.train.vlm_loss import multimodal_loss
 from mmwb.train.vlm_setup import freeze_all_but_projector, starting_vlm
-from mmwb.train.vlm_trainer import Unregistered, evaluate_saved, vlm_trainer
+from mmwb.train.vlm_trainer import Unregistered, evaluate_saved, trained_state, vlm_trainer
 
 log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"  # under train.out_dir
@@ -71,8 +70,11 @@ class LoraSettings:
     )
     target_experts: bool = True  # the stacked routed experts, through peft's target_parameters
 
-    def peft_config(self) -> LoraConfig:
-        experts = ["experts.gate_up_proj", "experts.down_proj"] if self.target_experts else None
+    def peft_config(self, model: nn.Module | None = None) -> LoraConfig:
+        """peft's config; routed experts are targeted only where ``model`` (when given) has them."""
+        names = ("experts.gate_up_proj", "experts.down_proj")
+        has_experts = model is None or any(n.endswith(names) for n, _ in model.named_parameters())
+        experts = list(names) if self.target_experts and has_experts else None
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
@@ -161,18 +163,21 @@ class InstructTraining(nn.Module):
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         full = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", "")
-        trained = {prefix + name for name, param in self.named_parameters() if param.requires_grad}
+        state = trained_state(self, full, prefix)
         if self.trains_tower:  # its BatchNorm statistics change as it trains: a resume needs them too
-            trained |= {prefix + name for name, _ in self.vision_tower.named_buffers(prefix="vision_tower")}
-        return OrderedDict((key, value) for key, value in full.items() if key in trained)
+            buffers = {prefix + name for name, _ in self.vision_tower.named_buffers(prefix="vision_tower")}
+            state.update((key, value) for key, value in full.items() if key in buffers)
+        return state
 
 
-def add_lora(vlm: VisionLanguageModel, settings: LoraSettings) -> PeftModel:
-    """Freeze the VLM, inject LoRA adapters (fp32) into its language model in place, train the projector fully.
+def add_lora(vlm: VisionLanguageModel, settings: LoraSettings, train_projector: bool = True) -> PeftModel:
+    """Freeze the VLM, inject LoRA adapters (fp32) into its language model in place, train the projector fully
+    (unless not ``train_projector``: DPO's reference is the model with its adapters off, so nothing else may move).
 
     Returns peft's handle (for saving and merging); ``vlm.language_model`` stays the same module, now adapted."""
     freeze_all_but_projector(vlm)
-    peft_model = get_peft_model(vlm.language_model, settings.peft_config())
+    vlm.projector.requires_grad_(train_projector)
+    peft_model = get_peft_model(vlm.language_model, settings.peft_config(vlm.language_model))
     for param in vlm.language_model.parameters():
         if param.requires_grad:
             param.data = param.data.float()  # adapters train in fp32 whatever the base dtype

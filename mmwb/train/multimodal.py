@@ -16,12 +16,12 @@ from mmwb.models.decoder.model import IGNORE_INDEX
 
 
 def collate(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad ids (``pad_id``) and labels (ignored); stack or pack the image part.
+    """Right-pad ids (``pad_id``) and labels (ignored); stack or pack the image part (``collate_images``)."""
+    return collate_text(items, pad_id) | collate_images(items)
 
-    Cached items carry ``features`` ``(N_i, C)`` and ``grid_hw``: features are stacked to ``(B, N, C)`` when every
-    image has the same token count, else packed to ``(sum N_i, C)`` with ``token_counts``. Uncached items carry
-    ``pixel_values`` (one image's processor output) and ``grid_hw`` for native-resolution towers.
-    """
+
+def collate_text(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """``input_ids`` right-padded with ``pad_id``, ``labels`` with IGNORE_INDEX, and the ``attention_mask``."""
     ids = torch.nn.utils.rnn.pad_sequence(
         [it["input_ids"] for it in items], batch_first=True, padding_value=pad_id
     )
@@ -30,7 +30,17 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Ten
     )
     lengths = torch.tensor([len(it["input_ids"]) for it in items])
     mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()  # (B, T)
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_images(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The image part of a batch, one image per item.
+
+    Cached items carry ``features`` ``(N_i, C)`` and ``grid_hw``: features are stacked to ``(B, N, C)`` when every
+    image has the same token count, else packed to ``(sum N_i, C)`` with ``token_counts``. Uncached items carry
+    ``pixel_values`` (one image's processor output) and ``grid_hw`` for native-resolution towers.
+    """
+    batch = {}
     if "features" in items[0]:
         features = [it["features"] for it in items]
         counts = torch.tensor([len(f) for f in features])

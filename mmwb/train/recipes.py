@@ -73,6 +73,8 @@ class Stage:
     config: str
     target: str
     inputs: tuple[tuple[str, str], ...] = ()
+    optional: bool = False  # run only when asked for (``run_recipe(..., optional=(name,))``)
+    quick: tuple[str, ...] = ()  # its own overrides under --quick, beside QUICK_TRAIN
 
     def load(self) -> tuple[type, Callable[[Any], dict[str, Any]]]:
         """The config class and run function; ``StageNotAvailableError`` when their module is not there (yet)."""
@@ -96,6 +98,14 @@ TINY_SHAPES = (
         "mmwb.train.instruct:InstructStageConfig",
         "mmwb.train.instruct:run_instruct_stage",
         inputs=(("decoder_dir", "stage1_lm"),),
+    ),
+    Stage(
+        "stage3_dpo",
+        "mmwb.train.dpo:DPOConfig",
+        "mmwb.train.dpo:run_dpo_stage",
+        inputs=(("model_dir", "stage2_vlm"), ("pairs_file", "preferences/preferences.jsonl")),
+        optional=True,
+        quick=("preferences.max_images=16", "preferences.samples=2", "evaluation.max_items=8"),
     ),
 )
 TINY_SHAPES_LLAVA = (
@@ -136,8 +146,10 @@ def run_recipe(
     data_seed: int | None = None,
     stages: int | None = None,
     progress: bool = True,
+    optional: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Run recipe ``name`` into ``out``, stopping after ``stages`` stages (default: all).
+    """Run recipe ``name`` into ``out``, stopping after ``stages`` stages (default: all); optional stages run
+    only when ``optional`` names them (``stage3_dpo`` of tiny-shapes: ``mmwb recipe tiny-shapes --dpo``).
 
     ``overrides`` (``KEY=VALUE``) apply to every stage, or to one when the key starts with its name
     (``stage1_lm.train.max_steps=200``); ``data.KEY=VALUE`` sets the data step's ``data.yaml``.
@@ -155,8 +167,15 @@ def run_recipe(
     data_overrides = tuple(o.partition(".")[2] for o in overrides if o.partition(".")[0] == DATA_STEP)
     report["data"] = make_data(out / "data", config_dir, quick, data_seed, progress, data_overrides)
     common = (*(QUICK_TRAIN if quick else ()), *overrides, f"train.progress={str(progress).lower()}")
-    for stage in RECIPES[name][:stages]:
-        report["stages"][stage.name] = run_stage(stage, out, config_dir, for_stage(common, stage.name, names))
+    unknown = set(optional) - {stage.name for stage in RECIPES[name] if stage.optional}
+    if unknown:
+        raise MmwbConfigError(f"recipe {name!r} has no optional stage {sorted(unknown)[0]!r}")
+    chosen = [stage for stage in RECIPES[name] if not stage.optional or stage.name in optional]
+    for stage in chosen[:stages]:
+        own = stage.quick if quick else ()
+        report["stages"][stage.name] = run_stage(
+            stage, out, config_dir, (*for_stage(common, stage.name, names), *own)
+        )
     report["seconds"] = time.perf_counter() - started
     return report
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,13 @@ from mmwb.train.vlm_setup import place
 log = logging.getLogger(__name__)
 
 
+def trained_state(module: nn.Module, full: dict[str, torch.Tensor], prefix: str = "") -> OrderedDict:
+    """The entries of ``module``'s state dict ``full`` that train (``requires_grad``): what a trainer module's
+    checkpoints hold when the rest of the model is frozen (a resume checks keys against it)."""
+    trained = {prefix + name for name, param in module.named_parameters() if param.requires_grad}
+    return OrderedDict((key, value) for key, value in full.items() if key in trained)
+
+
 @dataclass
 class Unregistered:
     """Holds a module without making it a sub-module of a trainer's module (not trained, synced or saved)."""
@@ -41,16 +49,18 @@ def vlm_trainer(
     encode: Callable[[ImageTextRecord], dict[str, torch.Tensor]],
     train: TrainConfig,
     cache: FeatureCacheConfig,
+    collate_fn: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None = None,
 ) -> Trainer:
-    """The engine for ``module(**batch) -> loss`` over ``records``: the VLM placed on the engine's device, the
-    feature cache filled (every rank's share), and each item's image read from the cache or decoded."""
+    """The engine for ``module(**batch) -> loss`` over ``records`` (anything with an ``image`` path): the VLM
+    placed on the engine's device, the feature cache filled (every rank's share), and each item's image read from
+    the cache or decoded. Items are collated by ``collate_fn`` (default: ``multimodal.collate``)."""
     data = ImageTextDataset(records, data_dir, _no_loader, encode)
     trainer = Trainer(
         module,
         lambda model, batch: model(**batch),
         data,
         train,
-        collate_fn=lambda items: collate(items, vlm.tokenizer.pad_token_id),
+        collate_fn=collate_fn or (lambda items: collate(items, vlm.tokenizer.pad_token_id)),
     )
     acc = trainer.accelerator
     place(vlm, acc.device, acc.mixed_precision)

@@ -7,12 +7,12 @@
 so each can check its own cell against it ("is this the red circle?") before the answer looks for a match; with
 the image first, the answer position alone must find a conjunction of attributes among 64 tokens. ``instructblip``
 is InstructBLIP's: the image's query tokens, then the start token and the instruction (a caption asks
-``INSTRUCTBLIP_CAPTION``), the answer straight after it, as its processor and LAVIS's training write them. One ``<image>``
-per image; the model widens it. ``user_text`` and ``answer_text`` are the only places that know this layout:
-generation tokenizes ``build_prompt`` (the first user turn), training (``make_encoder``) tokenizes every turn the
-same way and labels the answers. The space matters with a byte-level BPE: ``" triangle"`` is one word token, as
-in the language model's pretraining text ("question answer"), where a bare ``"triangle"`` splits into rare pieces
-(``t ri angle``).
+``INSTRUCTBLIP_CAPTION``), the answer straight after it, as its processor and LAVIS's training write them. One
+``<image>`` per image; the model widens it. ``user_text`` and ``answer_text`` are the only places that know this
+layout: generation tokenizes ``build_prompt`` (the first user turn), training (``make_encoder``) tokenizes every
+turn the same way and labels the answers. The space matters with a byte-level BPE: ``" triangle"`` is one word
+token, as in the language model's pretraining text ("question answer"), where a bare ``"triangle"`` splits into rare
+pieces (``t ri angle``).
 """
 
 from __future__ import annotations

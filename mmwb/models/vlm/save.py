@@ -1,7 +1,7 @@
 """mmwb's VLM folder and its writer: ``config.json`` (model_type ``mmwb_vlm``, one spec per part),
 ``model.safetensors`` (tensor names ``vision_tower.*``, ``projector.*``, ``language_model.*``) and the tokenizer
-files (an InstructBLIP Q-Former's own in ``qformer_tokenizer/``). ``checkpoint.load_vlm`` reads it back; this module does not import the model class, so the model's
-``save_pretrained`` can use it without an import circle."""
+files (an InstructBLIP Q-Former's own in ``qformer_tokenizer/``). ``checkpoint.load_vlm`` reads it back; this
+module does not import the model class, so the model's ``save_pretrained`` can use it without an import circle."""
 
 from __future__ import annotations
 
