@@ -136,9 +136,11 @@ def test_label_smoothing_is_conservative_dpo_and_settings_are_checked():
     ],
 )
 def test_a_bad_pair_is_an_error_naming_its_line(tmp_path, line, message):
+    """Lines are counted at newlines only: a U+2028 inside a JSON string (legal) neither breaks nor shifts them."""
     path = tmp_path / "pairs.jsonl"
     good = '{"image": "a.png", "prompt": null, "chosen": "x", "rejected": "y"}'
-    path.write_text(f"{good}\n\n{line}\n")
+    odd = '{"image": "a.png", "prompt": "q\u2028?", "chosen": "x\u2028y", "rejected": "y"}'
+    path.write_text(f"{good}\n{odd}\n{line}\n")
     with pytest.raises(MmwbInputError, match=f"pairs.jsonl:3: {message}"):
         read_preferences(path)
 
@@ -292,6 +294,26 @@ def test_whole_model_dpo_caches_the_reference_once(shapes, tmp_path):
     assert cache.stat().st_mtime_ns == stamp and len(_metrics(config.train.out_dir)) == 6
 
 
+def test_the_reference_cache_key_follows_the_model_files_and_the_images(shapes, tmp_path):
+    import os
+    import shutil
+
+    from mmwb.train.dpo import _reference_key
+
+    shutil.copytree(DEFAULT_MODEL, tmp_path / "model")
+    config = _config(tmp_path, shapes, _caption_pairs(shapes)[:2], model_dir=tmp_path / "model")
+    key = _reference_key(config)
+    assert _reference_key(config) == key
+    weights = tmp_path / "model" / "model.safetensors"
+    os.utime(
+        weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9)
+    )  # retrained in place
+    assert _reference_key(config) != key
+    moved = _reference_key(config)
+    config.data_dir = tmp_path / "other-images"
+    assert _reference_key(config) != moved
+
+
 def test_train_vision_with_lora_is_a_config_error(shapes, tmp_path):
     config = _config(tmp_path, shapes, _caption_pairs(shapes)[:2], train_vision=True)
     with pytest.raises(MmwbConfigError, match="train_vision needs lora: null"):
@@ -330,6 +352,12 @@ def test_text_decoder_dpo_and_cli(tmp_path):
     assert main(args) == 0
     rows = _metrics(tmp_path / "run")
     assert len(rows) > 0 and abs(rows[0]["reward_margin"]) < 1e-6
+    from mmwb.runtime.config import load_config
+    from mmwb.train.dpo import pair_encoder
+
+    policy = load_policy(load_config(DPOConfig, config, [a for a in args[4:] if "=" in a]))
+    item = pair_encoder(policy, 64, {})(pairs[0])  # the start token first, as the decoder was pretrained
+    assert item["chosen_input_ids"][0] == policy.tokenizer.bos_token_id
     assert isinstance(mmwb.from_pretrained(tmp_path / "model"), torch.nn.Module)
     (tmp_path / "bad.jsonl").write_text('{"image": null, "prompt": "q", "chosen": "a"}\n')
     bad = [a if not a.startswith("pairs_file=") else f"pairs_file={tmp_path / 'bad.jsonl'}" for a in args]
@@ -361,7 +389,14 @@ def test_an_imported_llava_trains_with_lora_dpo(tmp_path):
     pairs = [
         PreferencePair(image, None, "a small red circle", "a big blue square", "given") for image in images
     ]
+    pairs[1] = PreferencePair(images[1], "what colour is the circle", "red", "blue", "given", "colour")
     config = _config(tmp_path, data, pairs, model_dir=tmp_path / "llava")
+    from mmwb.train.dpo import pair_encoder
+
+    item = pair_encoder(load_policy(config), 64, {})(pairs[1])  # LLaVA's plain template keeps the question
+    question = tokenizer("what colour is the circle", add_special_tokens=False).input_ids
+    ids = item["chosen_input_ids"].tolist()
+    assert any(ids[i : i + len(question)] == question for i in range(len(ids)))
     config.train.max_steps, config.train.batch_size = 3, 4
     train_dpo(config)
     rows = _metrics(config.train.out_dir)

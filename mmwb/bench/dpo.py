@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def make_model(work: Path) -> int:
-    """A random VLM folder (shipped tower spec and tokenizer, a ~100 M parameter dense decoder) and shapes data;
+    """A random VLM folder (shipped tower spec and tokenizer, a ~230 M parameter dense decoder) and shapes data;
     returns the decoder's weight bytes."""
     from mmwb.data.shapes import write_dataset
     from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dpo",
         action="store_true",
         help="tiny-shapes: also run the optional stage3_dpo (preference pairs from the stage 2 model's own "
-        "mistakes, then DPO with LoRA)",
+        "mistakes, then DPO with the chosen answers' NLL on the whole model; figures in the model card)",
     )
     parser.add_argument(
         "--set",

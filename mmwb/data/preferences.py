@@ -41,7 +41,8 @@ def read_preferences(path: str | Path) -> list[PreferencePair]:
     if not path.is_file():
         raise MmwbInputError(f"{path}: no such preference file")
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # split on newlines only: str.splitlines also breaks at U+2028 and the like, legal inside JSON strings
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if line.strip():
             pairs.append(replace(_parse(line, f"{path}:{number}"), line=number))
     if not pairs:

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from mmwb.data.captions import ImageTextDataset, ImageTextRecord, Turn
-from mmwb.data.io import load_image
+from mmwb.data.io import atomic_write_path, load_image
 from mmwb.data.preferences import PreferencePair, read_preferences, write_preferences
 from mmwb.data.tokenizer import load_tokenizer
 from mmwb.errors import MmwbConfigError, MmwbError, MmwbInputError
@@ -45,7 +45,7 @@ from mmwb.models.vlm import VisionLanguageModel
 from mmwb.models.vlm.prompt import caption_question, make_encoder, model_tokens
 from mmwb.pipelines.preferences import PreferenceSettings, make_preferences
 from mmwb.pipelines.vlm_eval import EvaluationConfig
-from mmwb.runtime import seed_everything
+from mmwb.runtime import resolve_device, seed_everything
 from mmwb.train.checkpoint import save_model_folder
 from mmwb.train.config import TrainConfig
 from mmwb.train.dpo_loss import dpo_loss
@@ -210,12 +210,14 @@ class PairDataset(Dataset):
 
 def pair_encoder(policy: Policy, max_length: int, references: dict[PreferencePair, torch.Tensor]):
     """``pair -> item``: both responses' ids and labels after the same prompt (the VLM's chat format, or for a
-    text decoder its tokenizer's encoding of the prompt), plus the pair's cached reference log-probs ``(2,)`` once
-    ``references`` holds them (it is filled before training starts, when there is no LoRA)."""
+    text decoder the start token and its tokenizer's encoding of the prompt), plus the pair's cached reference
+    log-probs ``(2,)`` once ``references`` holds them (filled before training starts, when there is no LoRA)."""
     if policy.vlm is not None:
         vlm = policy.vlm
         tokens = model_tokens(vlm.tokenizer, vlm.config.image_token_id)
-        encode_turns = make_encoder(vlm.tokenizer, vlm.config.template, max_length, **tokens)
+        encode_turns = make_encoder(
+            vlm.tokenizer, vlm.config.template, max_length, **tokens, conversation=True
+        )
 
         def encode_one(pair: PreferencePair, answer: str) -> dict[str, torch.Tensor]:
             question = pair.prompt if pair.prompt is not None else _caption_prompt(vlm.config.template)
@@ -227,6 +229,10 @@ def pair_encoder(policy: Policy, max_length: int, references: dict[PreferencePai
 
         def encode_one(pair: PreferencePair, answer: str) -> dict[str, torch.Tensor]:
             prompt = tok(pair.prompt or "").input_ids
+            if tok.bos_token_id is not None and prompt[:1] != [
+                tok.bos_token_id
+            ]:  # as the decoder was trained
+                prompt = [tok.bos_token_id, *prompt]
             response = tok(answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
             ids = (prompt + response)[:max_length]
             labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
@@ -336,16 +342,25 @@ def cached_references(
             rows.append(module.logps(send_to_device(batch, device))[0].view(2, -1).T.cpu())  # (P, 2)
         module.train(was_training)
         logps = torch.cat(rows).float()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"logps": logps, "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, str(path))
+        with atomic_write_path(path) as tmp:  # other ranks may be reading it
+            save_file({"logps": logps, "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, str(tmp))
         log.info("reference log-probs of %d pairs cached in %s", len(logps), path)
     return dict(zip(pairs, logps, strict=True))
 
 
 def _reference_key(config: DPOConfig) -> str:
-    digest = hashlib.sha256(Path(config.pairs_file).read_bytes()).hexdigest()
+    """What the cached reference depends on: the pairs, the model's files (a model retrained in place has new
+    ones), the images' root, the length limit and the precision."""
+    folder = Path(config.model_dir)
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
     return json.dumps(
-        {"pairs": digest, "model": str(Path(config.model_dir).resolve()), "max": config.max_length}
+        {
+            "pairs": hashlib.sha256(Path(config.pairs_file).read_bytes()).hexdigest(),
+            "model": [str(folder.resolve()), files],
+            "images": str(Path(config.data_dir).resolve()),
+            "max_length": config.max_length,
+            "precision": config.train.precision,
+        }
     )
 
 
@@ -371,9 +386,10 @@ def train_dpo(config: DPOConfig) -> tuple[TrainResult, bool]:
     trainer = _trainer(module, policy, pairs, encode, collate, config)  # places the model on its device
     if config.lora is None:  # the reference, once, from the model before any update
         dataset = _dataset(policy, pairs, encode, config)
-        references.update(
-            cached_references(module, pairs, dataset, collate, config, trainer.accelerator.device)
-        )
+        with trainer.accelerator.autocast():  # the precision the policy runs in: equal before step 1
+            references.update(
+                cached_references(module, pairs, dataset, collate, config, trainer.accelerator.device)
+            )
     result = trainer.run()
     if trainer.accelerator.is_main_process:
         model = policy.vlm if policy.vlm is not None else policy.language_model
@@ -403,7 +419,7 @@ def _trainer(module: DPOTraining, policy: Policy, pairs, encode, collate, config
 
 def make_pairs_file(config: DPOConfig) -> dict[str, Any]:
     """``config.preferences`` applied to ``model_dir`` on ``data_dir``: the pairs file and its summary beside it."""
-    vlm = from_pretrained(config.model_dir, device="cpu")
+    vlm = from_pretrained(config.model_dir, device=resolve_device(config.train.device))
     if not isinstance(vlm, VisionLanguageModel):
         raise MmwbConfigError(f"{config.model_dir}: preferences are made by a VLM on shapes data")
     pairs, summary = make_preferences(vlm, Path(config.data_dir), config.preferences, config.train.progress)

@@ -172,9 +172,9 @@ def run_recipe(
         raise MmwbConfigError(f"recipe {name!r} has no optional stage {sorted(unknown)[0]!r}")
     chosen = [stage for stage in RECIPES[name] if not stage.optional or stage.name in optional]
     for stage in chosen[:stages]:
-        own = stage.quick if quick else ()
+        own = stage.quick if quick else ()  # before the user's overrides, which win
         report["stages"][stage.name] = run_stage(
-            stage, out, config_dir, (*for_stage(common, stage.name, names), *own)
+            stage, out, config_dir, (*own, *for_stage(common, stage.name, names))
         )
     report["seconds"] = time.perf_counter() - started
     return report

@@ -34,8 +34,8 @@ VisionModel = CLIPVisionModel | SiglipVisionModel | InstructBlipVisionModel
 
 
 def vision_model_from_config(config: dict, where: str) -> VisionModel:
-    """A randomly initialised CLIP, SigLIP or InstructBLIP vision model from a config dict with its ``model_type``; ``where``
-    names the config in the error for any other type."""
+    """A randomly initialised CLIP, SigLIP or InstructBLIP vision model from a config dict with its
+    ``model_type``; ``where`` names the config in the error for any other type."""
     from transformers import AutoConfig
 
     config = dict(config)
@@ -83,7 +83,8 @@ class HFVisionTower(VisionTower):
         device: torch.device | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> HFVisionTower:
-        """Load a local ``clip_vision_model`` / ``siglip_vision_model`` folder; nothing is downloaded."""
+        """Load a local ``clip_vision_model`` / ``siglip_vision_model`` / ``instructblip_vision_model`` folder;
+        nothing is downloaded."""
         path = Path(path)
         config_file = path / "config.json"
         if not config_file.is_file():

@@ -95,12 +95,18 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> tuple[torch.Tensor, tor
 
 
 def make_encoder(
-    tokenizer: PreTrainedTokenizerBase, template: str, max_length: int, image: str = IMAGE, bos: str = BOS
+    tokenizer: PreTrainedTokenizerBase,
+    template: str,
+    max_length: int,
+    image: str = IMAGE,
+    bos: str = BOS,
+    conversation: bool = False,
 ) -> Callable[[ImageTextRecord], dict[str, torch.Tensor]]:
     """``record -> {"input_ids", "labels"}`` (1-D long tensors) for training, cut at ``max_length``: every turn
     tokenized as generation tokenizes its prompt, labels on the answers and their end token only. ``plain`` reads
-    the record's caption; the other templates its whole conversation. ``image`` and ``bos`` as in
-    ``build_prompt`` (an imported model's own, from ``model_tokens``)."""
+    the record's caption (its whole conversation with ``conversation``, e.g. a DPO pair's question to an imported
+    LLaVA); the other templates its whole conversation. ``image`` and ``bos`` as in ``build_prompt`` (an imported
+    model's own, from ``model_tokens``)."""
     needed = (bos, image) if template in _UNDELIMITED else (bos, image, USER, ASSISTANT)
     for token in filter(None, needed):  # a missing special token would silently become text
         token_id = tokenizer.convert_tokens_to_ids(token)
@@ -113,7 +119,8 @@ def make_encoder(
         return tokenizer(text, add_special_tokens=False).input_ids if text else []
 
     def encode(record: ImageTextRecord) -> dict[str, torch.Tensor]:
-        turns = (Turn("user", ""), Turn("assistant", record.caption)) if template == "plain" else record.turns
+        whole = conversation or template != "plain"  # stage 1 (plain) learns the caption alone
+        turns = record.turns if whole else (Turn("user", ""), Turn("assistant", record.caption))
         pieces: list[tuple[list[int], bool]] = []  # (ids, trained on)
         for turn in turns:
             # a conversation that opens with an answer gets an empty question
