@@ -403,3 +403,14 @@ def test_an_imported_llava_trains_with_lora_dpo(tmp_path):
     assert abs(rows[0]["loss"] - math.log(2)) < 1e-5 and rows[-1]["reward_margin"] > 0
     tuned = mmwb.from_pretrained(config.out_dir)
     assert tuned.config.source == "llava" and tuned.tokenizer.convert_tokens_to_ids("<image>") == image_id
+
+
+def test_eval_every_logs_the_policys_task_metrics(shapes, tmp_path):
+    from mmwb.pipelines.vlm_eval import EvaluationConfig
+
+    config = _config(tmp_path, shapes, _caption_pairs(shapes)[:16], evaluation=EvaluationConfig(max_items=4))
+    config.train.max_steps, config.train.eval_every = 4, 2
+    train_dpo(config)
+    evals = [row for row in _metrics(config.train.out_dir) if "eval_test_caption_exact_match" in row]
+    assert [row["step"] for row in evals] == [2, 4]
+    assert all(0.0 <= row["eval_test_vqa_accuracy"] <= 1.0 for row in evals)

@@ -10,8 +10,8 @@ log-probabilities are computed once before training, saved beside the run and re
 
 Logged per step: loss, reward accuracy and margin, the chosen/rejected rewards and log-probs, and a KL estimate to
 the reference (the mean policy-minus-reference log-probability of the pairs' responses; a KL when the responses are
-the policy's own samples, as on-policy pairs are). At the end the merged model is saved and, for a VLM, its captions
-and VQA scored on the shapes test split.
+the policy's own samples, as on-policy pairs are); with ``train.eval_every`` a VLM's captions and VQA by type on
+the evaluation split. At the end the merged model is saved and, for a VLM, scored on that split.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from mmwb.models.vision.base import VisionFeatures
 from mmwb.models.vlm import VisionLanguageModel
 from mmwb.models.vlm.prompt import caption_question, make_encoder, model_tokens
 from mmwb.pipelines.preferences import PreferenceSettings, make_preferences
-from mmwb.pipelines.vlm_eval import EvaluationConfig
+from mmwb.pipelines.vlm_eval import EvaluationConfig, evaluate_vlm
 from mmwb.runtime import resolve_device, seed_everything
 from mmwb.train.checkpoint import save_model_folder
 from mmwb.train.config import TrainConfig
@@ -412,9 +412,24 @@ def _trainer(module: DPOTraining, policy: Policy, pairs, encode, collate, config
     if policy.vlm is not None:
         # a trained tower's features change every step: nothing to cache
         cache = FeatureCacheConfig(enabled=False) if config.train_vision else config.feature_cache
-        return vlm_trainer(module, policy.vlm, pairs, config.data_dir, encode, config.train, cache, collate)
+        return vlm_trainer(module, policy.vlm, pairs, config.data_dir, encode, config.train, cache, collate,
+                           _task_metrics(policy.vlm, config))  # fmt: skip
     return Trainer(module, lambda model, batch: model(**batch), PairDataset(pairs, encode), config.train,
                    collate_fn=collate)  # fmt: skip
+
+
+def _task_metrics(vlm: VisionLanguageModel, config: DPOConfig):
+    """With ``train.eval_every``: the current policy's captions and VQA on the evaluation split every so many
+    steps (the engine logs them as ``eval_*``); None otherwise (the saved model is scored at the end anyway)."""
+    split = Path(config.data_dir) / f"{config.evaluation.split}.jsonl"
+    if not config.train.eval_every or config.evaluation.max_items <= 0 or not split.is_file():
+        return None
+
+    def evaluate(_module: nn.Module) -> dict[str, float]:
+        metrics, _ = evaluate_vlm(vlm, Path(config.data_dir), config.evaluation, vqa=True, progress=False)
+        return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+    return evaluate
 
 
 def make_pairs_file(config: DPOConfig) -> dict[str, Any]:
