@@ -97,8 +97,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_preferences(args: argparse.Namespace) -> dict[str, Any]:
-    import json
-
     from mmwb.data.preferences import write_preferences
     from mmwb.errors import MmwbInputError
     from mmwb.models.vlm import load_any_vlm
@@ -115,10 +113,8 @@ def run_preferences(args: argparse.Namespace) -> dict[str, Any]:
     pairs, summary = make_preferences(vlm, args.data, settings, progress=not args.json)
     if not pairs:
         raise MmwbInputError(f"{args.model}: no pairs (no wrong outputs and no rules): nothing to write")
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_preferences(pairs, args.out / "preferences.jsonl")
     summary = {**summary, "model": str(args.model), "data": str(args.data), "out": str(args.out)}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_preferences(pairs, args.out / "preferences.jsonl", summary)
     if not args.json:
         print(f"wrote {len(pairs)} pairs to {args.out / 'preferences.jsonl'} ({summary['by_source']})")
     return summary

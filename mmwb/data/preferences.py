@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmwb.data.io import atomic_write_path
+from mmwb.data.io import atomic_write_path, write_json
 from mmwb.data.shapes import COLOURS, NUMBERS, SHAPES, Scene, caption, record_scene, swapped_scene
 from mmwb.errors import MmwbInputError
 
@@ -75,7 +75,11 @@ def _parse(line: str, where: str) -> PreferencePair:
     )  # fmt: skip
 
 
-def write_preferences(pairs: list[PreferencePair], path: Path) -> None:
+def write_preferences(pairs: list[PreferencePair], path: Path, summary: dict | None = None) -> None:
+    """The pairs as JSONL at ``path`` and, when given, their ``summary`` as ``summary.json`` beside it; each file
+    appears whole."""
+    if summary is not None:
+        write_json(Path(path).with_name("summary.json"), summary)
     with atomic_write_path(path) as tmp:
         rows = ({k: v for k, v in asdict(p).items() if k != "line"} for p in pairs)
         tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")

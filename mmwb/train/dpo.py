@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from accelerate.utils import send_to_device
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
@@ -51,7 +51,7 @@ from mmwb.train.config import TrainConfig
 from mmwb.train.dpo_loss import dpo_loss
 from mmwb.train.engine import Trainer, TrainResult
 from mmwb.train.image_features import FeatureCacheConfig, ProcessedPixels, batch_features
-from mmwb.train.instruct import LoraSettings, add_lora, merged
+from mmwb.train.instruct import LoraSettings, add_lora, lora_adapters, merged
 from mmwb.train.multimodal import collate_images, collate_text
 from mmwb.train.recipes import write_metrics
 from mmwb.train.vlm_loss import token_losses
@@ -229,10 +229,8 @@ def pair_encoder(policy: Policy, max_length: int, references: dict[PreferencePai
 
         def encode_one(pair: PreferencePair, answer: str) -> dict[str, torch.Tensor]:
             prompt = tok(pair.prompt or "").input_ids
-            if tok.bos_token_id is not None and prompt[:1] != [
-                tok.bos_token_id
-            ]:  # as the decoder was trained
-                prompt = [tok.bos_token_id, *prompt]
+            bos = [] if tok.bos_token_id is None or prompt[:1] == [tok.bos_token_id] else [tok.bos_token_id]
+            prompt = bos + prompt  # the start token first, as the decoder was pretrained
             response = tok(answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
             ids = (prompt + response)[:max_length]
             labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
@@ -240,8 +238,10 @@ def pair_encoder(policy: Policy, max_length: int, references: dict[PreferencePai
 
     def encode(pair: PreferencePair) -> dict[str, torch.Tensor]:
         chosen, rejected = encode_one(pair, pair.chosen), encode_one(pair, pair.rejected)
-        item = {"chosen_" + k: v for k, v in chosen.items()} | {
-            "rejected_" + k: v for k, v in rejected.items()
+        item = {
+            f"{side}_{k}": v
+            for side, row in (("chosen", chosen), ("rejected", rejected))
+            for k, v in row.items()
         }
         if references:
             item["ref_logps"] = references[pair]
@@ -270,9 +270,10 @@ def collate_pairs(items: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str
     return batch
 
 
-def load_policy(config: DPOConfig) -> Policy:
-    """The model to tune, frozen but for what trains: LoRA adapters (default), or the whole language model."""
-    model = from_pretrained(config.model_dir, device="cpu")
+def load_policy(config: DPOConfig, model: nn.Module | None = None) -> Policy:
+    """The model to tune (``model``, or loaded from ``model_dir``), frozen but for what trains: LoRA adapters
+    (default), or the whole language model."""
+    model = model if model is not None else from_pretrained(config.model_dir, device="cpu")
     vlm = model if isinstance(model, VisionLanguageModel) else None
     if vlm is None and getattr(model, "tokenizer", None) is None:
         model.tokenizer = load_tokenizer(config.model_dir)
@@ -287,10 +288,7 @@ def load_policy(config: DPOConfig) -> Policy:
         if vlm is not None:
             peft = add_lora(vlm, config.lora, train_projector=False)
         else:
-            peft = get_peft_model(model, config.lora.peft_config(model))
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.data = param.data.float()
+            peft = lora_adapters(model, config.lora)
     else:
         language_model.requires_grad_(True)
         if config.train_vision and vlm is not None:  # its BatchNorm statistics stay as they are (eval mode)
@@ -302,17 +300,22 @@ def load_policy(config: DPOConfig) -> Policy:
 
 
 def check_pairs(pairs: list[PreferencePair], config: DPOConfig, is_vlm: bool) -> None:
-    """Every pair's image opens (a VLM's) before anything is computed: the run never starts half-prepared."""
+    """Every pair's image opens (a VLM's) before anything is computed: the run never starts half-prepared. Each
+    image is read once; an error names the first line that uses it."""
     where = Path(config.pairs_file)
+    checked: set[str] = set()
     for pair in pairs if is_vlm else ():
         if pair.image is None:
             raise MmwbInputError(
                 f"{where}:{pair.line}: no image, but {config.model_dir} is a vision-language model"
             )
+        if pair.image in checked:
+            continue
         try:
             load_image(Path(config.data_dir) / pair.image)
         except MmwbError as err:
             raise MmwbInputError(f"{where}:{pair.line}: {err}") from err
+        checked.add(pair.image)
 
 
 @torch.no_grad()
@@ -370,10 +373,12 @@ def train_dpo(config: DPOConfig) -> tuple[TrainResult, bool]:
     seed_everything(config.train.seed)
     if config.train_vision and config.lora is not None:
         raise MmwbConfigError("train_vision needs lora: null (with LoRA the reference is the frozen rest)")
+    model = None  # loaded once: to make the pairs if asked, else after the pairs file has been checked
     if config.preferences is not None and not Path(config.pairs_file).is_file():
-        make_pairs_file(config)
+        model = from_pretrained(config.model_dir, device=resolve_device(config.train.device))
+        make_pairs_file(config, model)
     pairs = read_preferences(config.pairs_file)
-    policy = load_policy(config)
+    policy = load_policy(config, model)
     check_pairs(pairs, config, policy.vlm is not None)
     module = DPOTraining(policy, config)
     references: dict[PreferencePair, torch.Tensor] = {}
@@ -432,15 +437,14 @@ def _task_metrics(vlm: VisionLanguageModel, config: DPOConfig):
     return evaluate
 
 
-def make_pairs_file(config: DPOConfig) -> dict[str, Any]:
-    """``config.preferences`` applied to ``model_dir`` on ``data_dir``: the pairs file and its summary beside it."""
-    vlm = from_pretrained(config.model_dir, device=resolve_device(config.train.device))
+def make_pairs_file(config: DPOConfig, vlm: nn.Module) -> dict[str, Any]:
+    """``config.preferences`` applied to ``vlm`` (loaded from ``model_dir``) on ``data_dir``: the pairs file and
+    its summary beside it."""
     if not isinstance(vlm, VisionLanguageModel):
         raise MmwbConfigError(f"{config.model_dir}: preferences are made by a VLM on shapes data")
     pairs, summary = make_preferences(vlm, Path(config.data_dir), config.preferences, config.train.progress)
-    write_preferences(pairs, Path(config.pairs_file))
-    summary_path = Path(config.pairs_file).with_name("summary.json")
-    summary_path.write_text(json.dumps({**summary, "model": str(config.model_dir)}, indent=2) + "\n")
+    summary = {**summary, "model": str(config.model_dir)}
+    write_preferences(pairs, Path(config.pairs_file), summary)
     log.info("preference pairs: %s", summary)
     return summary
 

@@ -177,10 +177,16 @@ def add_lora(vlm: VisionLanguageModel, settings: LoraSettings, train_projector: 
     Returns peft's handle (for saving and merging); ``vlm.language_model`` stays the same module, now adapted."""
     freeze_all_but_projector(vlm)
     vlm.projector.requires_grad_(train_projector)
-    peft_model = get_peft_model(vlm.language_model, settings.peft_config(vlm.language_model))
-    for param in vlm.language_model.parameters():
+    return lora_adapters(vlm.language_model, settings)
+
+
+def lora_adapters(language_model: nn.Module, settings: LoraSettings) -> PeftModel:
+    """LoRA adapters injected into ``language_model`` in place (its other weights frozen), kept in fp32 whatever
+    the base dtype."""
+    peft_model = get_peft_model(language_model, settings.peft_config(language_model))
+    for param in language_model.parameters():
         if param.requires_grad:
-            param.data = param.data.float()  # adapters train in fp32 whatever the base dtype
+            param.data = param.data.float()
     return peft_model
 
 
