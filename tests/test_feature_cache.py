@@ -141,3 +141,15 @@ def test_entries_read_back_stay_in_memory_up_to_the_budget(tmp_path, images):
     assert cache.hits - hits == 3 + 1  # the third image is read from disk again; the first two are not
     assert all(a is b for a, b in zip(first[:2], again[:2])) and again[2] is not first[2]
     assert all(torch.equal(a["features"], b["features"]) for a, b in zip(first, again))
+
+
+def test_ranks_that_fill_one_after_the_other_still_cover_every_image(tmp_path, images):
+    """Rank 1 may look for missing entries after rank 0 wrote its share: the split must not depend on that."""
+    tower = PatchTower()
+    cache, processor = _cache(tmp_path / "cache", tower)
+    hashes = fill_cache(cache, images, tower, processor, rank=0, world_size=2, progress=False)
+    assert (cache.hits, cache.misses) == (0, 2)  # images 0 and 2: rank 0's share
+    late, _ = _cache(tmp_path / "cache", tower)
+    fill_cache(late, images, tower, processor, rank=1, world_size=2, progress=False)
+    assert (late.hits, late.misses) == (0, 1)
+    assert all(cache.path(hashes[path]).is_file() for path in images)

@@ -123,7 +123,9 @@ def fill_cache(
 
     The hash is None for a file that cannot be read or decoded: it is logged by name here and its items are
     skipped (and counted) by training. Every rank hashes all paths, so each gets the full map without a gather;
-    callers wait for all ranks before reading entries another rank wrote.
+    callers wait for all ranks before reading entries another rank wrote. Ranks split the images, not the missing
+    ones: which entries exist changes while the other ranks write, so a split of those could leave some to none.
+    Counts are this rank's: its share of the images, found (hits) or computed (misses).
     """
     hashes: dict[Path, str | None] = {}
     for path in dict.fromkeys(paths):
@@ -132,9 +134,10 @@ def fill_cache(
         except MmwbInputError as err:
             log.warning("skipping an image: %s", err)
             hashes[path] = None
-    todo = [(p, h) for p, h in hashes.items() if h is not None and not cache.path(h).is_file()]
-    todo = list(dict((h, p) for p, h in todo).items())[rank::world_size]  # (hash, path), each image once
-    cache.hits += len(hashes) - len(todo)
+    unique = list(dict((h, p) for p, h in hashes.items() if h is not None).items())  # (hash, path), each once
+    share = unique[rank::world_size]
+    todo = [(h, p) for h, p in share if not cache.path(h).is_file()]
+    cache.hits += len(share) - len(todo)
     device, dtype = _device_dtype(tower)
     batches = range(0, len(todo), batch_size)
     for start in tqdm(batches, desc="feature cache", unit="batch", disable=not progress or not todo):

@@ -25,7 +25,7 @@ from torch import nn
 
 from mmwb.data.captions import ImageTextRecord, read_records
 from mmwb.data.io import atomic_write_path
-from mmwb.errors import MmwbInputError
+from mmwb.errors import MmwbConfigError, MmwbInputError
 from mmwb.models.projectors.qformer import QFormerSize
 from mmwb.models.vlm import VisionLanguageModel
 from mmwb.models.vlm.prompt import make_encoder, model_tokens
@@ -33,7 +33,7 @@ from mmwb.pipelines.vlm_eval import EvaluationConfig
 from mmwb.runtime import seed_everything
 from mmwb.train.checkpoint import save_model_folder
 from mmwb.train.config import TrainConfig
-from mmwb.train.engine import TrainResult
+from mmwb.train.engine import TrainResult, load_trained
 from mmwb.train.image_features import FeatureCacheConfig, ProcessedPixels
 from mmwb.train.multimodal import collate
 from mmwb.train.recipes import write_metrics
@@ -113,18 +113,12 @@ def train_align(
     """Train the projector of ``vlm`` (default: loaded as ``config`` says); returns the engine's result and the
     health report (also saved beside the aligned VLM in ``out_dir``)."""
     seed_everything(config.train.seed)
+    if vlm is not None and config.train.sharding != "none":
+        raise MmwbConfigError("sharded alignment builds its VLM from the config: pass none")
     if vlm is None:
-        vlm = starting_vlm(
-            config.model_dir,
-            config.vision_dir,
-            config.decoder_dir,
-            config.projector,
-            config.select_layer,
-            config.drop_cls,
-            config.final_norm,
-            config.qformer,
-        )
-    freeze_all_but_projector(vlm)
+        vlm = _starting(config)
+    else:
+        freeze_all_but_projector(vlm)
     train_records, val_records = align_records(config)
     encode = caption_encoder(vlm, config.max_length)
     trainer = vlm_trainer(
@@ -135,16 +129,39 @@ def train_align(
         encode,
         config.train,
         config.feature_cache,
+        shardable=True,
     )
     result = trainer.run()
     report: dict[str, Any] = {}
     if trainer.accelerator.is_main_process:
+        if (
+            result.sharded
+        ):  # the trained projector stays split across processes: build it again from the checkpoint
+            vlm = _starting(config)
+            caption_encoder(vlm, config.max_length)  # the template the saved model answers in
+            load_trained(ProjectorTraining(vlm), result)
         report = health_report(vlm, val_records, config, result)
         save_model_folder(vlm, Path(config.out_dir))
         with atomic_write_path(Path(config.out_dir) / HEALTH_FILE) as tmp:
             tmp.write_text(json.dumps(report, indent=2) + "\n")
         print_report(report)
     return result, report
+
+
+def _starting(config: AlignConfig) -> VisionLanguageModel:
+    """The VLM alignment starts from, everything but the projector frozen."""
+    vlm = starting_vlm(
+        config.model_dir,
+        config.vision_dir,
+        config.decoder_dir,
+        config.projector,
+        config.select_layer,
+        config.drop_cls,
+        config.final_norm,
+        config.qformer,
+    )
+    freeze_all_but_projector(vlm)
+    return vlm
 
 
 def caption_encoder(vlm: VisionLanguageModel, max_length: int):

@@ -50,5 +50,12 @@ class TrainConfig:
     resume: str | None = None  # "latest" or the path of a checkpoint folder
     touch_all_params: bool = True  # give every trainable tensor a (zero) gradient each step; see engine.py
     find_unused_parameters: bool = False  # DDP's own (slower) search for unused parameters
+    # none: DDP under a multi-process launch; full: FSDP2 ZeRO-3 (parameters, gradients and optimizer state
+    # sharded); grad_op: ZeRO-2 (parameters gathered from forward to backward). See mmwb/train/sharding.py
+    sharding: Literal["none", "full", "grad_op"] = "none"
+    shard_units: list[str] = field(
+        default_factory=list
+    )  # class names gathered as one unit, besides the model's
+    # own _no_split_modules (decoder layers, vision blocks)
     progress: bool = True
     tensorboard: bool = True  # through accelerate's tracker, when tensorboard is installed

@@ -10,7 +10,8 @@ gradient there, and DDP's bucketed all-reduce then never finishes ("Expected to 
 ``touch_all_params`` (the default) the engine adds ``0 * p.flatten()[0]`` for every trainable tensor to the loss,
 so every parameter takes part in every backward pass with a zero gradient. That costs one tiny op per tensor,
 keeps DDP on its fast path (``find_unused_parameters=True`` re-walks the autograd graph every step), and gives a
-single process and DDP the same gradients (zeros, not ``None``), so their AdamW updates match.
+single process and DDP the same gradients (zeros, not ``None``), so their AdamW updates match. Under sharding
+(``train.sharding``, ``sharding.py``) FSDP2's own setting does the same inside each gathered unit.
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import (
     DistributedDataParallelKwargs,
+    DistributedType,
     is_tensorboard_available,
     load_checkpoint_in_model,
     send_to_device,
 )
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -46,6 +49,7 @@ from tqdm.auto import tqdm
 from mmwb.errors import MmwbCheckpointError, MmwbConfigError, MmwbError
 from mmwb.runtime import resolve_device, resolve_precision, seed_everything
 from mmwb.train import checkpoint as ckpt
+from mmwb.train import sharding
 from mmwb.train.config import TrainConfig
 from mmwb.train.data import CollatedBatch, DataPosition, ResumableBatchSampler, SkipBadItems, skip_bad_items
 from mmwb.train.ema import make_ema
@@ -79,6 +83,12 @@ class TrainResult:
     metrics: Path
     plot: Path | None
     final_eval: dict[str, float] = field(default_factory=dict)
+    # True when the model was sharded across processes: it stays sharded, and the trained weights to build on are
+    # the consolidated checkpoint (load them into a fresh model with ``load_trained``)
+    sharded: bool = False
+    state_bytes: dict[str, int] = field(
+        default_factory=dict
+    )  # this rank's parameters/gradients/optimizer state
 
 
 @dataclass
@@ -114,6 +124,7 @@ def train(
     eval_fn: EvalFn | None = None,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
     on_save: Callable[[Path], None] | None = None,
+    shardable: bool = False,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` with ``loss_fn(model, batch) -> loss | (loss, metrics)``; see ``Trainer``."""
     return Trainer(
@@ -125,7 +136,17 @@ def train(
         eval_fn=eval_fn,
         on_step=on_step,
         on_save=on_save,
+        shardable=shardable,
     ).run()
+
+
+def load_trained(module: nn.Module, result: TrainResult) -> nn.Module:
+    """Load a run's final weights (its consolidated checkpoint) into ``module``, a fresh copy of what trained:
+    after a sharded run (``result.sharded``) the trained module itself stays split across processes."""
+    if result.checkpoint is None:
+        raise MmwbCheckpointError("the run saved no checkpoint to load")
+    load_checkpoint_in_model(module, str(result.checkpoint), strict=True)
+    return module
 
 
 class Trainer:
@@ -135,6 +156,9 @@ class Trainer:
     logged with an ``eval_`` prefix, and again as ``ema_eval_`` on the EMA weights). ``on_step(step, record)``
     is called on every process after each optimizer step. ``on_save(folder)`` runs on the main process while a
     checkpoint is still staged, to add files of its own (a model config, say) that are published with it.
+
+    ``train.sharding`` (full / grad_op) shards the model with FSDP2 under a multi-process launch; callers that
+    can use a sharded result (see ``TrainResult.sharded``) say so with ``shardable=True``, the others refuse it.
     """
 
     def __init__(
@@ -148,6 +172,7 @@ class Trainer:
         eval_fn: EvalFn | None = None,
         on_step: Callable[[int, dict[str, Any]], None] | None = None,
         on_save: Callable[[Path], None] | None = None,
+        shardable: bool = False,
     ) -> None:
         self.config = config
         self.on_save = on_save
@@ -182,11 +207,15 @@ class Trainer:
             generator=torch.Generator().manual_seed(config.seed),  # never draws from the global RNG
             pin_memory=acc.device.type == "cuda",
         )
+        self.sharded = self._shard(model, shardable)  # before the optimizer: sharding replaces the parameters
         optimizer = torch.optim.AdamW(
             param_groups(model, config), lr=config.lr, betas=config.betas, eps=config.eps
         )
         self.scheduler = make_scheduler(optimizer, config.schedule, config.warmup_steps, self.total_steps)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if self.sharded:
+            self.model, self.optimizer = model, acc.prepare(optimizer)
+        else:
+            self.model, self.optimizer = acc.prepare(model, optimizer)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.ema: AveragedModel | None = (
             make_ema(acc.unwrap_model(self.model), config.ema_decay) if config.ema_decay is not None else None
@@ -195,6 +224,42 @@ class Trainer:
         self.last_loss = float("nan")
         self.last_eval: dict[str, float] = {}
         self.saved_at = -1
+        self.state_bytes: dict[str, int] = {}
+
+    def _shard(self, model: nn.Module, shardable: bool) -> bool:
+        """Apply ``train.sharding`` to ``model`` (in place) when more than one process trains; True if it did."""
+        config, acc = self.config, self.accelerator
+        if acc.distributed_type == DistributedType.FSDP:
+            raise MmwbConfigError(
+                "launched in accelerate's FSDP mode: mmwb shards with FSDP2 itself; launch as multi-GPU/CPU "
+                "(configs/accelerate/README.md) and set train.sharding: full or grad_op"
+            )
+        if config.sharding == "none":
+            return False
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            raise MmwbConfigError("train.sharding and a DeepSpeed launch both shard: use one of them")
+        if not shardable:
+            raise MmwbConfigError(
+                f"train.sharding: {config.sharding}: this trainer does not support sharding yet"
+            )
+        if config.ema_decay is not None or config.precision == "fp16":
+            raise MmwbConfigError(
+                "train.sharding works without EMA and with fp32 or bf16 (fp16 needs a sharded gradient scaler)"
+            )
+        if acc.num_processes == 1:
+            log.info("train.sharding: %s with one process: nothing to shard", config.sharding)
+            return False
+        model.to(acc.device)
+        units = sharding.shard_units(model, sharding.unit_classes(model, config.shard_units))
+        param_dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else None
+        sharding.shard_model(model, config.sharding, units, param_dtype)
+        log.info(
+            "sharded (%s) over %d processes in %d units + the root",
+            config.sharding,
+            acc.num_processes,
+            len(units),
+        )
+        return True
 
     # ----------------------------------------------------------------------------------------------- the loop
     def run(self) -> TrainResult:
@@ -308,6 +373,8 @@ class Trainer:
             metrics=self.metrics.path,
             plot=plot,
             final_eval=self.last_eval,
+            sharded=self.sharded,
+            state_bytes=self.state_bytes,
         )
 
     def _step(self, micro_batches: Iterable[CollatedBatch]) -> _StepStats:
@@ -372,6 +439,8 @@ class Trainer:
         acc = self.accelerator
         max_norm = self.config.clip_grad_norm if self.config.clip_grad_norm is not None else math.inf
         norm = acc.clip_grad_norm_(self.params, max_norm)
+        if isinstance(norm, DTensor):  # sharded gradients: the norm over all ranks' shards
+            norm = norm.full_tensor()
         stats.grad_norm = float(norm) if norm is not None else float("nan")
         if acc.scaler is None and norm is not None and not math.isfinite(stats.grad_norm):
             stats.bad = True
@@ -382,10 +451,12 @@ class Trainer:
             self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(acc.unwrap_model(self.model))
+        if not self.state_bytes:  # once, while gradients and optimizer state both exist
+            self.state_bytes = sharding.state_bytes(self.model, self.optimizer)
 
     def _touch(self) -> torch.Tensor:
         """Zero that depends on every trainable tensor (see the module docstring for why)."""
-        if not self.config.touch_all_params:
+        if not self.config.touch_all_params or self.sharded:  # sharded: zeros come from FSDP (sharding.py)
             return torch.zeros((), device=self.accelerator.device)
         return torch.stack([p.reshape(-1)[:1].sum() for p in self.params]).sum() * 0.0
 
@@ -459,7 +530,13 @@ class Trainer:
         if acc.is_main_process:
             ckpt.begin(final)
         acc.wait_for_everyone()
-        acc.save_model(self.model, staging, safe_serialization=True)
+        if self.sharded:
+            full = sharding.full_state_dict(self.model)  # every rank takes part; rank 0 gets the tensors
+            if acc.is_main_process:
+                save_file(full, str(staging / ckpt.MODEL_FILE), metadata={"format": "pt"})
+            sharding.save_sharded(staging / sharding.SHARDED_DIR, self.model, self.optimizer)
+        else:
+            acc.save_model(self.model, staging, safe_serialization=True)
         ckpt.save_state(ckpt.rng_state(), ckpt.rng_path(staging, acc.process_index))
         if acc.is_main_process:
             ckpt.save_state(self._trainer_state(progress), staging / ckpt.STATE_FILE)
@@ -489,7 +566,10 @@ class Trainer:
             "samples_seen": progress.samples_seen,
             "global_batch": self.sampler.step_samples,
             "world_size": self.accelerator.num_processes,
-            "optimizer": self.optimizer.state_dict(),
+            "sharding": self.config.sharding if self.sharded else "none",
+            "optimizer": None
+            if self.sharded
+            else self.optimizer.state_dict(),  # sharded: in sharding.SHARDED_DIR
             "scheduler": self.scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "last_loss": self.last_loss,
@@ -506,9 +586,18 @@ class Trainer:
                 f"{path}: saved with a global batch of {state['global_batch']} samples per step, this run has "
                 f"{self.sampler.step_samples}; keep batch_size x grad_accum x processes to resume exactly"
             )
-        load_checkpoint_in_model(acc.unwrap_model(self.model), str(path), strict=True)
+        saved_sharding = state.get("sharding", "none")
+        if saved_sharding != (self.config.sharding if self.sharded else "none"):
+            raise MmwbCheckpointError(
+                f"{path}: saved with train.sharding {saved_sharding} over {state['world_size']} processes; resume "
+                f"it with the same sharding (this run: {self.config.sharding} over {acc.num_processes})"
+            )
         configured = [{key: group[key] for key in _HYPERPARAMETERS} for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            sharding.load_sharded(path / sharding.SHARDED_DIR, self.model, self.optimizer)
+        else:
+            load_checkpoint_in_model(acc.unwrap_model(self.model), str(path), strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_hyperparameters(configured)
         if acc.scaler is not None and state["scaler"] is not None:

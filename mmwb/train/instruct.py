@@ -43,7 +43,7 @@ from mmwb.train import checkpoint as ckpt
 from mmwb.train.cell_loss import CellHead
 from mmwb.train.checkpoint import save_model_folder
 from mmwb.train.config import TrainConfig
-from mmwb.train.engine import TrainResult
+from mmwb.train.engine import TrainResult, load_trained
 from mmwb.train.image_features import FeatureCacheConfig
 from mmwb.train.recipes import write_metrics
 from mmwb.train.vlm_loss import multimodal_loss
@@ -206,6 +206,39 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path | None]:
             "question_weights weigh the questions of question_draws: set question_draws too"
         )
     seed_everything(config.train.seed)
+    vlm, peft_model, module = _trainable(config)
+    cache = config.feature_cache
+    if module.trains_tower:
+        cache = FeatureCacheConfig(enabled=False)  # the tower's features change as it trains
+    question = caption_question(config.template) if config.caption_turn else None
+    records = read_records(Path(config.data_dir) / config.train_file, "qa", caption_question=question)
+    if config.single_turn:
+        records = split_turns(records)
+    if config.question_draws:
+        records = draw_questions(records, config.question_draws, config.train.seed, config.question_weights)
+    tokens = model_tokens(vlm.tokenizer, vlm.config.image_token_id)
+    encode = make_encoder(vlm.tokenizer, config.template, config.max_length, **tokens)
+    if config.cell_loss:
+        grid = tower_grid(vlm)
+        encode = with_cell_labels(encode, read_cell_labels(Path(config.data_dir) / config.train_file, grid))
+    trainer = vlm_trainer(module, vlm, records, config.data_dir, encode, config.train, cache, shardable=True)
+    result = trainer.run()
+    adapter = Path(config.train.out_dir) / ADAPTER_DIR if peft_model is not None else None
+    if trainer.accelerator.is_main_process:
+        if (
+            result.sharded
+        ):  # the trained modules stay split across processes: build them again from the checkpoint
+            vlm, peft_model, module = _trainable(config)
+            load_trained(module, result)
+        if peft_model is not None:
+            save_adapter(vlm, peft_model, base_of(config), adapter, module.trains_tower)
+            vlm = merged(vlm, peft_model)
+        save_model_folder(vlm, Path(config.out_dir))
+    return result, adapter
+
+
+def _trainable(config: InstructConfig) -> tuple[VisionLanguageModel, PeftModel | None, InstructTraining]:
+    """The starting VLM with LoRA (or the whole decoder) made trainable, and the engine's module over it."""
     vlm = starting_vlm(
         config.model_dir,
         config.vision_dir,
@@ -218,44 +251,17 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path | None]:
     if config.projector_from is not None:
         load_projector(vlm.projector, config.projector_from)
     peft_model = add_lora(vlm, config.lora) if config.lora is not None else train_whole_decoder(vlm)
-    cache = config.feature_cache
     train_tower = config.train_tower or config.tower is not None
     if train_tower:
         vlm.vision_tower.requires_grad_(True).train()
-        cache = FeatureCacheConfig(enabled=False)  # the tower's features change as it trains
     vlm.config.template = config.template
-    question = caption_question(config.template) if config.caption_turn else None
-    records = read_records(Path(config.data_dir) / config.train_file, "qa", caption_question=question)
-    if config.single_turn:
-        records = split_turns(records)
-    if config.question_draws:
-        records = draw_questions(records, config.question_draws, config.train.seed, config.question_weights)
-    tokens = model_tokens(vlm.tokenizer, vlm.config.image_token_id)
-    encode = make_encoder(vlm.tokenizer, config.template, config.max_length, **tokens)
     cell_head = None
     if config.cell_loss:
         if not train_tower:
             raise MmwbConfigError("cell_loss trains the vision tower: set tower (a new one) or train_tower")
-        grid = tower_grid(vlm)
-        encode = with_cell_labels(encode, read_cell_labels(Path(config.data_dir) / config.train_file, grid))
         cell_head = CellHead(vlm.vision_tower.hidden_size, [len(names) + 1 for _, names in CELL_ATTRIBUTES])
-    trainer = vlm_trainer(
-        InstructTraining(vlm, train_tower, config.loss_average, cell_head, config.cell_loss),
-        vlm,
-        records,
-        config.data_dir,
-        encode,
-        config.train,
-        cache,
-    )
-    result = trainer.run()
-    adapter = Path(config.train.out_dir) / ADAPTER_DIR if peft_model is not None else None
-    if trainer.accelerator.is_main_process:
-        if peft_model is not None:
-            save_adapter(vlm, peft_model, base_of(config), adapter, train_tower)
-            vlm = merged(vlm, peft_model)
-        save_model_folder(vlm, Path(config.out_dir))
-    return result, adapter
+    module = InstructTraining(vlm, train_tower, config.loss_average, cell_head, config.cell_loss)
+    return vlm, peft_model, module
 
 
 def tower_grid(vlm: VisionLanguageModel) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from mmwb.data.tokenizer import IMAGE, load_tokenizer
 from mmwb.errors import MmwbConfigError, MmwbInputError
@@ -89,6 +90,8 @@ def place(vlm: VisionLanguageModel, device: torch.device, mixed_precision: str) 
     stored in the half dtype."""
     frozen_dtype = _HALF.get(mixed_precision, torch.float32)
     for param in vlm.parameters():
+        if isinstance(param, DTensor):  # sharded by the engine, which placed it: FSDP owns its storage
+            continue
         param.data = param.data.to(device, param.dtype if param.requires_grad else frozen_dtype)
     for name, buffer in vlm.named_buffers():
         owner, _, leaf = name.rpartition(".")

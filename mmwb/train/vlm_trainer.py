@@ -51,6 +51,7 @@ def vlm_trainer(
     cache: FeatureCacheConfig,
     collate_fn: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None = None,
     eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    shardable: bool = False,
 ) -> Trainer:
     """The engine for ``module(**batch) -> loss`` over ``records`` (anything with an ``image`` path): the VLM
     placed on the engine's device, the feature cache filled (every rank's share), and each item's image read from
@@ -63,6 +64,7 @@ def vlm_trainer(
         train,
         collate_fn=collate_fn or (lambda items: collate(items, vlm.tokenizer.pad_token_id)),
         eval_fn=eval_fn,
+        shardable=shardable,
     )
     acc = trainer.accelerator
     place(vlm, acc.device, acc.mixed_precision)

@@ -87,6 +87,8 @@ class DecoderModel(nn.Module):
 class DecoderForCausalLM(nn.Module):
     """MoE causal LM implementing mmwb's StepModel protocol (allocate_cache / step / reorder_cache)."""
 
+    _no_split_modules = ["DecoderLayer"]  # gathered as one unit by sharded training (transformers convention)
+
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         self.config = config

@@ -1,0 +1,122 @@
+"""Train a tiny MoE decoder with mmwb's engine, sharded or not; the FSDP tests run this under ``accelerate launch``.
+
+Writes ``<out>/rank<r>.json`` from every process: rank, world size, final step, whether the model was sharded, the
+bytes of parameters/gradients/optimizer state this rank held, each micro-batch's tokens per expert (to show an
+expert that got no tokens on one rank), and the greedy tokens the trained model continues a fixed prompt with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mmwb.data.io import write_json
+from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM
+from mmwb.models.decoder.save import MODEL_TYPE
+from mmwb.runtime import seed_everything
+from mmwb.train import TrainConfig, train
+
+VOCAB, LENGTH = 48, 12
+PROMPT = [1, 5, 9, 3]
+
+
+def tiny_moe() -> DecoderForCausalLM:
+    """Two MoE layers of 8 experts, top-1 (plus one shared): with 2-4 sequences per micro-batch some expert often
+    gets no token on one rank."""
+    config = DecoderConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=1,
+        max_position_embeddings=64,
+    )
+    return DecoderForCausalLM(config)
+
+
+def sequences(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(2, VOCAB, (LENGTH,), generator=g) for _ in range(n)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--sharding", default="none")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--save-every", type=int, default=0)
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--step-sleep", type=float, default=0.0)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)  # same float reductions in every process
+    seed_everything(0)
+    model = tiny_moe()
+    counts: list[list[int]] = []
+
+    def loss_fn(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        out = model(batch, labels=batch)
+        counts.append(out.expert_counts.tolist())  # (MoE layers, E)
+        return out.loss
+
+    config = TrainConfig(
+        out_dir=args.out,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=2e-3,
+        weight_decay=0.01,
+        warmup_steps=1,
+        save_every=args.save_every,
+        keep_last=0,
+        device="cpu",
+        resume=args.resume,
+        precision=args.precision,
+        sharding=args.sharding,
+        progress=False,
+    )
+    result = train(
+        model,
+        loss_fn,
+        sequences(32),
+        config,
+        collate_fn=torch.stack,
+        shardable=True,
+        on_save=lambda folder: write_json(  # the checkpoint becomes a model folder mmwb.from_pretrained reads
+            folder / "config.json",
+            {"model_type": MODEL_TYPE, "dtype": "float32", "decoder": model.config.to_dict()},
+        ),
+        on_step=lambda step, record: time.sleep(args.step_sleep),
+    )
+    model.eval()
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():  # greedy without a cache: every rank runs the same full forwards, as sharding needs
+        for _ in range(6):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    info = {
+        "rank": result.rank,
+        "world_size": result.world_size,
+        "step": result.step,
+        "sharded": result.sharded,
+        "state_bytes": result.state_bytes,
+        "expert_counts": counts,
+        "tokens": ids[0].tolist(),
+    }
+    (args.out / f"rank{result.rank}.json").write_text(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main()
