@@ -95,6 +95,10 @@ def test_sharded_moe_decoder_matches_one_process(lm_runs, run):
     # the case DDP needed its zero touch for: a micro-batch routed no token to an expert on one rank only
     counts = [torch.tensor(r["expert_counts"]) for r in ranks]  # (micro-batches, MoE layers, experts)
     assert ((counts[0] == 0) != (counts[1] == 0)).any()
+    # between a unit's forward and backward its parameters are back in shards under full, gathered under grad_op
+    assert all(
+        all(r["resharded"]) == (run != "grad_op") and any(r["resharded"]) == (run != "grad_op") for r in ranks
+    )
     assert (lm_runs / run / FINAL / "sharded").is_dir()  # the shards of model and optimizer state
 
 
@@ -240,6 +244,8 @@ def test_sharded_bf16_keeps_fp32_shards(lm_runs, tmp_path):
     ]  # fp32 sizes
     weights = load_file(tmp_path / FINAL / "model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.float32}
+    fp32 = load_file(lm_runs / "full" / FINAL / "model.safetensors")
+    assert _max_diff(weights, fp32) > 1e-4  # the forward and backward did run in bf16
     assert all(math.isfinite(r["loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl"))
 
 
@@ -269,6 +275,30 @@ def test_sharding_requests_that_cannot_work_are_config_errors(tmp_path):
 
     with pytest.raises(MmwbConfigError, match="sharding"):
         load_config(TrainConfig, None, ["sharding=zero3"])
+
+
+@pytest.mark.slow
+def test_a_micro_batch_without_data_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    """Five unreadable items among 24 drawn, one item per micro-batch: some micro-batch is empty on one rank
+    only, and no rank may run its forward alone (a unit's gather would wait for the other rank forever)."""
+    command = _two(str(SCRIPT), "--out", str(tmp_path), "--batch-size", "1", "--grad-accum", "2")
+    done = subprocess.run(
+        [*command, "--sharding", "full", "--bad", "0", "1", "2", "3", "5"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "sit out the micro-batch" in done.stderr
+    assert all(r["step"] == 6 for r in _ranks(tmp_path))
+
+
+def test_shard_units_naming_no_module_is_a_config_error():
+    from mmwb.train.sharding import shard_units
+
+    with pytest.raises(MmwbConfigError, match="no module of class DecoderBlok"):
+        shard_units(MLP(), {"DecoderBlok"}, ["DecoderBlok"])
 
 
 def test_one_process_has_nothing_to_shard(tmp_path):

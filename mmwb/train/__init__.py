@@ -11,7 +11,14 @@ from mmwb.train.data import (
     skip_bad_items,
 )
 from mmwb.train.dpo_loss import dpo_loss
-from mmwb.train.engine import Trainer, TrainingDivergedError, TrainResult, load_trained, param_groups, train
+from mmwb.train.engine import (
+    Trainer,
+    TrainingDivergedError,
+    TrainResult,
+    load_run_weights,
+    param_groups,
+    train,
+)
 
 __all__ = [
     "BadItem",
@@ -25,7 +32,7 @@ __all__ = [
     "Trainer",
     "TrainingDivergedError",
     "dpo_loss",
-    "load_trained",
+    "load_run_weights",
     "param_groups",
     "skip_bad_items",
     "train",

@@ -33,12 +33,12 @@ from mmwb.pipelines.vlm_eval import EvaluationConfig
 from mmwb.runtime import seed_everything
 from mmwb.train.checkpoint import save_model_folder
 from mmwb.train.config import TrainConfig
-from mmwb.train.engine import TrainResult, load_trained
+from mmwb.train.engine import TrainResult, load_run_weights
 from mmwb.train.image_features import FeatureCacheConfig, ProcessedPixels
 from mmwb.train.multimodal import collate
 from mmwb.train.recipes import write_metrics
 from mmwb.train.vlm_loss import caption_losses, multimodal_loss
-from mmwb.train.vlm_setup import freeze_all_but_projector, starting_vlm
+from mmwb.train.vlm_setup import freeze_all_but_projector, place, starting_vlm
 from mmwb.train.vlm_trainer import Unregistered, evaluate_saved, vlm_trainer
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,8 @@ def train_align(
         ):  # the trained projector stays split across processes: build it again from the checkpoint
             vlm = _starting(config)
             caption_encoder(vlm, config.max_length)  # the template the saved model answers in
-            load_trained(ProjectorTraining(vlm), result)
+            load_run_weights(ProjectorTraining(vlm), result)
+            place(vlm, trainer.accelerator.device, trainer.accelerator.mixed_precision)  # as the run kept it
         report = health_report(vlm, val_records, config, result)
         save_model_folder(vlm, Path(config.out_dir))
         with atomic_write_path(Path(config.out_dir) / HEALTH_FILE) as tmp:

@@ -51,7 +51,9 @@ class TrainConfig:
     touch_all_params: bool = True  # give every trainable tensor a (zero) gradient each step; see engine.py
     find_unused_parameters: bool = False  # DDP's own (slower) search for unused parameters
     # none: DDP under a multi-process launch; full: FSDP2 ZeRO-3 (parameters, gradients and optimizer state
-    # sharded); grad_op: ZeRO-2 (parameters gathered from forward to backward). See mmwb/train/sharding.py
+    # sharded); grad_op: FSDP's SHARD_GRAD_OP (ZeRO-2-like: the same split at rest, a unit's parameters stay
+    # gathered from its forward to its backward). Sharded, unused tensors always get zero gradients (as the touch
+    # above gives DDP). See mmwb/train/sharding.py
     sharding: Literal["none", "full", "grad_op"] = "none"
     shard_units: list[str] = field(
         default_factory=list

@@ -1,9 +1,10 @@
 """The training loop every mmwb recipe shares, built on accelerate.
 
-accelerate owns the machinery: device placement, DDP/FSDP/DeepSpeed wrapping (``accelerate launch``), mixed
+accelerate owns the machinery: device placement, DDP/DeepSpeed wrapping (``accelerate launch``), mixed
 precision, gradient accumulation (``accumulate``/``backward``) and clipping. mmwb owns what makes a run
 trustworthy: exactly resumable data order (``data.py``), atomic checkpoints with RNG state (``checkpoint.py``),
-NaN/inf steps that are skipped and counted instead of poisoning the weights, and metrics on disk.
+NaN/inf steps that are skipped and counted instead of poisoning the weights, metrics on disk, and sharded
+training (FSDP2, ``sharding.py``).
 
 Unused parameters under DDP: an MoE layer whose expert gets no tokens on one rank leaves that expert without a
 gradient there, and DDP's bucketed all-reduce then never finishes ("Expected to have finished reduction"). With
@@ -41,7 +42,6 @@ from accelerate.utils import (
 )
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -84,7 +84,7 @@ class TrainResult:
     plot: Path | None
     final_eval: dict[str, float] = field(default_factory=dict)
     # True when the model was sharded across processes: it stays sharded, and the trained weights to build on are
-    # the consolidated checkpoint (load them into a fresh model with ``load_trained``)
+    # the consolidated checkpoint (load them into a fresh model with ``load_run_weights``)
     sharded: bool = False
     state_bytes: dict[str, int] = field(
         default_factory=dict
@@ -140,7 +140,7 @@ def train(
     ).run()
 
 
-def load_trained(module: nn.Module, result: TrainResult) -> nn.Module:
+def load_run_weights(module: nn.Module, result: TrainResult) -> nn.Module:
     """Load a run's final weights (its consolidated checkpoint) into ``module``, a fresh copy of what trained:
     after a sharded run (``result.sharded``) the trained module itself stays split across processes."""
     if result.checkpoint is None:
@@ -159,6 +159,8 @@ class Trainer:
 
     ``train.sharding`` (full / grad_op) shards the model with FSDP2 under a multi-process launch; callers that
     can use a sharded result (see ``TrainResult.sharded``) say so with ``shardable=True``, the others refuse it.
+    Sharded, ``eval_fn`` must run the same forwards on every rank (the same data, say): each unit's forward
+    gathers its parameters collectively.
     """
 
     def __init__(
@@ -242,15 +244,16 @@ class Trainer:
             raise MmwbConfigError(
                 f"train.sharding: {config.sharding}: this trainer does not support sharding yet"
             )
-        if config.ema_decay is not None or config.precision == "fp16":
+        if config.ema_decay is not None or acc.mixed_precision == "fp16":
             raise MmwbConfigError(
                 "train.sharding works without EMA and with fp32 or bf16 (fp16 needs a sharded gradient scaler)"
             )
         if acc.num_processes == 1:
             log.info("train.sharding: %s with one process: nothing to shard", config.sharding)
             return False
-        model.to(acc.device)
-        units = sharding.shard_units(model, sharding.unit_classes(model, config.shard_units))
+        units = sharding.shard_units(
+            model, sharding.unit_classes(model, config.shard_units), config.shard_units
+        )
         param_dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else None
         sharding.shard_model(model, config.sharding, units, param_dtype)
         log.info(
@@ -397,7 +400,7 @@ class Trainer:
             skipped += len(collated.skipped)
             with acc.accumulate(self.model):
                 loss = self._touch()
-                if collated.data is not None:
+                if self._runs_forward(collated):
                     batch = send_to_device(collated.data, acc.device)
                     value, metrics = _split_loss(self.loss_fn(self.model, batch))
                     finite = torch.isfinite(value.detach())
@@ -410,7 +413,9 @@ class Trainer:
                             extras.get(key, zero) + torch.as_tensor(metric).detach().to(acc.device).float()
                         )
                     loss = loss + value
-                if loss.requires_grad:  # False only for an all-bad micro-batch with touch_all_params off
+                if (
+                    loss.requires_grad
+                ):  # False for a micro-batch without data (and touch_all_params off / sharded)
                     acc.backward(loss)
         if count != self.config.grad_accum:
             raise RuntimeError(
@@ -434,13 +439,32 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return stats
 
+    def _runs_forward(self, collated: CollatedBatch) -> bool:
+        """Whether this micro-batch has data to run. Sharded, every rank runs a forward or none does (a unit's
+        gather is a collective): a micro-batch with no readable item on one rank is skipped on all of them."""
+        here = collated.data is not None
+        if not self.sharded:
+            return here
+        acc = self.accelerator
+        ranks_with_data = acc.reduce(
+            torch.tensor(float(here), device=acc.device), "sum"
+        )  # accelerate has no min
+        everywhere = int(ranks_with_data) == acc.num_processes
+        if here and not everywhere:
+            log.warning(
+                "another rank's micro-batch held no readable item: this rank's %d items sit out the micro-batch "
+                "too (sharded units run their forward on every rank or none)",
+                _batch_size(collated.data),
+            )
+        return everywhere
+
     def _update(self, stats: _StepStats) -> None:
         """Clip, step optimizer/schedule/EMA. A non-finite gradient norm (outside fp16 scaling) is a bad step."""
         acc = self.accelerator
         max_norm = self.config.clip_grad_norm if self.config.clip_grad_norm is not None else math.inf
-        norm = acc.clip_grad_norm_(self.params, max_norm)
-        if isinstance(norm, DTensor):  # sharded gradients: the norm over all ranks' shards
-            norm = norm.full_tensor()
+        norm = acc.clip_grad_norm_(
+            self.params, max_norm
+        )  # sharded: accelerate reduces over all ranks' shards
         stats.grad_norm = float(norm) if norm is not None else float("nan")
         if acc.scaler is None and norm is not None and not math.isfinite(stats.grad_norm):
             stats.bad = True
@@ -523,7 +547,8 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- checkpoints
     def _save(self, progress: _Progress) -> Path:
-        """All ranks: model (gathered by accelerate under FSDP/ZeRO-3) and per-rank RNG into one staged folder."""
+        """All ranks: the model (consolidated by rank 0 when sharded, plus every rank's shards of model and
+        optimizer) and per-rank RNG into one staged folder."""
         acc = self.accelerator
         final = ckpt.checkpoint_path(self.checkpoints, progress.step)
         staging = ckpt.staging_path(final)
@@ -587,10 +612,13 @@ class Trainer:
                 f"{self.sampler.step_samples}; keep batch_size x grad_accum x processes to resume exactly"
             )
         saved_sharding = state.get("sharding", "none")
-        if saved_sharding != (self.config.sharding if self.sharded else "none"):
+        if (saved_sharding != "none") != self.sharded:  # full and grad_op checkpoints are alike
+            this_run = f"{self.config.sharding} over {acc.num_processes}" + (
+                " (one process shards nothing)" if acc.num_processes == 1 else ""
+            )
             raise MmwbCheckpointError(
                 f"{path}: saved with train.sharding {saved_sharding} over {state['world_size']} processes; resume "
-                f"it with the same sharding (this run: {self.config.sharding} over {acc.num_processes})"
+                f"it sharded or not as it was saved (this run: {this_run})"
             )
         configured = [{key: group[key] for key in _HYPERPARAMETERS} for group in self.optimizer.param_groups]
         if self.sharded:

@@ -43,11 +43,11 @@ from mmwb.train import checkpoint as ckpt
 from mmwb.train.cell_loss import CellHead
 from mmwb.train.checkpoint import save_model_folder
 from mmwb.train.config import TrainConfig
-from mmwb.train.engine import TrainResult, load_trained
+from mmwb.train.engine import TrainResult, load_run_weights
 from mmwb.train.image_features import FeatureCacheConfig
 from mmwb.train.recipes import write_metrics
 from mmwb.train.vlm_loss import multimodal_loss
-from mmwb.train.vlm_setup import freeze_all_but_projector, starting_vlm
+from mmwb.train.vlm_setup import freeze_all_but_projector, place, starting_vlm
 from mmwb.train.vlm_trainer import Unregistered, evaluate_saved, trained_state, vlm_trainer
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,8 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path | None]:
             result.sharded
         ):  # the trained modules stay split across processes: build them again from the checkpoint
             vlm, peft_model, module = _trainable(config)
-            load_trained(module, result)
+            load_run_weights(module, result)
+            place(vlm, trainer.accelerator.device, trainer.accelerator.mixed_precision)  # as the run kept it
         if peft_model is not None:
             save_adapter(vlm, peft_model, base_of(config), adapter, module.trains_tower)
             vlm = merged(vlm, peft_model)

@@ -49,12 +49,18 @@ def unit_classes(model: nn.Module, extra: Iterable[str] = ()) -> set[str]:
     return names
 
 
-def shard_units(model: nn.Module, classes: set[str]) -> list[nn.Module]:
-    """The sub-modules of ``model`` whose class is in ``classes``, each after its descendants (fully_shard's order).
+def shard_units(model: nn.Module, classes: set[str], required: Iterable[str] = ()) -> list[nn.Module]:
+    """The sub-modules of ``model`` whose class is in ``classes``, each after its descendants (fully_shard's order);
+    a name in ``required`` (the config's ``shard_units``) that matches nothing is an error.
 
     A unit must run forward on every rank whenever it runs on one (its gather is a collective), so experts are never
     units: an MoE layer is one, and its stacked experts receive zero gradients when a rank routes them no token."""
     found = [m for m in model.modules() if m is not model and type(m).__name__ in classes]
+    missing = set(required) - {type(m).__name__ for m in found}
+    if missing:
+        raise MmwbConfigError(
+            f"train.shard_units: no module of class {', '.join(sorted(missing))} in the model"
+        )
     return list(
         reversed(found)
     )  # modules() is pre-order: reversed, every unit comes after the units inside it
@@ -97,7 +103,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, tensor in model.state_dict(keep_vars=True).items():
         names_of.setdefault(id(tensor), name)
     first = set(names_of.values())
-    return {name: tensor for name, tensor in state.items() if name in first}
+    return {name: tensor.contiguous() for name, tensor in state.items() if name in first}
 
 
 def _torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
+from torch.utils.data import Dataset
 
 from mmwb.data.io import write_json
+from mmwb.errors import MmwbInputError
 from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM
 from mmwb.models.decoder.save import MODEL_TYPE
 from mmwb.runtime import seed_everything
@@ -44,9 +47,21 @@ def tiny_moe() -> DecoderForCausalLM:
     return DecoderForCausalLM(config)
 
 
-def sequences(n: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(7)
-    return [torch.randint(2, VOCAB, (LENGTH,), generator=g) for _ in range(n)]
+class Sequences(Dataset):
+    """Random token sequences; the items in ``bad`` cannot be read (the engine skips them)."""
+
+    def __init__(self, n: int, bad: set[int]) -> None:
+        g = torch.Generator().manual_seed(7)
+        self.rows = [torch.randint(2, VOCAB, (LENGTH,), generator=g) for _ in range(n)]
+        self.bad = bad
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index in self.bad:
+            raise MmwbInputError(f"sequence {index}: unreadable")
+        return self.rows[index]
 
 
 def main() -> None:
@@ -60,16 +75,20 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=0)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--step-sleep", type=float, default=0.0)
+    parser.add_argument("--bad", type=int, nargs="*", default=[], help="indices of unreadable items")
     args = parser.parse_args()
 
     torch.set_num_threads(1)  # same float reductions in every process
     seed_everything(0)
     model = tiny_moe()
     counts: list[list[int]] = []
+    resharded: list[bool] = []
 
     def loss_fn(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
         out = model(batch, labels=batch)
         counts.append(out.expert_counts.tolist())  # (MoE layers, E)
+        # between forward and backward: full sharding has put a layer's shards back, grad_op keeps it gathered
+        resharded.append(isinstance(model.model.layers[0].input_layernorm.weight, DTensor))
         return out.loss
 
     config = TrainConfig(
@@ -91,7 +110,7 @@ def main() -> None:
     result = train(
         model,
         loss_fn,
-        sequences(32),
+        Sequences(32, set(args.bad)),
         config,
         collate_fn=torch.stack,
         shardable=True,
@@ -113,6 +132,7 @@ def main() -> None:
         "sharded": result.sharded,
         "state_bytes": result.state_bytes,
         "expert_counts": counts,
+        "resharded": resharded,
         "tokens": ids[0].tolist(),
     }
     (args.out / f"rank{result.rank}.json").write_text(json.dumps(info))

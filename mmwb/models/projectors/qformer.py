@@ -150,6 +150,8 @@ class _Layer(nn.Module):
 class QFormer(nn.Module):
     """Image features ``(B, N, vision_dim)`` (+ instruction ids) -> ``(B, num_queries, out_dim)`` tokens."""
 
+    _no_split_modules = ["_Layer"]  # gathered as one unit by sharded training
+
     # the VLM passes each image's prompt tokens (see VisionLanguageModel.image_instructions)
     reads_instruction = True
 

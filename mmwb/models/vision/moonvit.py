@@ -139,7 +139,7 @@ class MLP(nn.Module):
         return self.fc1(F.gelu(self.fc0(x), approximate=self.approximate))
 
 
-class Block(nn.Module):
+class MoonViTBlock(nn.Module):
     def __init__(self, config: MoonViTConfig) -> None:
         super().__init__()
         self.num_heads = config.num_heads
@@ -164,12 +164,14 @@ class Block(nn.Module):
 class MoonViT(VisionTower):
     """Packed native-resolution ViT: ``PixelInputs(patches, grid_hw)`` -> packed ``(sum h*w, C)`` features."""
 
+    _no_split_modules = ["MoonViTBlock"]  # gathered as one unit by sharded training
+
     def __init__(self, config: MoonViTConfig) -> None:
         super().__init__()
         self.config = config
         self.hidden_size = config.hidden_size
         self.patch_embed = PatchEmbed(config)
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_layers)])
+        self.blocks = nn.ModuleList([MoonViTBlock(config) for _ in range(config.num_layers)])
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
 
     def encode(self, inputs: PixelInputs) -> VisionFeatures:

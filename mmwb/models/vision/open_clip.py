@@ -27,6 +27,8 @@ from mmwb.models.vision.base import (
 class OpenClipTower(VisionTower):
     """Token features of one block of an open_clip ``VisionTransformer``: ``(B, N[+1], width)``."""
 
+    _no_split_modules = ["ResidualAttentionBlock"]  # gathered as one unit by sharded training
+
     def __init__(
         self,
         visual: VisionTransformer,
