@@ -56,7 +56,7 @@ def _two(*command: str) -> list[str]:
 
 def _run(command: list[str]) -> None:
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, done.stderr[-12000:]
 
 
 def _ranks(out: Path) -> list[dict]:
@@ -123,7 +123,7 @@ def test_full_sharding_halves_the_training_state_per_rank(lm_runs):
 
 @pytest.mark.slow
 def test_consolidated_checkpoint_generates_what_the_sharded_state_generates(lm_runs):
-    """The sharded model's greedy continuation (every rank, after training) equals the exported model's."""
+    """The sharded model's greedy continuation (every rank, at the end of training) equals the exported model's."""
     ranks = _ranks(lm_runs / "full")
     model = mmwb.from_pretrained(lm_runs / "full" / FINAL)
     prompt = torch.tensor([ranks[0]["tokens"][:4]])
@@ -141,7 +141,6 @@ def test_killed_sharded_run_resumes_to_the_uninterrupted_weights(lm_runs, tmp_pa
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,  # its own process group: the launcher and both workers die together
     )
     deadline = time.monotonic() + 240
     while not (out / "checkpoints" / "step-00000002").is_dir():
@@ -153,7 +152,7 @@ def test_killed_sharded_run_resumes_to_the_uninterrupted_weights(lm_runs, tmp_pa
         process.send_signal(signal.SIGKILL)
     killed.communicate(timeout=60)
     assert not (out / FINAL).exists()
-    steps_before = [r["step"] for r in read_jsonl(out / "metrics.jsonl")]
+    steps_before = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert 2 <= steps_before[-1] < 6
 
     _run(_two(str(SCRIPT), *args, "--resume", "latest"))
@@ -162,9 +161,10 @@ def test_killed_sharded_run_resumes_to_the_uninterrupted_weights(lm_runs, tmp_pa
     assert resumed.keys() == uninterrupted.keys()
     for key in resumed:
         assert torch.equal(resumed[key], uninterrupted[key]), key
-    log = read_jsonl(out / "metrics.jsonl")
+    log = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]  # training steps (not the final eval)
     assert [r["step"] for r in log] == list(range(1, 7))  # nothing lost, nothing repeated
-    assert [r["loss"] for r in log] == [r["loss"] for r in read_jsonl(lm_runs / "full" / "metrics.jsonl")]
+    reference = [r["loss"] for r in read_jsonl(lm_runs / "full" / "metrics.jsonl") if "loss" in r]
+    assert [r["loss"] for r in log] == reference
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +246,7 @@ def test_sharded_bf16_keeps_fp32_shards(lm_runs, tmp_path):
     assert {t.dtype for t in weights.values()} == {torch.float32}
     fp32 = load_file(lm_runs / "full" / FINAL / "model.safetensors")
     assert _max_diff(weights, fp32) > 1e-4  # the forward and backward did run in bf16
-    assert all(math.isfinite(r["loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl"))
+    assert all(math.isfinite(r["loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r)
 
 
 def _config(tmp_path: Path, **overrides) -> TrainConfig:
@@ -289,7 +289,7 @@ def test_a_micro_batch_without_data_on_one_rank_is_skipped_on_every_rank(tmp_pat
         text=True,
         timeout=300,
     )
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, done.stderr[-12000:]
     assert "sit out the micro-batch" in done.stderr
     assert all(r["step"] == 6 for r in _ranks(tmp_path))
 

@@ -83,8 +83,8 @@ class TrainResult:
     metrics: Path
     plot: Path | None
     final_eval: dict[str, float] = field(default_factory=dict)
-    # True when the model was sharded across processes: it stays sharded, and the trained weights to build on are
-    # the consolidated checkpoint (load them into a fresh model with ``load_run_weights``)
+    # True when the model was sharded across processes: it stays sharded (and cannot run: the run ends the process
+    # group), so the weights to build on are the consolidated checkpoint (``load_run_weights`` into a fresh copy)
     sharded: bool = False
     state_bytes: dict[str, int] = field(
         default_factory=dict

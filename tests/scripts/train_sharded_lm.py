@@ -91,6 +91,16 @@ def main() -> None:
         resharded.append(isinstance(model.model.layers[0].input_layernorm.weight, DTensor))
         return out.loss
 
+    tokens: list[int] = []
+
+    def final_tokens(model: torch.nn.Module) -> dict[str, float]:
+        """Greedy continuation of PROMPT without a cache: every rank runs the same full forwards, as sharding needs."""
+        ids = torch.tensor([PROMPT])
+        for _ in range(6):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+        tokens[:] = ids[0].tolist()
+        return {"generated": 6.0}
+
     config = TrainConfig(
         out_dir=args.out,
         max_steps=args.steps,
@@ -119,12 +129,8 @@ def main() -> None:
             {"model_type": MODEL_TYPE, "dtype": "float32", "decoder": model.config.to_dict()},
         ),
         on_step=lambda step, record: time.sleep(args.step_sleep),
+        eval_fn=final_tokens,  # run at the end, while the processes still form a group (train() ends it)
     )
-    model.eval()
-    ids = torch.tensor([PROMPT])
-    with torch.no_grad():  # greedy without a cache: every rank runs the same full forwards, as sharding needs
-        for _ in range(6):
-            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
     info = {
         "rank": result.rank,
         "world_size": result.world_size,
@@ -133,7 +139,7 @@ def main() -> None:
         "state_bytes": result.state_bytes,
         "expert_counts": counts,
         "resharded": resharded,
-        "tokens": ids[0].tolist(),
+        "tokens": tokens,
     }
     (args.out / f"rank{result.rank}.json").write_text(json.dumps(info))
 
