@@ -11,8 +11,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 
-def from_pretrained(path, device=None, dtype=None) -> Any:
-    """Load any checkpoint folder mmwb understands (a decoder or a VLM); see mmwb.models.loading."""
+def from_pretrained(path, device=None, dtype=None, quantize=None, group_size=64) -> Any:
+    """Load any checkpoint folder mmwb understands (a decoder or a VLM), its linear layers and experts in int8 or
+    int4 with ``quantize``; see mmwb.models.loading and mmwb.models.quantize."""
     from mmwb.models.loading import from_pretrained as load  # lazy: `import mmwb` stays light
 
-    return load(path, device=device, dtype=dtype)
+    return load(path, device=device, dtype=dtype, quantize=quantize, group_size=group_size)

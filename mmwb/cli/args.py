@@ -6,6 +6,20 @@ import argparse
 import math
 
 
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--quantize int8|int4`` and ``--group-size``: the model's linear layers and experts stored so on load."""
+    parser.add_argument(
+        "--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization on load (CPU)"
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        choices=[32, 64, 128],
+        default=64,
+        help="int4 inputs per scale (default: 64)",
+    )
+
+
 def finite_float(text: str) -> float:
     """A float flag: ``nan`` and ``inf`` are refused (``--guidance-scale nan`` used to write NaN images)."""
     try:

@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Any
 
-from mmwb.cli.args import finite_float
+from mmwb.cli.args import add_quantize_arguments, finite_float
 
 HELP = "Caption images (files, directories, globs) with a vision-language model."
 log = logging.getLogger("mmwb")
@@ -34,6 +34,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=finite_float, default=None)
     parser.add_argument("--no-repeat-ngram-size", type=int, default=None)
     parser.add_argument("--num-beams", type=int, default=1)
+    add_quantize_arguments(parser)
 
 
 def generation_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -57,7 +58,8 @@ def answer(args: argparse.Namespace, sources: list[str], prompt: str | None) -> 
 
     device = resolve_device(args.device)
     dtype = resolve_precision(args.dtype, device).param_dtype if args.dtype else None
-    pipeline = VLMPipeline(load_default_or(args.model, device, dtype), batch_size=args.batch_size)
+    vlm = load_default_or(args.model, device, dtype, args.quantize, args.group_size)
+    pipeline = VLMPipeline(vlm, batch_size=args.batch_size)
     show_bar = not args.json and not args.stream and len(sources) > pipeline.batch_size
     bar = tqdm(total=len(sources), disable=not show_bar, file=sys.stderr)
     if args.stream and not args.json:

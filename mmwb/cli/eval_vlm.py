@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mmwb.cli.args import add_quantize_arguments
+
 HELP = (
     "Caption every image of a shapes split (mmwb data shapes) and answer its questions with a VLM (mmwb's own "
     "or an imported LLaVA/Kimi-VL), greedy; print caption exact match (overall and by object count), CIDEr-D "
@@ -28,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=64, help="images per generation batch (default: 64)"
     )
     parser.add_argument("--no-vqa", action="store_true", help="captions only")
+    add_quantize_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -43,10 +46,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     limit = len(records) if args.max_items is None else min(args.max_items, len(records))
     device = resolve_device(args.device)
     dtype = resolve_precision(args.dtype, device).param_dtype if args.dtype else None
-    vlm = load_default_or(args.model, device, dtype)
+    vlm = load_default_or(args.model, device, dtype, args.quantize, args.group_size)
     config = EvaluationConfig(split=args.split, max_items=limit, batch_size=args.batch_size)
     metrics, rows = evaluate_vlm(vlm, args.data, config, vqa=not args.no_vqa, progress=not args.json)
     report = {"model": str(args.model or DEFAULT_MODEL), "data": str(args.data), "split": args.split}
+    report["quantize"] = (
+        f"{args.quantize} (group {args.group_size})" if args.quantize == "int4" else args.quantize
+    )
     report |= shapes_report(metrics, rows, records[:limit], args.split)
     if not args.json:
         print(format_report(report))

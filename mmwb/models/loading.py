@@ -25,9 +25,14 @@ LOADERS: dict[str, str] = {
 
 
 def from_pretrained(
-    path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    path: str | Path,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    quantize: str | None = None,
+    group_size: int = 64,
 ):
-    """Load any checkpoint folder mmwb understands (see LOADERS) onto device in dtype."""
+    """Load any checkpoint folder mmwb understands (see LOADERS) onto device in dtype; ``quantize`` ("int8" or
+    "int4", groups of ``group_size``) then stores its linear layers and experts so (mmwb.models.quantize)."""
     directory = Path(path)
     if not directory.is_dir():
         raise MmwbCheckpointError(f"{directory}: not a checkpoint folder")
@@ -36,8 +41,17 @@ def from_pretrained(
         raise MmwbCheckpointError(
             f"{directory}/config.json: model_type {model_type!r} is not one of {sorted(LOADERS)}"
         )
+    if quantize is not None:
+        from mmwb.models.quantize import check_request
+
+        check_request(quantize, group_size, device)  # before a long load
     module, function = LOADERS[model_type].split(":")
-    return getattr(importlib.import_module(module), function)(directory, device=device, dtype=dtype)
+    model = getattr(importlib.import_module(module), function)(directory, device=device, dtype=dtype)
+    if quantize is not None:
+        from mmwb.models.quantize import quantize_model
+
+        quantize_model(model, quantize, group_size)
+    return model
 
 
 def read_config(directory: Path) -> dict:

@@ -42,7 +42,11 @@ class VLMResult:
 
 
 def load_default_or(
-    path: str | Path | None, device=None, dtype: torch.dtype | None = None
+    path: str | Path | None,
+    device=None,
+    dtype: torch.dtype | None = None,
+    quantize: str | None = None,
+    group_size: int = 64,
 ) -> VisionLanguageModel:
     """The model in ``path``, or the shipped default, with a one-line error while that is not built."""
     from mmwb.models.vlm import load_any_vlm
@@ -55,7 +59,7 @@ def load_default_or(
                 "--model DIR)"
             )
         path = DEFAULT_MODEL
-    return load_any_vlm(path, device=device, dtype=dtype)
+    return load_any_vlm(path, device=device, dtype=dtype, quantize=quantize, group_size=group_size)
 
 
 class VLMPipeline:

@@ -60,7 +60,8 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> torch.Tensor:
         """``queries`` > 0: outputs for the last ``queries`` positions only (the latent from all of ``x``)."""
         batch, length, _ = x.shape
-        if cache is not None and length == 1 <= self.decode_max_tokens and applies(x, self.kv_b_proj.weight):
+        decoding = cache is not None and length == 1 <= self.decode_max_tokens
+        if decoding and applies(x, self.kv_a_layernorm.weight):  # the kernel checks kv_b itself
             out = self._decode_on_cpu(x, rope, mask, cache, cache_position)
             if out is not None:
                 return self.o_proj(out.view(batch, 1, -1))
@@ -106,6 +107,14 @@ class MultiHeadLatentAttention(nn.Module):
         exact when an adapter (peft LoRA, unmerged) wraps the projection."""
         if type(self.kv_b_proj) is Linear:
             return self.kv_b_proj.weight
+        if hasattr(
+            self.kv_b_proj, "dequantize"
+        ):  # int8/int4 (mmwb.models.quantize): absorbed as fp32, made once
+            cached = getattr(self, "_dequantized_kv_b", None)
+            if cached is None or cached[0] is not self.kv_b_proj:
+                weight = self.kv_b_proj.dequantize()  # (out, r), column-major like the decode layout
+                self._dequantized_kv_b = (self.kv_b_proj, weight.t().contiguous().t())
+            return self._dequantized_kv_b[1]
         norm = self.kv_a_layernorm.weight  # never wrapped: the device and dtype the layer runs in
         identity = torch.eye(self.kv_rank, device=norm.device, dtype=norm.dtype)
         return self.kv_b_proj(identity).t()  # (out, r), column-major like the decode layout

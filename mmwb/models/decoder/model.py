@@ -150,11 +150,11 @@ class DecoderForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device  # never quantized (mmwb.models.quantize), unlike lm_head
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype
 
     def routers(self) -> list[Router]:
         return [m for m in self.modules() if isinstance(m, Router)]

@@ -51,9 +51,15 @@ def _reset_rope(model: VisionLanguageModel) -> None:
         model.language_model.reset_rope(torch.device("cpu"))
 
 
-def load_any_vlm(path: str | Path, device=None, dtype: torch.dtype | None = None) -> VisionLanguageModel:
+def load_any_vlm(
+    path: str | Path,
+    device=None,
+    dtype: torch.dtype | None = None,
+    quantize: str | None = None,
+    group_size: int = 64,
+) -> VisionLanguageModel:
     """``mmwb.from_pretrained`` for a folder that must hold a vision-language model."""
-    model = from_pretrained(path, device=device, dtype=dtype)
+    model = from_pretrained(path, device=device, dtype=dtype, quantize=quantize, group_size=group_size)
     if not isinstance(model, VisionLanguageModel):
         raise MmwbCheckpointError(f"{path}: holds a {type(model).__name__}, not a vision-language model")
     return model

@@ -1,0 +1,159 @@
+"""Weight-only quantization of a loaded model: every linear layer and the stacked MoE experts in int8 or int4.
+
+``int8``: one symmetric scale per output channel, ``w ≈ q * scale`` with ``q`` in [-127, 127].
+``int4``: groups of ``group_size`` inputs per output channel, asymmetric, ``w ≈ q * scale + low`` with ``q`` in
+[0, 15] (``low`` the group's minimum, so a group's range maps onto the 16 levels exactly).
+
+The products run in torch's own kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``), which read the
+packed weights directly. Both take bf16 activations: with fp32 activations the int8 kernel runs at 0.4x an fp32
+GEMV (measured, issue 20), so activations are cast to bf16 for the product and the result back to the input's
+dtype. Embeddings, norms, convolutions and routers stay as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmwb.errors import MmwbConfigError
+
+MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+_COMPUTE = torch.bfloat16
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> q (N, K) int8, scale (N,) fp32."""
+    scale = weight.detach().float().abs().amax(dim=1).clamp(min=1e-12) / 127
+    q = torch.round(weight.detach().float() / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    return q, scale
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float -> q (N, K) uint8 in [0, 15], scale and low (N, K / group_size) fp32."""
+    rows, cols = weight.shape
+    if group_size not in GROUP_SIZES or cols % group_size:
+        raise MmwbConfigError(
+            f"int4 quantization: a layer with {cols} inputs cannot be cut into groups of {group_size} "
+            f"(group_size is one of {GROUP_SIZES} and must divide the input width); use int8 or another group_size"
+        )
+    groups = weight.detach().float().contiguous().view(rows, cols // group_size, group_size)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = (high - low).clamp(min=1e-12) / 15
+    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.view(rows, cols), scale, low
+
+
+class QuantizedLinear(nn.Module):
+    """``nn.Linear`` with an int8 or int4 weight (bias kept in float); ``dequantize()`` gives the weight it applies."""
+
+    def __init__(self, linear: nn.Linear, mode: str, group_size: int = 64) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise MmwbConfigError(f"quantize: {mode!r} is not one of {', '.join(MODES)}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.mode, self.group_size = mode, group_size
+        self.bias = (
+            None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        )
+        weight = linear.weight
+        if mode == "int8":
+            q, scale = quantize_int8(weight)
+            self.register_buffer("qweight", q)
+            self.register_buffer("scale", scale)
+        else:
+            q, scale, low = quantize_int4(weight, group_size)
+            self.register_buffer(
+                "qweight", q
+            )  # unpacked nibbles: the portable form; packed for the kernel below
+            self.register_buffer("scale", scale)
+            self.register_buffer("low", low)
+            self.register_buffer("packed", _pack_int4(q), persistent=False)
+            # the kernel's (groups, N, 2) scale-and-zero table: w = (q - 8) * scale + (low + 8 * scale)
+            table = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1)
+            self.register_buffer("scale_zero", table.to(_COMPUTE).contiguous(), persistent=False)
+        self.register_buffer("scale_compute", scale.to(_COMPUTE), persistent=False)
+
+    def dequantize(self) -> torch.Tensor:
+        """The (N, K) fp32 weight this layer applies (up to the bf16 rounding of the kernels' scales)."""
+        if self.mode == "int8":
+            return self.qweight.float() * self.scale[:, None]
+        rows, cols = self.qweight.shape
+        groups = self.qweight.float().view(rows, -1, self.group_size)
+        return (groups * self.scale[..., None] + self.low[..., None]).view(rows, cols)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(_COMPUTE).contiguous()  # (M, K)
+        if self.mode == "int8":
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale_compute)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat, self.packed, self.group_size, self.scale_zero
+            )
+        out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.mode == "int4" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{group}"
+
+
+def _pack_int4(q: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+
+
+class QuantizedExperts(nn.Module):
+    """mmwb's stacked SwiGLU experts (gate_up (E, 2I, C), down (E, C, I)) as one quantized pair per expert; same
+    call and result as ``Experts`` (only the experts a token chose run, each on its own tokens)."""
+
+    def __init__(self, experts: nn.Module, mode: str, group_size: int = 64) -> None:
+        super().__init__()
+        self.num_experts = experts.gate_up_proj.shape[0]
+        self.gate_up = nn.ModuleList(_as_quantized(w, mode, group_size) for w in experts.gate_up_proj)
+        self.down = nn.ModuleList(_as_quantized(w, mode, group_size) for w in experts.down_proj)
+
+    def forward(
+        self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, C), indices/weights (N, k) -> weighted sum of expert outputs (N, C), counts (E,)."""
+        tokens, top_k = indices.shape
+        counts = torch.bincount(indices.reshape(-1), minlength=self.num_experts)
+        out = torch.zeros_like(x, dtype=torch.float32)
+        for expert in counts.nonzero().flatten().tolist():
+            rows, slots = (indices == expert).nonzero(as_tuple=True)
+            gate, up = self.gate_up[expert](x[rows]).float().chunk(2, dim=-1)
+            y = self.down[expert](F.silu(gate) * up).float()  # (n_e, C)
+            out.index_add_(0, rows, y * weights[rows, slots, None].float())
+        return out.to(x.dtype), counts
+
+
+def _as_quantized(weight: torch.Tensor, mode: str, group_size: int) -> QuantizedLinear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    return QuantizedLinear(linear, mode, group_size)
+
+
+def check_request(mode: str, group_size: int, device: torch.device | str | None) -> None:
+    """A clear error for a mode, group size or device these kernels do not serve."""
+    if mode not in MODES:
+        raise MmwbConfigError(f"quantize: {mode!r} is not one of {', '.join(MODES)}")
+    if mode == "int4" and group_size not in GROUP_SIZES:
+        raise MmwbConfigError(f"quantize int4: group_size {group_size} is not one of {GROUP_SIZES}")
+    if device is not None and torch.device(device).type != "cpu":
+        raise MmwbConfigError(f"quantize {mode}: runs on the CPU (torch's packed kernels), not on {device}")
+
+
+def quantize_model(model: nn.Module, mode: str, group_size: int = 64) -> nn.Module:
+    """Replace every ``nn.Linear`` (mmwb's, transformers', towers', projectors') and mmwb's stacked experts by their
+    quantized forms, in place; CPU only (torch's packed-weight kernels); returns ``model``."""
+    check_request(mode, group_size, next((p.device for p in model.parameters()), None))
+    from mmwb.models.decoder.moe import Experts  # the decoder's own stacked layout
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, QuantizedLinear(child, mode, group_size))
+            elif isinstance(child, Experts):
+                setattr(parent, name, QuantizedExperts(child, mode, group_size))
+    return model

@@ -1,0 +1,159 @@
+"""Weight-only int8 / int4 quantization (mmwb.models.quantize): each kernel against its dequantized weights,
+quantized MoE experts against mmwb's own experts on those weights, whole decoders (GQA + MoE, MLA) generating
+through the quantized layers, the shipped VLM's scores, and the requests that cannot work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import mmwb
+from mmwb.cli.main import main
+from mmwb.data.shapes import write_dataset
+from mmwb.errors import MmwbConfigError
+from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM
+from mmwb.models.decoder.moe import Experts
+from mmwb.models.quantize import QuantizedExperts, QuantizedLinear, quantize_model
+from mmwb.pipelines.vlm import DEFAULT_MODEL
+from mmwb.pipelines.vlm_eval import EvaluationConfig, evaluate_vlm
+
+MODES = [("int8", 64), ("int4", 32), ("int4", 64), ("int4", 128)]
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).float()
+
+
+def _kernel_reference(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    """What the kernels compute: bf16 activations times the dequantized weight with bf16-rounded scales (and
+    offsets), accumulated in fp32."""
+    if layer.mode == "int8":
+        weight = layer.qweight.float() * _bf16(layer.scale)[:, None]
+    else:
+        rows, cols = layer.qweight.shape
+        scale, zero = _bf16(layer.scale), _bf16(layer.low + 8 * layer.scale)
+        groups = (layer.qweight.float().view(rows, -1, layer.group_size) - 8) * scale[..., None] + zero[
+            ..., None
+        ]
+        weight = groups.view(rows, cols)
+    return _bf16(x) @ weight.t() + (0 if layer.bias is None else layer.bias)
+
+
+@pytest.mark.parametrize("mode, group", MODES)
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_quantized_linear_equals_its_dequantized_weights(mode, group, rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 96)
+    layer = QuantizedLinear(linear, mode, group)
+    x = torch.randn(rows, 256)
+    out = layer(x)
+    reference = _kernel_reference(layer, x)
+    # the kernels return bf16: one rounding of the output (2^-8 relative) and of the fp32 sum order
+    assert (out - reference).abs().max() <= 2**-7 * reference.abs().max()
+    assert out.shape == (rows, 96) and out.dtype == torch.float32
+    # round to nearest: every weight within half a step of the original
+    step = layer.scale[:, None] if mode == "int8" else layer.scale.repeat_interleave(group, dim=1)
+    assert ((layer.dequantize() - linear.weight).abs() <= step / 2 + 1e-6).all()
+
+
+def test_quantized_experts_equal_mmwb_experts_on_the_dequantized_weights():
+    torch.manual_seed(0)
+    config = DecoderConfig(
+        hidden_size=64, moe_intermediate_size=32, n_routed_experts=6, num_experts_per_tok=2
+    )
+    experts = Experts(config)
+    nn.init.normal_(experts.gate_up_proj, std=0.1)
+    nn.init.normal_(experts.down_proj, std=0.1)
+    quantized = QuantizedExperts(experts, "int8")
+    reference = Experts(config)
+    with torch.no_grad():
+        reference.gate_up_proj.copy_(torch.stack([q.dequantize() for q in quantized.gate_up]))
+        reference.down_proj.copy_(torch.stack([q.dequantize() for q in quantized.down]))
+    x = torch.randn(9, 64)
+    indices = torch.tensor(
+        [[0, 1], [1, 2], [0, 2], [5, 1], [1, 0], [2, 5], [5, 0], [1, 2], [0, 5]]
+    )  # 3, 4 unused
+    weights = torch.rand(9, 2)
+    with torch.no_grad():
+        out, counts = quantized(x, indices, weights)
+        expected, expected_counts = reference(x, indices, weights)
+    assert torch.equal(counts, expected_counts) and counts[3] == counts[4] == 0
+    assert (out - expected).abs().max() <= 2e-2 * expected.abs().max()  # bf16 activations in two products
+
+
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_a_quantized_decoder_generates_through_its_quantized_layers(attention):
+    torch.manual_seed(0)
+    extra = (
+        {
+            "attention": "mla",
+            "kv_lora_rank": 32,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 16,
+            "v_head_dim": 32,
+        }
+        if attention == "mla"
+        else {}
+    )
+    config = DecoderConfig(
+        vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+        intermediate_size=128, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1,
+        first_k_dense_replace=1, **extra,
+    )  # fmt: skip
+    model = DecoderForCausalLM(config).eval()
+    quantize_model(model, "int8")
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"QuantizedLinear", "QuantizedExperts"} <= kinds and "Experts" not in kinds
+    assert not any(type(m) is nn.Linear or isinstance(m, nn.Linear) for m in model.modules())
+    prompt = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        tokens = model.generate(prompt, max_new_tokens=5, do_sample=False)
+        ids = prompt
+        for _ in range(5):  # no cache: full forwards, the same layers
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    assert tokens[0].tolist() == ids[0].tolist()
+
+
+@pytest.fixture(scope="module")
+def fixed_sample(tmp_path_factory):
+    recorded = json.loads((DEFAULT_MODEL / "metrics.json").read_text())["fixed_sample"]
+    root = tmp_path_factory.mktemp("quantize_sample")
+    write_dataset(
+        root, 1, seed=recorded["seed"], size=recorded["size"], n_eval=recorded["images"], progress=False
+    )
+    return root, recorded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, group, points", [("int8", 64, 1), ("int4", 64, 3)])
+def test_the_quantized_shipped_vlm_keeps_its_scores(fixed_sample, mode, group, points):
+    """Within 1 point (int8) / 3 points (int4) of the fp32 scores recorded on the fixed test sample."""
+    root, recorded = fixed_sample
+    vlm = mmwb.from_pretrained(DEFAULT_MODEL, quantize=mode, group_size=group)
+    assert any(isinstance(m, QuantizedLinear) for m in vlm.modules())
+    metrics, _ = evaluate_vlm(vlm, root, EvaluationConfig(max_items=recorded["images"]), progress=False)
+    for key in ("test_caption_exact_match", "test_vqa_accuracy"):
+        assert metrics[key] >= recorded[key] - points / 100, (key, metrics[key], recorded[key])
+
+
+def test_requests_that_cannot_work_are_clear_errors(tmp_path, capsys):
+    with pytest.raises(MmwbConfigError, match="100 inputs cannot be cut into groups of 64"):
+        QuantizedLinear(nn.Linear(100, 8), "int4", 64)
+    with pytest.raises(MmwbConfigError, match="runs on the CPU"):
+        mmwb.from_pretrained(DEFAULT_MODEL, device="cuda", quantize="int8")
+    with pytest.raises(MmwbConfigError, match="'int3' is not one of"):
+        mmwb.from_pretrained(DEFAULT_MODEL, quantize="int3")
+    with pytest.raises(MmwbConfigError, match="group_size 48"):
+        mmwb.from_pretrained(DEFAULT_MODEL, quantize="int4", group_size=48)
+    with pytest.raises(SystemExit) as exit_:
+        main(["caption", str(tmp_path / "x.png"), "--quantize", "int3"])
+    assert exit_.value.code == 2
+    image = tmp_path / "scene.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "white").save(image)
+    assert main(["caption", str(image), "--quantize", "int4", "--group-size", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["text"]
