@@ -16,7 +16,7 @@ from mmwb.data.shapes import write_dataset
 from mmwb.errors import MmwbConfigError
 from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM
 from mmwb.models.decoder.moe import Experts
-from mmwb.models.quantize import QuantizedExperts, QuantizedLinear, quantize_model
+from mmwb.models.quantize import QuantizedExperts, QuantizedLinear, pack_int4, quantize_model, unpack_int4
 from mmwb.pipelines.vlm import DEFAULT_MODEL
 from mmwb.pipelines.vlm_eval import EvaluationConfig, evaluate_vlm
 
@@ -28,18 +28,16 @@ def _bf16(t: torch.Tensor) -> torch.Tensor:
 
 
 def _kernel_reference(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
-    """What the kernels compute: bf16 activations times the dequantized weight with bf16-rounded scales (and
-    offsets), accumulated in fp32."""
+    """What torch's kernels compute: bf16 activations times the dequantized weight with bf16-rounded scales (and
+    zero points), accumulated in fp32."""
     if layer.mode == "int8":
         weight = layer.qweight.float() * _bf16(layer.scale)[:, None]
     else:
-        rows, cols = layer.qweight.shape
+        rows, cols = layer.out_features, layer.in_features
+        levels = unpack_int4(layer.qweight, layer.group_size).float().view(rows, -1, layer.group_size)
         scale, zero = _bf16(layer.scale), _bf16(layer.low + 8 * layer.scale)
-        groups = (layer.qweight.float().view(rows, -1, layer.group_size) - 8) * scale[..., None] + zero[
-            ..., None
-        ]
-        weight = groups.view(rows, cols)
-    return _bf16(x) @ weight.t() + (0 if layer.bias is None else layer.bias)
+        weight = ((levels - 8) * scale[..., None] + zero[..., None]).view(rows, cols)
+    return _bf16(x) @ weight.t() + layer.bias
 
 
 @pytest.mark.parametrize("mode, group", MODES)
@@ -49,7 +47,8 @@ def test_quantized_linear_equals_its_dequantized_weights(mode, group, rows):
     linear = nn.Linear(256, 96)
     layer = QuantizedLinear(linear, mode, group)
     x = torch.randn(rows, 256)
-    out = layer(x)
+    with torch.no_grad():
+        out = layer(x)
     reference = _kernel_reference(layer, x)
     # the kernels return bf16: one rounding of the output (2^-8 relative) and of the fp32 sum order
     assert (out - reference).abs().max() <= 2**-7 * reference.abs().max()
@@ -57,6 +56,17 @@ def test_quantized_linear_equals_its_dequantized_weights(mode, group, rows):
     # round to nearest: every weight within half a step of the original
     step = layer.scale[:, None] if mode == "int8" else layer.scale.repeat_interleave(group, dim=1)
     assert ((layer.dequantize() - linear.weight).abs() <= step / 2 + 1e-6).all()
+    assert layer.qweight.numel() == 256 * 96 // (
+        1 if mode == "int8" else 2
+    )  # one byte / half a byte a weight
+
+
+def test_int4_bytes_unpack_exactly_in_mmwbs_order():
+    levels = torch.randint(0, 16, (32, 128), dtype=torch.uint8)
+    packed = pack_int4(levels, 64)
+    assert packed.shape == (32, 64) and torch.equal(unpack_int4(packed, 64), levels)
+    # byte u of a group: input u (low nibble) and input u + 32 (high); row 3, group 1, u = 5
+    assert packed[3, 32 + 5].item() == levels[3, 64 + 5].item() | (levels[3, 64 + 32 + 5].item() << 4)
 
 
 def test_quantized_experts_equal_mmwb_experts_on_the_dequantized_weights():
@@ -140,8 +150,10 @@ def test_the_quantized_shipped_vlm_keeps_its_scores(fixed_sample, mode, group, p
 
 
 def test_requests_that_cannot_work_are_clear_errors(tmp_path, capsys):
-    with pytest.raises(MmwbConfigError, match="100 inputs cannot be cut into groups of 64"):
-        QuantizedLinear(nn.Linear(100, 8), "int4", 64)
+    with pytest.raises(MmwbConfigError, match="16 outputs x 100 inputs cannot be packed"):
+        QuantizedLinear(nn.Linear(100, 16), "int4", 64)
+    with pytest.raises(MmwbConfigError, match="8 outputs x 128 inputs cannot be packed"):
+        QuantizedLinear(nn.Linear(128, 8), "int4", 64)
     with pytest.raises(MmwbConfigError, match="runs on the CPU"):
         mmwb.from_pretrained(DEFAULT_MODEL, device="cuda", quantize="int8")
     with pytest.raises(MmwbConfigError, match="'int3' is not one of"):
