@@ -5,6 +5,7 @@ through the quantized layers, the shipped VLM's scores, and the requests that ca
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,13 +13,18 @@ from torch import nn
 
 import mmwb
 from mmwb.cli.main import main
+from mmwb.data.captions import read_records
 from mmwb.data.shapes import write_dataset
 from mmwb.errors import MmwbConfigError
 from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM
 from mmwb.models.decoder.moe import Experts
 from mmwb.models.quantize import QuantizedExperts, QuantizedLinear, pack_int4, quantize_model, unpack_int4
+from mmwb.models.vlm.prompt import caption_question, make_encoder, model_tokens
 from mmwb.pipelines.vlm import DEFAULT_MODEL
 from mmwb.pipelines.vlm_eval import EvaluationConfig, evaluate_vlm
+from mmwb.train.image_features import ProcessedPixels
+from mmwb.train.multimodal import collate
+from mmwb.train.vlm_loss import multimodal_loss
 
 MODES = [("int8", 64), ("int4", 32), ("int4", 64), ("int4", 128)]
 
@@ -92,6 +98,10 @@ def test_quantized_experts_equal_mmwb_experts_on_the_dequantized_weights():
         expected, expected_counts = reference(x, indices, weights)
     assert torch.equal(counts, expected_counts) and counts[3] == counts[4] == 0
     assert (out - expected).abs().max() <= 2e-2 * expected.abs().max()  # bf16 activations in two products
+    with torch.no_grad():  # decode-sized: the host-side path, bf16 from kernel to kernel
+        few, _ = quantized(x[:3], indices[:3], weights[:3])
+        expected_few, _ = reference(x[:3], indices[:3], weights[:3])
+    assert (few - expected_few).abs().max() <= 2e-2 * expected_few.abs().max()
 
 
 @pytest.mark.parametrize("attention", ["gqa", "mla"])
@@ -147,6 +157,29 @@ def test_the_quantized_shipped_vlm_keeps_its_scores(fixed_sample, mode, group, p
     metrics, _ = evaluate_vlm(vlm, root, EvaluationConfig(max_items=recorded["images"]), progress=False)
     for key in ("test_caption_exact_match", "test_vqa_accuracy"):
         assert metrics[key] >= recorded[key] - points / 100, (key, metrics[key], recorded[key])
+
+
+@pytest.mark.slow
+def test_the_quantized_trained_decoder_keeps_its_perplexity(fixed_sample, capsys):
+    """The shipped VLM's trained decoder on what it was trained for: the val split's captions and answers after
+    their image and question (per-token perplexity): within 1 % (int8) / 5 % (int4) of fp32."""
+    root, _ = fixed_sample
+
+    def measured(mode: str | None) -> float:
+        vlm = mmwb.from_pretrained(DEFAULT_MODEL, quantize=mode)
+        question = caption_question(vlm.config.template)
+        records = read_records(root / "val.jsonl", prefer="qa", caption_question=question)
+        tokens = model_tokens(vlm.tokenizer, vlm.config.image_token_id)
+        encode = make_encoder(vlm.tokenizer, vlm.config.template, 96, **tokens)
+        load = ProcessedPixels(vlm.image_processor())
+        batch = collate([{**load(root / r.image), **encode(r)} for r in records], vlm.tokenizer.pad_token_id)
+        with torch.no_grad():
+            return math.exp(multimodal_loss(vlm, batch, "token").item())
+
+    fp32, int8, int4 = measured(None), measured("int8"), measured("int4")
+    with capsys.disabled():
+        print(f"\nshipped VLM answer perplexity: fp32 {fp32:.4f}, int8 {int8:.4f}, int4 {int4:.4f}")
+    assert int8 <= 1.01 * fp32 and int4 <= 1.05 * fp32
 
 
 def test_requests_that_cannot_work_are_clear_errors(tmp_path, capsys):

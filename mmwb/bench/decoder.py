@@ -54,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-shape", type=int, nargs=2, default=[2, 256], metavar=("BATCH", "LEN"))
     parser.add_argument("--threads", type=int, help="torch threads for both sides (default: torch's choice)")
     parser.add_argument("--skip-train", action="store_true", help="leave out the training step")
+    parser.add_argument(
+        "--quantize", nargs="+", choices=["int8", "int4"], default=[],
+        help="also time batch-1 decode of weight-only quantized copies against mmwb fp32 (CPU)",
+    )  # fmt: skip
+    parser.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64, help="int4 group size")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -240,7 +245,56 @@ def bench_variant(
             side: bytes_per_token * one["tokens_per_s"][side] / bandwidth for side in ("mmwb", "transformers")
         }
         result["decode_bytes_per_token"] = bytes_per_token
+    if args.quantize:
+        ids = torch.randint(0, vocab, (1, args.prompt_len), generator=gen).to(device)
+        result["quantized"] = bench_quantized(ours, ids, args, result)
+        _log(f"{variant}: quantized decode done")
     return result
+
+
+def bench_quantized(ours: Any, ids: torch.Tensor, args: argparse.Namespace, result: dict[str, Any]) -> dict:
+    """Batch-1 decode of int8 / int4 copies of ``ours`` against ``ours`` itself (paired, same prompt), with the
+    bytes a step reads and the share of the copy bandwidth that makes; transformers' fp32 rate from the decode
+    phase above gives the second ratio."""
+    import copy
+
+    from mmwb.bench.machine import copy_bandwidth
+    from mmwb.models.decoder import generate
+    from mmwb.models.quantize import quantize_model
+
+    context = args.prompt_len + args.new_tokens // 2
+    mask = torch.ones_like(ids)
+    models = {"fp32": ours}
+    for mode in args.quantize:
+        models[mode] = quantize_model(copy.deepcopy(ours), mode, args.group_size)
+
+    def call(model: Any, n: int) -> Callable[[], torch.Tensor]:
+        return lambda: generate(model, ids, attention_mask=mask, max_new_tokens=n)
+
+    before = copy_bandwidth(ids.device)
+    with torch.no_grad():
+        full = paired_medians(
+            {k: call(m, args.new_tokens) for k, m in models.items()}, ids.device, args.repeats
+        )
+        first = paired_medians({k: call(m, 1) for k, m in models.items()}, ids.device, args.repeats)
+        tokens = {k: call(m, args.new_tokens)() for k, m in models.items()}
+    bandwidth = (before + copy_bandwidth(ids.device)) / 2
+    rates = {k: (args.new_tokens - 1) / (full[k] - first[k]) for k in models}
+    theirs = result["decode"].get("1", {}).get("tokens_per_s", {}).get("transformers")
+    report = {}
+    for mode in args.quantize:
+        read = active_decode_bytes(models[mode], context)
+        report[mode] = {
+            "tokens_per_s": rates[mode],
+            "fp32_tokens_per_s": rates["fp32"],
+            "ratio_vs_mmwb_fp32": rates[mode] / rates["fp32"],
+            "ratio_vs_transformers_fp32": rates[mode] / theirs if theirs else None,
+            "bytes_per_token": read,
+            "bandwidth_utilisation": read * rates[mode] / bandwidth,
+            "copy_bandwidth_gbs": bandwidth / 1e9,
+            "same_tokens_as_fp32": (tokens[mode] == tokens["fp32"]).float().mean().item(),
+        }
+    return report
 
 
 def bench_decode(
@@ -360,17 +414,25 @@ def hf_cache_bytes(reference: Any) -> int:
 
 def active_decode_bytes(ours: Any, context: int) -> int:
     """Bytes one batch-1 decode step must read: every weight except the embedding table and unchosen experts,
-    top-k experts per MoE layer, and the KV cache of ``context`` tokens."""
+    top-k experts per MoE layer, and the KV cache of ``context`` tokens. Quantized layers count what their
+    kernel reads (``QuantizedLinear.kernel_bytes``)."""
     from mmwb.models.decoder.moe import Experts
+    from mmwb.models.quantize import QuantizedExperts, QuantizedLinear
 
     total = 0
     for name, param in ours.named_parameters():
         if "embed_tokens" not in name:
             total += param.numel() * param.element_size()
+    top_k = ours.config.num_experts_per_tok
     for module in ours.modules():
         if isinstance(module, Experts):
             per_expert = sum(p[0].numel() * p.element_size() for p in (module.gate_up_proj, module.down_proj))
-            total -= per_expert * (module.gate_up_proj.shape[0] - ours.config.num_experts_per_tok)
+            total -= per_expert * (module.gate_up_proj.shape[0] - top_k)
+        elif isinstance(module, QuantizedLinear):
+            total += module.kernel_bytes()
+        elif isinstance(module, QuantizedExperts):  # its layers were all counted above: keep top-k of them
+            per_expert = module.gate_up[0].kernel_bytes() + module.down[0].kernel_bytes()
+            total -= per_expert * (module.num_experts - top_k)
     return total + ours.cache_bytes_per_token() * context
 
 
@@ -420,4 +482,13 @@ def format_report(report: dict[str, Any]) -> str:
             before, after = result["copy_bandwidth_gbs"]
             note = f"of copy bandwidth {before:.1f} / {after:.1f} GB/s before / after the decode"
             row(variant, "decode bandwidth use (batch 1)", use, _ratio(use), note)
+        for mode, q in result.get("quantized", {}).items():
+            versus = q["ratio_vs_transformers_fp32"]
+            lines.append(
+                f"{variant:<8}{'decode tok/s ' + mode + ' (batch 1)':<34}{q['tokens_per_s']:>12.4g}"
+                f"{'':>14}{q['ratio_vs_mmwb_fp32']:>8.2f}  x mmwb fp32 ({q['fp32_tokens_per_s']:.4g} tok/s); "
+                + (f"{versus:.2f} x transformers fp32; " if versus else "")
+                + f"{q['bytes_per_token'] / 2**20:.1f} MiB/token read = {q['bandwidth_utilisation']:.2f} of "
+                f"{q['copy_bandwidth_gbs']:.1f} GB/s; same tokens as fp32: {q['same_tokens_as_fp32']:.2f}"
+            )
     return "\n".join(lines)

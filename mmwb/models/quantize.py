@@ -22,6 +22,7 @@ from mmwb.errors import MmwbConfigError
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
+FEW_TOKENS = 4  # QuantizedExperts: up to this many tokens (decode) take the host-side path
 _COMPUTE = torch.bfloat16
 
 
@@ -106,15 +107,21 @@ class QuantizedLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(_COMPUTE).contiguous()  # (M, K)
-        if self.mode == "int8":
-            out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale_compute)
-        else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                flat, self.packed, self.group_size, self.scale_zero
-            )
+        out = self.product(x.reshape(-1, self.in_features).to(_COMPUTE).contiguous())
         out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias.to(x.dtype)
+
+    def product(self, flat: torch.Tensor) -> torch.Tensor:
+        """flat (M, K) contiguous bf16 -> (M, N) bf16, without the bias: the kernel call alone."""
+        if self.mode == "int8":
+            return torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale_compute)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scale_zero)
+
+    def kernel_bytes(self) -> int:
+        """Bytes the kernel reads for one product: the weight (1 or 1/2 byte each) and its bf16 scales (and zeros)."""
+        scales = self.scale_compute if self.mode == "int8" else self.scale_zero
+        weight = self.qweight if self.mode == "int8" else self.packed
+        return weight.numel() * weight.element_size() + scales.numel() * scales.element_size()
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.mode == "int4" else ""
@@ -137,6 +144,8 @@ class QuantizedExperts(nn.Module):
         """x (N, C), indices/weights (N, k) -> weighted sum of expert outputs (N, C), counts (E,)."""
         tokens, top_k = indices.shape
         counts = torch.bincount(indices.reshape(-1), minlength=self.num_experts)
+        if tokens <= FEW_TOKENS:
+            return self._few_tokens(x, indices, weights), counts
         out = torch.zeros_like(x, dtype=torch.float32)
         for expert in counts.nonzero().flatten().tolist():
             rows, slots = (indices == expert).nonzero(as_tuple=True)
@@ -144,6 +153,20 @@ class QuantizedExperts(nn.Module):
             y = self.down[expert](F.silu(gate) * up).float()  # (n_e, C)
             out.index_add_(0, rows, y * weights[rows, slots, None].float())
         return out.to(x.dtype), counts
+
+    def _few_tokens(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Decode: each token's chosen experts read from the host (free on a CPU) and run in bf16 from kernel to
+        kernel; a handful of ops per expert instead of the grouped path's bookkeeping."""
+        chosen, coefs, rows = indices.tolist(), weights.tolist(), []
+        flat = x.to(_COMPUTE)
+        for n, experts in enumerate(chosen):
+            xn, total = flat[n : n + 1], None
+            for expert, coef in zip(experts, coefs[n], strict=True):
+                gate, up = self.gate_up[expert].product(xn).chunk(2, dim=-1)
+                y = self.down[expert].product((F.silu(gate) * up).contiguous()).float() * coef
+                total = y if total is None else total + y
+            rows.append(total)
+        return torch.cat(rows).to(x.dtype)
 
 
 def _as_quantized(weight: torch.Tensor, mode: str, group_size: int) -> QuantizedLinear:
