@@ -56,7 +56,7 @@ def answer(args: argparse.Namespace, sources: list[str], prompt: str | None) -> 
     from mmwb.pipelines.vlm import DEFAULT_MODEL, VLMPipeline, load_default_or
     from mmwb.runtime import resolve_device, resolve_precision
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device or ("cpu" if args.quantize else None))  # quantized: CPU kernels
     dtype = resolve_precision(args.dtype, device).param_dtype if args.dtype else None
     vlm = load_default_or(args.model, device, dtype, args.quantize, args.group_size)
     pipeline = VLMPipeline(vlm, batch_size=args.batch_size)

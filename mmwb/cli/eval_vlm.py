@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise MmwbInputError(f"--max-items must be >= 1, got {args.max_items}")
     records = read_index(args.data, args.split)
     limit = len(records) if args.max_items is None else min(args.max_items, len(records))
-    device = resolve_device(args.device)
+    device = resolve_device(args.device or ("cpu" if args.quantize else None))  # quantized: CPU kernels
     dtype = resolve_precision(args.dtype, device).param_dtype if args.dtype else None
     vlm = load_default_or(args.model, device, dtype, args.quantize, args.group_size)
     config = EvaluationConfig(split=args.split, max_items=limit, batch_size=args.batch_size)

@@ -44,6 +44,7 @@ def from_pretrained(
     if quantize is not None:
         from mmwb.models.quantize import check_request
 
+        device = "cpu" if device is None else device  # the quantized kernels run on the CPU
         check_request(quantize, group_size, device)  # before a long load
     module, function = LOADERS[model_type].split(":")
     model = getattr(importlib.import_module(module), function)(directory, device=device, dtype=dtype)

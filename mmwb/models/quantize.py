@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmwb.errors import MmwbConfigError
+from mmwb.models.decoder.linear import Linear
+from mmwb.models.decoder.moe import Experts
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -36,12 +38,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, K) float -> levels (N, K) uint8 in [0, 15], scale and low (N, K / group_size) fp32."""
     rows, cols = weight.shape
-    if group_size not in GROUP_SIZES or cols % group_size or rows % 16:
-        raise MmwbConfigError(
-            f"int4 quantization: a layer of {rows} outputs x {cols} inputs cannot be packed (the kernel wants the "
-            f"outputs in blocks of 16 and the inputs in groups of {group_size}, one of {GROUP_SIZES}); "
-            "use int8 or another group_size"
-        )
+    _check_int4_shape(weight.shape, group_size)
     groups = weight.detach().float().contiguous().view(rows, cols // group_size, group_size)
     low, high = groups.amin(-1), groups.amax(-1)
     scale = (high - low).clamp(min=1e-12) / 15
@@ -49,9 +46,19 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     return levels.view(rows, cols), scale, low
 
 
+def _check_int4_shape(shape: torch.Size, group_size: int) -> None:
+    rows, cols = shape
+    if group_size not in GROUP_SIZES or cols % group_size or rows % 16:
+        raise MmwbConfigError(
+            f"int4 quantization: a layer of {rows} outputs x {cols} inputs cannot be packed (the kernel wants the "
+            f"outputs in blocks of 16 and the inputs in groups of {group_size}, one of {GROUP_SIZES}); "
+            "use int8 or another group_size"
+        )
+
+
 def pack_int4(levels: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(N, K) levels -> (N, K / 2) bytes, mmwb's portable order (what checkpoints store): byte u of a group holds
-    input u in its low nibble and input u + group_size / 2 in its high one."""
+    """(N, K) levels -> (N, K / 2) bytes, mmwb's portable order (the module's persistent ``qweight``): byte u of a
+    group holds input u in its low nibble and input u + group_size / 2 in its high one."""
     rows = levels.shape[0]
     first, second = levels.view(rows, -1, group_size).chunk(2, dim=-1)
     return (first | (second << 4)).reshape(rows, -1).contiguous()
@@ -89,12 +96,23 @@ class QuantizedLinear(nn.Module):
             levels, scale, low = quantize_int4(linear.weight, group_size)
             self.register_buffer("qweight", pack_int4(levels, group_size))
             self.register_buffer("low", low)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels.to(torch.int32), 1)
-            self.register_buffer("packed", packed, persistent=False)
-            table = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1)
-            self.register_buffer("scale_zero", table.to(_COMPUTE).contiguous(), persistent=False)
         self.register_buffer("scale", scale)
-        self.register_buffer("scale_compute", scale.to(_COMPUTE), persistent=False)
+        self._derive_kernel_buffers()
+
+    def _derive_kernel_buffers(self) -> None:
+        """The kernels' forms of the stored weight: bf16 scales, and for int4 torch's packing with its bf16
+        scale-and-zero table. Not saved; made again whenever the stored tensors are loaded."""
+        self.register_buffer("scale_compute", self.scale.to(_COMPUTE), persistent=False)
+        if self.mode == "int4":
+            levels = unpack_int4(self.qweight, self.group_size).to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels, 1)
+            self.register_buffer("packed", packed, persistent=False)
+            table = torch.stack([self.scale.t(), (self.low + 8 * self.scale).t()], dim=-1)
+            self.register_buffer("scale_zero", table.to(_COMPUTE).contiguous(), persistent=False)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 (nn.Module's signature)
+        super()._load_from_state_dict(*args, **kwargs)
+        self._derive_kernel_buffers()
 
     def dequantize(self) -> torch.Tensor:
         """The (N, K) fp32 weight this layer applies (up to the bf16 rounding of the kernels' scales)."""
@@ -189,12 +207,24 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 64) -> nn.Modu
     """Replace every ``nn.Linear`` (mmwb's, transformers', towers', projectors') and mmwb's stacked experts by their
     quantized forms, in place; CPU only (torch's packed-weight kernels); returns ``model``."""
     check_request(mode, group_size, next((p.device for p in model.parameters()), None))
-    from mmwb.models.decoder.moe import Experts  # the decoder's own stacked layout
-
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, QuantizedLinear(child, mode, group_size))
-            elif isinstance(child, Experts):
-                setattr(parent, name, QuantizedExperts(child, mode, group_size))
+    # exactly these types: torch's MultiheadAttention reads its out_proj's weight, as peft reads its factors'
+    linears = (nn.Linear, Linear)
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        if not hasattr(parent, "base_layer")  # a peft adapter's layers: merge adapters before quantizing
+        for name, child in parent.named_children()
+        if type(child) in linears or isinstance(child, Experts)
+    ]
+    if mode == "int4":  # every shape checked before anything changes
+        for _, _, child in targets:
+            for weight in (
+                (child.weight,) if type(child) in linears else (child.gate_up_proj[0], child.down_proj[0])
+            ):
+                _check_int4_shape(weight.shape, group_size)
+    while targets:  # popped: each float layer is freed as its quantized form takes its place
+        parent, name, child = targets.pop()
+        quantized = QuantizedExperts if isinstance(child, Experts) else QuantizedLinear
+        setattr(parent, name, quantized(child, mode, group_size))
+        del child
     return model

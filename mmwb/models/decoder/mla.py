@@ -112,7 +112,10 @@ class MultiHeadLatentAttention(nn.Module):
         ):  # int8/int4 (mmwb.models.quantize): absorbed as fp32, made once
             cached = getattr(self, "_dequantized_kv_b", None)
             if cached is None or cached[0] is not self.kv_b_proj:
-                weight = self.kv_b_proj.dequantize()  # (out, r), column-major like the decode layout
+                dtype = self.kv_a_layernorm.weight.dtype  # the layer's compute dtype
+                weight = self.kv_b_proj.dequantize().to(
+                    dtype
+                )  # (out, r), column-major like the decode layout
                 self._dequantized_kv_b = (self.kv_b_proj, weight.t().contiguous().t())
             return self._dequantized_kv_b[1]
         norm = self.kv_a_layernorm.weight  # never wrapped: the device and dtype the layer runs in
