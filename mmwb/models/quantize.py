@@ -4,12 +4,12 @@
 ``int4``: groups of ``group_size`` inputs per output channel, asymmetric, ``w ≈ q * scale + low`` with ``q`` in
 [0, 15] (``low`` the group's minimum, so a group's range maps onto the 16 levels exactly).
 
-The products run in torch's own kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``), which read the
-packed weights directly. Both take bf16 activations (with fp32 ones the int8
-kernel runs at 0.4x an fp32 GEMV, measured in issue 20), so activations are cast to bf16 for the product and the
-result back to the input's dtype. At batch 1 on a 4096 x 4096 weight they ran 6.0x (int8) and about 7x (int4)
-mmwb's fp32 streaming kernel here; a first C kernel of ours from the same bytes reached 3.9x / 2.2x and was
-dropped. Embeddings, norms, convolutions and routers stay as they are.
+The products run in torch's own kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``), which read
+the packed weights directly. Both take bf16 activations (with fp32 ones the int8 kernel runs at 0.4x an fp32
+GEMV, measured in issue 20), so activations are cast to bf16 for the product and the result back to the input's
+dtype. At batch 1 on a 4096 x 4096 weight they ran 6.0x (int8) and about 7x (int4) mmwb's fp32 streaming kernel
+here; a first C kernel of ours from the same bytes reached 3.9x / 2.2x and was dropped. Embeddings, norms,
+convolutions and routers stay as they are.
 """
 
 from __future__ import annotations
