@@ -15,12 +15,12 @@ import mmwb
 from mmwb.cli.main import main
 from mmwb.data.captions import read_records
 from mmwb.data.shapes import write_dataset
-from mmwb.errors import MmwbConfigError
+from mmwb.errors import MmwbCheckpointError, MmwbConfigError
 from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM
 from mmwb.models.decoder.moe import Experts
 from mmwb.models.quantize import QuantizedExperts, QuantizedLinear, pack_int4, quantize_model, unpack_int4
 from mmwb.models.vlm.prompt import caption_question, make_encoder, model_tokens
-from mmwb.pipelines.vlm import DEFAULT_MODEL
+from mmwb.pipelines.vlm import DEFAULT_MODEL, VLMPipeline
 from mmwb.pipelines.vlm_eval import EvaluationConfig, evaluate_vlm
 from mmwb.train.image_features import ProcessedPixels
 from mmwb.train.multimodal import collate
@@ -232,3 +232,53 @@ def test_requests_that_cannot_work_are_clear_errors(tmp_path, capsys):
     Image.new("RGB", (64, 64), "white").save(image)
     assert main(["caption", str(image), "--quantize", "int4", "--group-size", "32", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["text"]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_an_exported_vlm_loads_back_bit_identically(tmp_path, mode, capsys):
+    out = tmp_path / mode
+    argv = [
+        "export",
+        "--quantize",
+        mode,
+        "--group-size",
+        "32",
+        "--model",
+        str(DEFAULT_MODEL),
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    in_memory = mmwb.from_pretrained(DEFAULT_MODEL, quantize=mode, group_size=32)
+    loaded = mmwb.from_pretrained(out)  # no second quantization: the stored bytes
+    assert json.loads((out / "config.json").read_text())["quantization"] == {"mode": mode, "group_size": 32}
+    expected, got = in_memory.state_dict(), loaded.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert (out / "model.safetensors").stat().st_size < 0.5 * (
+        DEFAULT_MODEL / "model.safetensors"
+    ).stat().st_size
+    image = tmp_path / "scene.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "white").save(image)
+    captions = [VLMPipeline(model)(image) for model in (in_memory, loaded)]
+    assert captions[0] == captions[1]
+    with pytest.raises(MmwbCheckpointError, match="already quantized"):
+        mmwb.from_pretrained(out, quantize="int8")
+
+
+def test_an_exported_moe_decoder_loads_back_bit_identically(tmp_path):
+    torch.manual_seed(0)
+    config = DecoderConfig(
+        vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+        intermediate_size=128, moe_intermediate_size=32, n_routed_experts=4, first_k_dense_replace=1,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    DecoderForCausalLM(config).save_pretrained(tmp_path / "fp32")
+    argv = ["export", "--quantize", "int4", "--group-size", "32", "--model", str(tmp_path / "fp32")]
+    assert main([*argv, "--out", str(tmp_path / "q")]) == 0
+    in_memory = mmwb.from_pretrained(tmp_path / "fp32", quantize="int4", group_size=32)
+    loaded = mmwb.from_pretrained(tmp_path / "q")
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        assert torch.equal(in_memory(ids).logits, loaded(ids).logits)

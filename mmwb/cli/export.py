@@ -6,31 +6,58 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mmwb.errors import MmwbCheckpointError
+
 HELP = (
     "Export a checkpoint. --merge-lora folds an instruct run's LoRA adapter into the decoder's weights and writes "
-    "a plain VLM folder (with the run's projector) that mmwb.from_pretrained and every verb load without peft."
+    "a plain VLM folder (with the run's projector) that mmwb.from_pretrained and every verb load without peft. "
+    "--quantize int8|int4 writes a weight-only quantized copy of an mmwb VLM or decoder folder, which loads back "
+    "as it was written (no second quantization)."
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--merge-lora", action="store_true", help="merge the LoRA adapter into the base weights"
+    )
+    what.add_argument(
+        "--quantize", choices=["int8", "int4"], help="write an int8 / int4 copy of an mmwb model folder (CPU)"
+    )
     parser.add_argument(
-        "--merge-lora",
-        action="store_true",
-        required=True,
-        help="merge the LoRA adapter into the base weights",
+        "--group-size",
+        type=int,
+        choices=[32, 64, 128],
+        default=64,
+        help="int4 inputs per scale (default: 64)",
     )
     parser.add_argument(
         "--model",
         type=Path,
         required=True,
-        metavar="RUN_DIR",
-        help="an instruct run folder (or its adapter/ folder)",
+        metavar="DIR",
+        help="an instruct run folder or its adapter/ (--merge-lora); an mmwb VLM or decoder folder (--quantize)",
     )
-    parser.add_argument("--out", type=Path, required=True, help="folder to write the merged model to")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write the model to")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from mmwb.train.checkpoint import save_model_folder
+
+    if args.quantize:
+        import mmwb
+
+        model = mmwb.from_pretrained(
+            args.model, device="cpu", quantize=args.quantize, group_size=args.group_size
+        )
+        if not hasattr(model, "save_pretrained"):
+            raise MmwbCheckpointError(
+                f"{args.model}: only mmwb's own VLM and decoder folders export quantized"
+            )
+        save_model_folder(model, args.out)
+        if not args.json:
+            print(f"wrote {args.quantize} {args.model} to {args.out}")
+        return {"model": str(args.out), "source": str(args.model), "quantize": args.quantize}
     from mmwb.train.instruct import load_adapter, merged
 
     save_model_folder(merged(*load_adapter(args.model)), args.out)

@@ -41,11 +41,16 @@ def from_pretrained(
         raise MmwbCheckpointError(
             f"{directory}/config.json: model_type {model_type!r} is not one of {sorted(LOADERS)}"
         )
-    if quantize is not None:
+    stored = read_config(directory).get("quantization")
+    if stored is not None and quantize is not None:
+        raise MmwbCheckpointError(
+            f"{directory}: already quantized ({stored['mode']}); load it without quantize"
+        )
+    if quantize is not None or stored is not None:
         from mmwb.models.quantize import check_request
 
         device = "cpu" if device is None else device  # the quantized kernels run on the CPU
-        check_request(quantize, group_size, device)  # before a long load
+        check_request(quantize or stored["mode"], group_size if quantize else stored["group_size"], device)
     module, function = LOADERS[model_type].split(":")
     model = getattr(importlib.import_module(module), function)(directory, device=device, dtype=dtype)
     if quantize is not None:

@@ -114,6 +114,12 @@ class QuantizedLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._derive_kernel_buffers()
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        """``.to(dtype)`` / ``.float()`` cast every float buffer: the kernels' forms are made again in bf16."""
+        super()._apply(fn, recurse)
+        self._derive_kernel_buffers()
+        return self
+
     def dequantize(self) -> torch.Tensor:
         """The (N, K) fp32 weight this layer applies (up to the bf16 rounding of the kernels' scales)."""
         if self.mode == "int8":
@@ -191,6 +197,12 @@ def _as_quantized(weight: torch.Tensor, mode: str, group_size: int) -> Quantized
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
     return QuantizedLinear(linear, mode, group_size)
+
+
+def quantization_settings(model: nn.Module) -> dict[str, object] | None:
+    """``{"mode", "group_size"}`` of a model ``quantize_model`` changed (what its config.json records), else None."""
+    layer = next((m for m in model.modules() if isinstance(m, QuantizedLinear)), None)
+    return None if layer is None else {"mode": layer.mode, "group_size": layer.group_size}
 
 
 def check_request(mode: str, group_size: int, device: torch.device | str | None) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model
 
 from mmwb.errors import MmwbCheckpointError
 from mmwb.models.decoder.config import DecoderConfig
@@ -174,6 +175,8 @@ def load_decoder(
     directory = Path(path)
     raw = read_config(directory)
     model_type = raw.get("model_type")
+    if model_type == MODEL_TYPE and "quantization" in raw:
+        return _load_quantized(directory, DecoderConfig.from_dict(raw["decoder"]), raw["quantization"])
     if model_type == MODEL_TYPE:
         cfg = DecoderConfig.from_dict(raw["decoder"])
         recipe_for = lambda name, shape, available: _identity(name, shape)  # noqa: E731
@@ -185,6 +188,22 @@ def load_decoder(
     else:
         raise MmwbCheckpointError(f"{directory}/config.json: model_type {model_type!r} is not a decoder type")
     return assemble_decoder(cfg, TensorSource(directory), recipe_for, ignorable, device, dtype, directory)
+
+
+def _load_quantized(directory: Path, cfg: DecoderConfig, settings: dict) -> DecoderForCausalLM:
+    """An exported int8/int4 decoder folder: the layers built and quantized, then the stored bytes loaded over
+    theirs (strict), on the CPU where the kernels run."""
+    from mmwb.models.quantize import quantize_model
+
+    model = quantize_model(DecoderForCausalLM(cfg), **settings)
+    weights = directory / WEIGHTS_NAME
+    try:
+        load_model(model, str(weights), strict=True)
+    except (RuntimeError, SafetensorError, FileNotFoundError) as err:
+        raise MmwbCheckpointError(
+            f"{weights}: tensors do not fit the quantized model in config.json ({err})"
+        ) from err
+    return model.eval()
 
 
 def assemble_decoder(

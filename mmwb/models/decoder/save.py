@@ -25,7 +25,7 @@ def save_decoder(model: nn.Module, path: str | Path, max_shard_bytes: int | None
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)  # absent when the head is quantized (its own int8/int4 copy)
     shards = _shard(state, max_shard_bytes)
     names = (
         [WEIGHTS_NAME]
@@ -48,6 +48,10 @@ def save_decoder(model: nn.Module, path: str | Path, max_shard_bytes: int | None
         "dtype": str(model.dtype).removeprefix("torch."),
         "decoder": model.config.to_dict(),
     }
+    from mmwb.models.quantize import quantization_settings  # here: quantize imports the decoder's modules
+
+    if (settings := quantization_settings(model)) is not None:
+        config["quantization"] = settings
     write_json(directory / "config.json", config)
 
 

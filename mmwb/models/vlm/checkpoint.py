@@ -14,6 +14,7 @@ from mmwb.data.tokenizer import folder_tokenizer
 from mmwb.errors import MmwbCheckpointError
 from mmwb.models.decoder import DecoderForCausalLM
 from mmwb.models.loading import from_pretrained, read_config
+from mmwb.models.quantize import quantize_model
 from mmwb.models.vlm.model import VisionLanguageModel, VLMConfig
 from mmwb.models.vlm.parts import build_projector, build_text, build_tower
 from mmwb.models.vlm.save import QFORMER_TOKENIZER_DIR, WEIGHTS_NAME
@@ -35,6 +36,8 @@ def load_vlm(path: str | Path, device=None, dtype: torch.dtype | None = None) ->
     model = VisionLanguageModel(
         cfg, build_tower(cfg.vision), build_projector(cfg.projector), build_text(cfg.text)
     )
+    if "quantization" in raw:  # an exported int8/int4 folder: the stored bytes replace the new layers' own
+        quantize_model(model, **raw["quantization"])
     try:
         load_model(model, str(weights), strict=True)
     except (RuntimeError, SafetensorError) as err:

@@ -32,6 +32,10 @@ def save_vlm(model: nn.Module, path: Path) -> None:
         "dtype": str(model.dtype).removeprefix("torch."),
         **dataclasses.asdict(cfg),
     }
+    from mmwb.models.quantize import quantization_settings
+
+    if (settings := quantization_settings(model)) is not None:
+        config["quantization"] = settings
     with atomic_write_path(path / WEIGHTS_NAME) as tmp:
         save_model(model, str(tmp), metadata={"format": "pt"}, force_contiguous=True)
     if model.tokenizer is not None:
