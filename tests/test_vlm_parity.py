@@ -198,3 +198,30 @@ def test_llava_published_layout_and_broken_folders(llava, tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(MmwbCheckpointError, match="model.safetensors: not a readable safetensors file"):
         mmwb.from_pretrained(published, device="cpu")
+
+
+@pytest.mark.parametrize("family", ["llava", "kimi"])
+def test_imported_checkpoints_run_weight_only_int8(family, request):
+    """transformers' text model (LLaVA) and mmwb's MoE decoder + MoonViT (Kimi) quantized on load: every linear
+    layer is int8 and the logits stay those of the float model (int8 per channel moves them by well under 1 %)."""
+    from mmwb.models.quantize import QuantizedLinear
+
+    _, path = request.getfixturevalue(family)
+    float_model = mmwb.from_pretrained(path, device="cpu", dtype=torch.float32)
+    model = mmwb.from_pretrained(path, quantize="int8")
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert any(isinstance(m, QuantizedLinear) for m in model.language_model.modules())
+    if family == "llava":
+        g = torch.Generator().manual_seed(1)
+        ids = torch.tensor([[5, 6] + [IMAGE_ID] * 16 + [7, 8]])
+        inputs = dict(input_ids=ids, pixel_values=torch.randn(1, 3, 16, 16, generator=g))
+    else:
+        pixels, grid_hw = packed_inputs(GRIDS[:1])
+        inputs = dict(input_ids=torch.tensor([[5, 6, IMAGE_ID, 7]]), pixel_values=pixels, grid_hw=grid_hw)
+    with torch.no_grad():
+        expected, got = float_model(**inputs).logits, model(**inputs).logits
+        tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0)
+    assert (
+        cosine > 0.99 and tokens.shape[1] >= inputs["input_ids"].shape[1] + 4
+    )  # Kimi widens its placeholder
