@@ -6,11 +6,14 @@ import argparse
 import math
 
 
-def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--quantize int8|int4`` and ``--group-size``: the model's linear layers and experts stored so on load."""
-    parser.add_argument(
-        "--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization on load (CPU)"
-    )
+def add_quantize_arguments(
+    parser: argparse.ArgumentParser,
+    modes: argparse._ActionsContainer | None = None,
+    help: str = "weight-only quantization on load (CPU)",
+) -> None:
+    """``--quantize int8|int4`` (added to ``modes``: export's mutually exclusive group) and ``--group-size``: the
+    model's linear layers and experts stored so."""
+    (modes or parser).add_argument("--quantize", choices=["int8", "int4"], default=None, help=help)
     parser.add_argument(
         "--group-size",
         type=int,

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mmwb.cli.args import add_quantize_arguments
 from mmwb.errors import MmwbCheckpointError
 
 HELP = (
@@ -21,16 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument(
         "--merge-lora", action="store_true", help="merge the LoRA adapter into the base weights"
     )
-    what.add_argument(
-        "--quantize", choices=["int8", "int4"], help="write an int8 / int4 copy of an mmwb model folder (CPU)"
-    )
-    parser.add_argument(
-        "--group-size",
-        type=int,
-        choices=[32, 64, 128],
-        default=64,
-        help="int4 inputs per scale (default: 64)",
-    )
+    add_quantize_arguments(parser, what, "write an int8 / int4 copy of an mmwb model folder (CPU)")
     parser.add_argument(
         "--model",
         type=Path,

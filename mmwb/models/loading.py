@@ -36,12 +36,13 @@ def from_pretrained(
     directory = Path(path)
     if not directory.is_dir():
         raise MmwbCheckpointError(f"{directory}: not a checkpoint folder")
-    model_type = read_config(directory).get("model_type")
+    config = read_config(directory)
+    model_type = config.get("model_type")
     if model_type not in LOADERS:
         raise MmwbCheckpointError(
             f"{directory}/config.json: model_type {model_type!r} is not one of {sorted(LOADERS)}"
         )
-    stored = read_config(directory).get("quantization")
+    stored = config.get("quantization")
     if stored is not None and quantize is not None:
         raise MmwbCheckpointError(
             f"{directory}: already quantized ({stored['mode']}); load it without quantize"

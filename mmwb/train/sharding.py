@@ -90,10 +90,6 @@ def shard_model(
     model.set_reduce_scatter_unused_params(True)
 
 
-def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
-
-
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The consolidated ``model.state_dict()`` on CPU in rank 0 (empty elsewhere); a collective: call on all ranks.
 
