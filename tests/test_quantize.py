@@ -18,7 +18,16 @@ from mmwb.data.shapes import write_dataset
 from mmwb.errors import MmwbCheckpointError, MmwbConfigError
 from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM
 from mmwb.models.decoder.moe import Experts
-from mmwb.models.quantize import QuantizedExperts, QuantizedLinear, pack_int4, quantize_model, unpack_int4
+from mmwb.models.quantize import (
+    QuantizedExperts,
+    QuantizedLinear,
+    from_torch_int4,
+    pack_int4,
+    quantize_model,
+    quantize_module,
+    to_torch_int4,
+    unpack_int4,
+)
 from mmwb.models.vlm.prompt import caption_question, make_encoder, model_tokens
 from mmwb.pipelines.vlm import DEFAULT_MODEL, VLMPipeline
 from mmwb.pipelines.vlm_eval import EvaluationConfig, evaluate_vlm
@@ -38,10 +47,11 @@ def _kernel_reference(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     zero points), accumulated in fp32."""
     if layer.mode == "int8":
         weight = layer.qweight.float() * _bf16(layer.scale)[:, None]
-    else:
+    else:  # the stored (portable) form, read independently of the kernel's layout
+        state = layer.state_dict()
         rows, cols = layer.out_features, layer.in_features
-        levels = unpack_int4(layer.qweight, layer.group_size).float().view(rows, -1, layer.group_size)
-        scale, zero = _bf16(layer.scale), _bf16(layer.low + 8 * layer.scale)
+        levels = unpack_int4(state["qweight"], layer.group_size).float().view(rows, -1, layer.group_size)
+        scale, zero = state["scale"].float(), state["zero"].float()
         weight = ((levels - 8) * scale[..., None] + zero[..., None]).view(rows, cols)
     return _bf16(x) @ weight.t() + layer.bias
 
@@ -50,21 +60,60 @@ def _kernel_reference(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("rows", [1, 3, 40])
 def test_quantized_linear_equals_its_dequantized_weights(mode, group, rows):
     torch.manual_seed(0)
-    linear = nn.Linear(256, 96)
-    layer = QuantizedLinear(linear, mode, group)
+    # 208 outputs: three blocks of 64 and a last one of 16 in torch's int4 layout
+    linear = nn.Linear(256, 208)
+    layer = quantize_module(linear, mode, group)
     x = torch.randn(rows, 256)
     with torch.no_grad():
         out = layer(x)
     reference = _kernel_reference(layer, x)
     # the kernels return bf16: one rounding of the output (2^-8 relative) and of the fp32 sum order
     assert (out - reference).abs().max() <= 2**-7 * reference.abs().max()
-    assert out.shape == (rows, 96) and out.dtype == torch.float32
-    # round to nearest: every weight within half a step of the original
-    step = layer.scale[:, None] if mode == "int8" else layer.scale.repeat_interleave(group, dim=1)
-    assert ((layer.dequantize() - linear.weight).abs() <= step / 2 + 1e-6).all()
-    assert layer.qweight.numel() == 256 * 96 // (
-        1 if mode == "int8" else 2
-    )  # one byte / half a byte a weight
+    assert out.shape == (rows, 208) and out.dtype == torch.float32
+    # round to nearest: every weight within half a step of the original (int4: plus the bf16 rounding of the
+    # stored scale and zero, 2^-9 of each, the scale counted 8 times)
+    if mode == "int8":
+        bound = layer.scale[:, None] / 2
+    else:
+        state = layer.state_dict()
+        scale, zero = (state[k].float().repeat_interleave(group, dim=1) for k in ("scale", "zero"))
+        bound = scale / 2 + 2**-9 * (zero.abs() + 8 * scale) + 2**-8 * scale * 8
+    assert ((layer.dequantize() - linear.weight).abs() <= bound + 1e-6).all()
+    stored = layer.state_dict()["qweight"]
+    assert stored.numel() == 256 * 208 // (1 if mode == "int8" else 2)  # one byte / half a byte a weight
+    if mode == "int4":  # one copy in memory: the kernel's layout, no second (portable) one
+        assert {n for n, _ in layer.named_buffers()} == {"packed", "scale_zero"}
+
+
+@pytest.mark.parametrize("inputs", [24, 40, 72])
+def test_int8_layers_of_any_input_width_are_right(inputs):
+    """torch's int8 kernel sums inputs 16 at a time (other widths gave wrong sums or crashed here): such layers,
+    the small latent ranks of MLA among them, take another product with the same result."""
+    torch.manual_seed(inputs)
+    layer = quantize_module(nn.Linear(inputs, 96), "int8")
+    x = torch.randn(5, inputs)
+    with torch.no_grad():
+        out, reference = layer(x), _kernel_reference(layer, x)
+    assert (out - reference).abs().max() <= 2**-7 * reference.abs().max()
+
+
+@pytest.mark.parametrize("rows", [16, 48, 64, 80, 208, 4160])
+def test_int4_layout_equals_torchs_packing(rows, monkeypatch):
+    """mmwb lays out int4 levels for the kernel itself (chunk by chunk, no int32 copy): byte for byte what
+    ``_convert_weight_to_int4pack_for_cpu`` makes, and back; a large weight laid out in several chunks too."""
+    import mmwb.models.quantize as quantize
+
+    monkeypatch.setattr(quantize, "CHUNK_WEIGHTS", 64 * 128)  # several chunks even for small weights
+    torch.manual_seed(rows)
+    levels = torch.randint(0, 16, (rows, 128), dtype=torch.uint8)
+    expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels.int(), 1)
+    assert torch.equal(to_torch_int4(levels), expected) and torch.equal(from_torch_int4(expected), levels)
+    weight = torch.randn(rows, 128)
+    chunked = quantize.QuantizedLinear.from_float(weight, None, "int4", 32)
+    monkeypatch.setattr(quantize, "CHUNK_WEIGHTS", 1 << 30)
+    whole = quantize.QuantizedLinear.from_float(weight, None, "int4", 32)
+    assert torch.equal(chunked.packed, whole.packed) and torch.equal(chunked.scale_zero, whole.scale_zero)
+    assert torch.equal(chunked.state_dict()["qweight"], whole.state_dict()["qweight"])
 
 
 def test_int4_bytes_unpack_exactly_in_mmwbs_order():
@@ -83,7 +132,8 @@ def test_quantized_experts_equal_mmwb_experts_on_the_dequantized_weights():
     experts = Experts(config)
     nn.init.normal_(experts.gate_up_proj, std=0.1)
     nn.init.normal_(experts.down_proj, std=0.1)
-    quantized = QuantizedExperts(experts, "int8")
+    quantized = quantize_module(experts, "int8")
+    assert isinstance(quantized, QuantizedExperts)
     reference = Experts(config)
     with torch.no_grad():
         reference.gate_up_proj.copy_(torch.stack([q.dequantize() for q in quantized.gate_up]))
@@ -107,13 +157,20 @@ def test_quantized_experts_equal_mmwb_experts_on_the_dequantized_weights():
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_a_state_dict_round_trip_rebuilds_what_the_kernels_read(mode):
     torch.manual_seed(0)
-    source, target = QuantizedLinear(nn.Linear(128, 32), mode), QuantizedLinear(nn.Linear(128, 32), mode)
+    source = quantize_module(nn.Linear(128, 80), mode)
+    target = QuantizedLinear(128, 80, mode, bias=True)  # empty: the state dict fills it
     saved = source.state_dict()
-    assert "packed" not in saved and "scale_compute" not in saved  # derived, not stored
+    assert "packed" not in saved and "scale_compute" not in saved  # the kernel's forms, not stored
     target.load_state_dict(saved)
     x = torch.randn(2, 128)
     with torch.no_grad():
         assert torch.equal(target(x), source(x))
+        # a cast of the model leaves the quantized form as it is: the same products in fp16
+        assert torch.equal(target.half()(x.half()), source(x.half()))
+    assert torch.equal(target.state_dict()["qweight"], saved["qweight"])
+    wrong = {**saved, "qweight": saved["qweight"][:16]}
+    with pytest.raises(RuntimeError, match="qweight"):
+        QuantizedLinear(128, 80, mode, bias=True).load_state_dict(wrong)
 
 
 def test_layers_read_by_their_owners_stay_float():
@@ -214,9 +271,11 @@ def test_the_quantized_trained_decoder_keeps_its_perplexity(fixed_sample, capsys
 
 def test_requests_that_cannot_work_are_clear_errors(tmp_path, capsys):
     with pytest.raises(MmwbConfigError, match="16 outputs x 100 inputs cannot be packed"):
-        QuantizedLinear(nn.Linear(100, 16), "int4", 64)
-    with pytest.raises(MmwbConfigError, match="8 outputs x 128 inputs cannot be packed"):
-        QuantizedLinear(nn.Linear(128, 8), "int4", 64)
+        quantize_module(nn.Linear(100, 16), "int4", 64)
+    model = nn.Sequential(nn.Linear(128, 64), nn.Linear(64, 8))
+    with pytest.raises(MmwbConfigError, match="8 outputs x 64 inputs cannot be packed"):
+        quantize_model(model, "int4", 64)
+    assert type(model[0]) is nn.Linear  # every shape is checked before any layer changes
     with pytest.raises(MmwbConfigError, match="runs on the CPU"):
         mmwb.from_pretrained(DEFAULT_MODEL, device="cuda", quantize="int8")
     with pytest.raises(MmwbConfigError, match="'int3' is not one of"):
@@ -282,3 +341,109 @@ def test_an_exported_moe_decoder_loads_back_bit_identically(tmp_path):
     ids = torch.tensor([[1, 5, 9, 3, 7]])
     with torch.no_grad():
         assert torch.equal(in_memory(ids).logits, loaded(ids).logits)
+
+
+def _float_then_quantized(path, mode, group):
+    """The reference for a streamed quantized load: the float model loaded whole, then quantized."""
+    return quantize_model(mmwb.from_pretrained(path, device="cpu"), mode, group)
+
+
+@pytest.mark.parametrize("layout", ["mmwb", "deepseek_v3", "qwen3_moe_tied"])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantizing_while_loading_equals_quantizing_the_loaded_model(tmp_path, layout, mode):
+    """Stacked experts read one row at a time (mmwb's layout), per-expert transformers matrices (with DeepSeek's
+    rope row order), a head tied to the embeddings: the same bytes as loading the float model, then quantizing."""
+    from decoder_fixtures import deepseek_v3, qwen3_moe, randomize
+
+    if layout == "mmwb":
+        torch.manual_seed(0)
+        config = DecoderConfig(
+            vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+            intermediate_size=128, moe_intermediate_size=32, n_routed_experts=4, first_k_dense_replace=1,
+        )  # fmt: skip
+        DecoderForCausalLM(config).save_pretrained(tmp_path)
+    else:
+        widths = dict(q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16, v_head_dim=16)  # int4 packs them
+        if layout == "deepseek_v3":
+            model = deepseek_v3(vocab_size=128, **widths)
+        else:
+            model = qwen3_moe(vocab_size=128, tie_word_embeddings=True)
+        randomize(model).save_pretrained(tmp_path)
+    streamed = mmwb.from_pretrained(tmp_path, quantize=mode, group_size=32)
+    reference = _float_then_quantized(tmp_path, mode, 32)
+    expected, got = reference.state_dict(), streamed.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert not any(type(m) in (nn.Linear, Experts) for m in streamed.modules())
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, reference(ids).logits)
+
+
+_MEASURE_QUANTIZED_LOAD = """
+import sys, threading, psutil, torch
+import mmwb
+from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM
+from mmwb.models.quantize import quantize_model
+import mmwb.models.decoder.checkpoint
+
+with torch.device("meta"):  # one-off imports and lazy torch initialisation are not part of the measurement
+    DecoderForCausalLM(DecoderConfig())
+torch.ops.aten._weight_int8pack_mm
+
+def anonymous():  # resident minus file-backed pages: mmap'd checkpoint pages are page cache, not a copy
+    info = psutil.Process().memory_info()
+    return info.rss - info.shared
+
+baseline, peak, stop = anonymous(), [0], threading.Event()
+def sample():
+    while not stop.is_set():
+        peak[0] = max(peak[0], anonymous())
+        stop.wait(0.0005)
+sampler = threading.Thread(target=sample)
+sampler.start()
+path, mode, how = sys.argv[1:]
+if how == "streamed":
+    model = mmwb.from_pretrained(path, quantize=mode)
+else:
+    model = quantize_model(mmwb.from_pretrained(path, device="cpu"), mode)
+stop.set()
+sampler.join()
+print(max(peak[0], anonymous()) - baseline, anonymous() - baseline)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantizing_while_loading_never_holds_the_float_model(tmp_path, mode):
+    """Peak private memory of a fresh process loading a 290 MB fp32 MoE checkpoint as int8/int4: the final model
+    plus a few float tensors (streamed), where loading the float model first peaks above the whole float size."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    config = DecoderConfig(
+        vocab_size=16000, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=8, head_dim=64,
+        intermediate_size=1024, moe_intermediate_size=512, n_routed_experts=16, first_k_dense_replace=1,
+    )  # fmt: skip
+    model = DecoderForCausalLM(config)
+    float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    largest = max(p.numel() * p.element_size() for p in model.parameters())  # embeddings / head, 33 MB
+    model.save_pretrained(tmp_path)
+    del model
+
+    def measure(how: str) -> tuple[int, int]:
+        script = [sys.executable, "-c", _MEASURE_QUANTIZED_LOAD, str(tmp_path), mode, how]
+        out = subprocess.run(script, capture_output=True, text=True, check=True).stdout
+        peak, final = map(int, out.split())
+        return peak, final
+
+    (peak, final), (float_peak, float_final) = measure("streamed"), measure("float_first")
+    mb = 2**20
+    print(
+        f"\n{mode}: float {float_bytes / mb:.0f} MB; streamed peak {peak / mb:.0f} MB, final {final / mb:.0f} MB;"
+        f" float first: peak {float_peak / mb:.0f} MB, final {float_final / mb:.0f} MB"
+    )
+    assert final < 0.5 * float_bytes and final <= float_final + mb  # the quantized model, nothing left over
+    assert peak - final <= 2 * largest + 16 * mb  # at most one float tensor and its quantized copy being made
+    assert float_peak > float_bytes > 1.5 * peak  # what streaming avoids: the whole float model

@@ -10,7 +10,8 @@ import torch
 
 from mmwb.errors import MmwbCheckpointError
 
-# model_type -> "module:function(path, device=, dtype=)"; imported lazily so one family never loads another.
+# model_type -> "module:function(path, device=, dtype=, quantize=)"; imported lazily so one family never loads
+# another.
 LOADERS: dict[str, str] = {
     "mmwb_decoder": "mmwb.models.decoder.checkpoint:load_decoder",
     "deepseek_v3": "mmwb.models.decoder.checkpoint:load_decoder",
@@ -42,22 +43,25 @@ def from_pretrained(
         raise MmwbCheckpointError(
             f"{directory}/config.json: model_type {model_type!r} is not one of {sorted(LOADERS)}"
         )
+    # lazy: quantize imports the decoder package, whose loaders import this module
+    from mmwb.models.quantize import Quantization, check_request, quantize_model
+
     stored = config.get("quantization")
     if stored is not None and quantize is not None:
         raise MmwbCheckpointError(
             f"{directory}: already quantized ({stored['mode']}); load it without quantize"
         )
     if quantize is not None or stored is not None:
-        from mmwb.models.quantize import check_request
-
         device = "cpu" if device is None else device  # the quantized kernels run on the CPU
         check_request(quantize or stored["mode"], group_size if quantize else stored["group_size"], device)
     module, function = LOADERS[model_type].split(":")
-    model = getattr(importlib.import_module(module), function)(directory, device=device, dtype=dtype)
-    if quantize is not None:
-        from mmwb.models.quantize import quantize_model
-
-        quantize_model(model, quantize, group_size)
+    loader = getattr(importlib.import_module(module), function)
+    request = None if quantize is None else Quantization(quantize, group_size)
+    # the loader quantizes what it streams (MoE text models); the rest (towers, projectors, transformers' text
+    # models) is quantized once loaded
+    model = loader(directory, device=device, dtype=dtype, quantize=request)
+    if request is not None:
+        quantize_model(model, request.mode, request.group_size)
     return model
 
 

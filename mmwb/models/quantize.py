@@ -1,8 +1,9 @@
-"""Weight-only quantization of a loaded model: every linear layer and the stacked MoE experts in int8 or int4.
+"""Weight-only quantization: every linear layer and the stacked MoE experts of a model in int8 or int4.
 
 ``int8``: one symmetric scale per output channel, ``w ≈ q * scale`` with ``q`` in [-127, 127].
-``int4``: groups of ``group_size`` inputs per output channel, asymmetric, ``w ≈ q * scale + low`` with ``q`` in
-[0, 15] (``low`` the group's minimum, so a group's range maps onto the 16 levels exactly).
+``int4``: groups of ``group_size`` inputs per output channel, asymmetric: levels ``q`` in [0, 15] (the group's
+range mapped onto the 16 levels, rounded to nearest), applied as ``w ≈ (q - 8) * scale + zero`` with ``scale`` and
+``zero`` in bf16, the numbers torch's kernel reads.
 
 The products run in torch's own kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``), which read
 the packed weights directly. Both take bf16 activations (with fp32 ones the int8 kernel runs at 0.4x an fp32
@@ -10,9 +11,18 @@ GEMV, measured in issue 20), so activations are cast to bf16 for the product and
 dtype. At batch 1 on a 4096 x 4096 weight they ran 6.0x (int8) and about 7x (int4) mmwb's fp32 streaming kernel
 here; a first C kernel of ours from the same bytes reached 3.9x / 2.2x and was dropped. Embeddings, norms,
 convolutions and routers stay as they are.
+
+Memory: a layer holds one copy of its weight, in the kernel's layout (int4: torch's CPU packing, half a byte a
+weight). Its state dict is the portable form (int4: ``pack_int4``'s order), made when saved and turned back into
+the kernel's layout when loaded. Weights are quantized a few million at a time, so quantizing never needs more
+than a few tens of MB beyond the float weight it reads (``from_float``), which is what lets a loader quantize
+tensor by tensor while it reads a checkpoint (mmwb.models.decoder.checkpoint).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,29 +34,57 @@ from mmwb.models.decoder.moe import Experts
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
+INT8_KERNEL_INPUTS = 16  # _weight_int8pack_mm is right only for input widths that are a multiple of this
 FEW_TOKENS = 4  # QuantizedExperts: up to this many tokens (decode) take the host-side path
+CHUNK_WEIGHTS = 1 << 22  # weights quantized (or re-laid out) per step: ~16 MB of fp32 temporaries
+_BLOCK = 64  # torch's CPU int4 packing lays out the outputs in blocks of 64 (see to_torch_int4)
 _COMPUTE = torch.bfloat16
+_FLOAT_LINEARS = (nn.Linear, Linear)  # exactly these: MultiheadAttention reads its out_proj, peft its factors
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """What a loader is asked for: ``mode`` int8/int4 and the int4 ``group_size``."""
+
+    mode: str
+    group_size: int = 64
+
+
+# --- formats ---
+
+
+def _row_chunks(rows: int, cols: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) row ranges of about CHUNK_WEIGHTS weights, every start a multiple of _BLOCK."""
+    step = max(_BLOCK, CHUNK_WEIGHTS // max(cols, 1) // _BLOCK * _BLOCK)
+    for start in range(0, rows, step):
+        yield start, min(start + step, rows)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> q (N, K) int8, scale (N,) fp32."""
-    scale = weight.detach().float().abs().amax(dim=1).clamp(min=1e-12) / 127
-    q = torch.round(weight.detach().float() / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    rows, cols = weight.shape
+    q = torch.empty(rows, cols, dtype=torch.int8)
+    scale = torch.empty(rows, dtype=torch.float32)
+    for a, b in _row_chunks(rows, cols):
+        w = weight[a:b].detach().to("cpu", torch.float32)
+        scale[a:b] = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        q[a:b] = torch.round(w / scale[a:b, None]).clamp(-127, 127)
     return q, scale
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, K) float -> levels (N, K) uint8 in [0, 15], scale and low (N, K / group_size) fp32."""
+    """(N, K) float -> levels (N, K) uint8 in [0, 15], scale and low (N, K / group_size) fp32 (one chunk's worth:
+    ``QuantizedLinear.from_float`` calls it a few million weights at a time)."""
     rows, cols = weight.shape
     _check_int4_shape(weight.shape, group_size)
-    groups = weight.detach().float().contiguous().view(rows, cols // group_size, group_size)
+    groups = weight.detach().to("cpu", torch.float32).reshape(rows, cols // group_size, group_size)
     low, high = groups.amin(-1), groups.amax(-1)
     scale = (high - low).clamp(min=1e-12) / 15
     levels = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
     return levels.view(rows, cols), scale, low
 
 
-def _check_int4_shape(shape: torch.Size, group_size: int) -> None:
+def _check_int4_shape(shape: torch.Size | tuple[int, ...], group_size: int) -> None:
     rows, cols = shape
     if group_size not in GROUP_SIZES or cols % group_size or rows % 16:
         raise MmwbConfigError(
@@ -57,8 +95,8 @@ def _check_int4_shape(shape: torch.Size, group_size: int) -> None:
 
 
 def pack_int4(levels: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(N, K) levels -> (N, K / 2) bytes, mmwb's portable order (the module's persistent ``qweight``): byte u of a
-    group holds input u in its low nibble and input u + group_size / 2 in its high one."""
+    """(N, K) levels -> (N, K / 2) bytes, mmwb's portable order (the stored ``qweight``): byte u of a group holds
+    input u in its low nibble and input u + group_size / 2 in its high one."""
     rows = levels.shape[0]
     first, second = levels.view(rows, -1, group_size).chunk(2, dim=-1)
     return (first | (second << 4)).reshape(rows, -1).contiguous()
@@ -71,64 +109,159 @@ def unpack_int4(packed: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.cat([groups & 15, groups >> 4], dim=-1).reshape(rows, -1)
 
 
+def to_torch_int4(levels: torch.Tensor) -> torch.Tensor:
+    """(N, K) levels -> (N, K / 2) bytes in the layout of ``torch.ops.aten._convert_weight_to_int4pack_for_cpu``
+    (equal to it, tested), without its int32 input: outputs in blocks of 64, each block stored input by input
+    (K, 32) with output j in the low nibble and j + 32 in the high one; a last block of r < 64 outputs the same
+    way with outputs 2j and 2j + 1. A row range starting at a multiple of 64 maps onto the same rows of the
+    result, so large weights are laid out in chunks."""
+    rows, cols = levels.shape
+    full = rows // _BLOCK * _BLOCK
+    parts = []
+    if full:
+        blocks = levels[:full].view(full // _BLOCK, _BLOCK, cols).transpose(1, 2)  # (blocks, K, 64)
+        parts.append((blocks[..., : _BLOCK // 2] | (blocks[..., _BLOCK // 2 :] << 4)).reshape(-1))
+    if rows > full:
+        tail = levels[full:].t()  # (K, r)
+        parts.append((tail[:, 0::2] | (tail[:, 1::2] << 4)).reshape(-1))
+    return torch.cat(parts).view(rows, cols // 2)
+
+
+def from_torch_int4(packed: torch.Tensor) -> torch.Tensor:
+    """``to_torch_int4``'s bytes (N, K / 2) back to (N, K) levels."""
+    rows, cols = packed.shape[0], packed.shape[1] * 2
+    full = rows // _BLOCK * _BLOCK
+    flat = packed.reshape(-1)
+    parts = []
+    if full:
+        blocks = flat[: full * cols // 2].view(full // _BLOCK, cols, _BLOCK // 2)
+        parts.append(torch.cat([blocks & 15, blocks >> 4], dim=2).transpose(1, 2).reshape(full, cols))
+    if rows > full:
+        tail = flat[full * cols // 2 :].view(cols, (rows - full) // 2)
+        parts.append(torch.stack([tail & 15, tail >> 4], dim=2).reshape(cols, rows - full).t())
+    return torch.cat(parts)
+
+
+# --- modules ---
+
+
 class QuantizedLinear(nn.Module):
     """``nn.Linear`` with an int8 or int4 weight (bias kept in float); ``dequantize()`` gives the weight it applies.
 
-    int8 keeps q (N, K) and a scale per output; int4 keeps the bytes (N, K / 2) in mmwb's order and a scale and low
-    per group, and for the kernel the same levels in torch's CPU packing (whose layout depends on N, so it is made
-    here, not stored) with its bf16 (groups, N, 2) scale-and-zero table (w = (q - 8) * scale + (low + 8 * scale)).
-    That is two copies of the int4 weight (1 byte a weight in all) until a kernel reads mmwb's order itself."""
+    Made empty (for a state dict to fill) or by ``from_float``. Buffers: int8 ``qweight`` (N, K), ``scale`` (N,)
+    fp32 and its bf16 copy for the kernel; int4 ``packed`` (N, K / 2) in torch's CPU layout and the kernel's bf16
+    (groups, N, 2) scale-and-zero table, stored as ``qweight`` (portable order), ``scale`` and ``zero`` (N, groups).
+    """
 
-    def __init__(self, linear: nn.Linear, mode: str, group_size: int = 64) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, mode: str, group_size: int = 64, bias: bool = False
+    ) -> None:
         super().__init__()
         if mode not in MODES:
             raise MmwbConfigError(f"quantize: {mode!r} is not one of {', '.join(MODES)}")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if mode == "int4":
+            _check_int4_shape((out_features, in_features), group_size)
+        self.in_features, self.out_features = in_features, out_features
         self.mode, self.group_size = mode, group_size
-        self.bias = (
-            None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        )
+        # storage is allocated, not written: from_float or a state dict fills it (untouched pages cost no memory)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         if mode == "int8":
-            q, scale = quantize_int8(linear.weight)
-            self.register_buffer("qweight", q)
-            self.register_buffer("low", None)
+            self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
+            self.register_buffer("scale", torch.empty(out_features))
+            self.register_buffer("scale_compute", torch.empty(out_features, dtype=_COMPUTE), persistent=False)
         else:
-            levels, scale, low = quantize_int4(linear.weight, group_size)
-            self.register_buffer("qweight", pack_int4(levels, group_size))
-            self.register_buffer("low", low)
-        self.register_buffer("scale", scale)
-        self._derive_kernel_buffers()
+            groups = in_features // group_size
+            self.register_buffer(
+                "packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8), persistent=False
+            )
+            self.register_buffer(
+                "scale_zero", torch.empty(groups, out_features, 2, dtype=_COMPUTE), persistent=False
+            )
 
-    def _derive_kernel_buffers(self) -> None:
-        """The kernels' forms of the stored weight: bf16 scales, and for int4 torch's packing with its bf16
-        scale-and-zero table. Not saved; made again whenever the stored tensors are loaded."""
-        self.register_buffer("scale_compute", self.scale.to(_COMPUTE), persistent=False)
+    @classmethod
+    def from_float(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, mode: str, group_size: int = 64
+    ) -> QuantizedLinear:
+        """A layer applying ``weight`` (N, K) rounded to ``mode`` (plus ``bias``), quantized chunk by chunk."""
+        rows, cols = weight.shape
+        layer = cls(cols, rows, mode, group_size, bias=bias is not None)
+        if bias is not None:
+            layer.bias.data = bias.detach().to("cpu", copy=True)
+        if mode == "int8":
+            layer.qweight, layer.scale = quantize_int8(weight)
+            layer.scale_compute = layer.scale.to(_COMPUTE)
+            return layer
+        for a, b in _row_chunks(rows, cols):
+            levels, scale, low = quantize_int4(weight[a:b], group_size)
+            layer.packed[a:b] = to_torch_int4(levels)
+            layer.scale_zero[:, a:b] = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1).to(_COMPUTE)
+        return layer
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # noqa: ANN001 (nn.Module's signature)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.mode == "int4":
-            levels = unpack_int4(self.qweight, self.group_size).to(torch.int32)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels, 1)
-            self.register_buffer("packed", packed, persistent=False)
-            table = torch.stack([self.scale.t(), (self.low + 8 * self.scale).t()], dim=-1)
-            self.register_buffer("scale_zero", table.to(_COMPUTE).contiguous(), persistent=False)
+            destination[prefix + "qweight"] = self.portable_qweight()
+            destination[prefix + "scale"] = self.scale_zero[..., 0].t().contiguous()
+            destination[prefix + "zero"] = self.scale_zero[..., 1].t().contiguous()
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 (nn.Module's signature)
-        super()._load_from_state_dict(*args, **kwargs)
-        self._derive_kernel_buffers()
+    def _load_from_state_dict(  # noqa: PLR0913 (nn.Module's signature)
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if self.mode == "int8":
+            self.scale_compute = self.scale.to(_COMPUTE)
+            return
+        stored = {"qweight": self.packed.shape, "scale": self.scale_zero.shape[1::-1]}
+        stored["zero"] = stored["scale"]
+        for name in stored:  # nn.Module does not know these names: they are this method's
+            if prefix + name in unexpected_keys:
+                unexpected_keys.remove(prefix + name)
+        missing = [prefix + name for name in stored if prefix + name not in state_dict]
+        if missing:
+            missing_keys.extend(missing)
+            return
+        for name, shape in stored.items():
+            if tuple(state_dict[prefix + name].shape) != tuple(shape):
+                error_msgs.append(
+                    f"size mismatch for {prefix + name}: stored {tuple(state_dict[prefix + name].shape)}, "
+                    f"the layer takes {tuple(shape)}"
+                )
+        if error_msgs:
+            return
+        qweight = state_dict[prefix + "qweight"]
+        for a, b in _row_chunks(self.out_features, self.in_features):
+            self.packed[a:b] = to_torch_int4(
+                unpack_int4(qweight[a:b].to(self.packed.device), self.group_size)
+            )
+        table = torch.stack([state_dict[prefix + "scale"].t(), state_dict[prefix + "zero"].t()], dim=-1)
+        self.scale_zero.copy_(table)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
-        """``.to(dtype)`` / ``.float()`` cast every float buffer: the kernels' forms are made again in bf16."""
+        """Moves follow ``fn``; dtype changes (``model.to(torch.float16)``) leave the quantized form as it is."""
+        kept = dict(self._buffers)
         super()._apply(fn, recurse)
-        self._derive_kernel_buffers()
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if old is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
         return self
 
+    def portable_qweight(self) -> torch.Tensor:
+        """int4: the stored (N, K / 2) bytes in ``pack_int4``'s order, made from the kernel's layout."""
+        out = torch.empty_like(self.packed)
+        for a, b in _row_chunks(self.out_features, self.in_features):
+            out[a:b] = pack_int4(from_torch_int4(self.packed[a:b]), self.group_size)
+        return out
+
     def dequantize(self) -> torch.Tensor:
-        """The (N, K) fp32 weight this layer applies (up to the bf16 rounding of the kernels' scales)."""
+        """The (N, K) fp32 weight this layer applies (int8: up to the bf16 rounding of the kernel's scale)."""
         if self.mode == "int8":
             return self.qweight.float() * self.scale[:, None]
-        levels = unpack_int4(self.qweight, self.group_size).float()
-        groups = levels.view(self.out_features, -1, self.group_size)
-        return (groups * self.scale[..., None] + self.low[..., None]).view(
-            self.out_features, self.in_features
-        )
+        levels = from_torch_int4(self.packed).float().view(self.out_features, -1, self.group_size)
+        scale, zero = self.scale_zero.float().permute(2, 1, 0)  # (N, groups) each
+        return ((levels - 8) * scale[..., None] + zero[..., None]).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.product(x.reshape(-1, self.in_features).to(_COMPUTE).contiguous())
@@ -137,15 +270,20 @@ class QuantizedLinear(nn.Module):
 
     def product(self, flat: torch.Tensor) -> torch.Tensor:
         """flat (M, K) contiguous bf16 -> (M, N) bf16, without the bias: the kernel call alone."""
+        if self.mode == "int8" and self.in_features % INT8_KERNEL_INPUTS:
+            # torch's kernel reads inputs 16 at a time (other widths give wrong sums, or crash): the few layers of
+            # other widths (small latent ranks) multiply the levels, exact in bf16, and scale the result
+            return (flat @ self.qweight.to(_COMPUTE).t()) * self.scale_compute
         if self.mode == "int8":
             return torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale_compute)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scale_zero)
 
     def kernel_bytes(self) -> int:
         """Bytes the kernel reads for one product: the weight (1 or 1/2 byte each) and its bf16 scales (and zeros)."""
-        scales = self.scale_compute if self.mode == "int8" else self.scale_zero
-        weight = self.qweight if self.mode == "int8" else self.packed
-        return weight.numel() * weight.element_size() + scales.numel() * scales.element_size()
+        tensors = (
+            (self.qweight, self.scale_compute) if self.mode == "int8" else (self.packed, self.scale_zero)
+        )
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.mode == "int4" else ""
@@ -154,13 +292,39 @@ class QuantizedLinear(nn.Module):
 
 class QuantizedExperts(nn.Module):
     """mmwb's stacked SwiGLU experts (gate_up (E, 2I, C), down (E, C, I)) as one quantized pair per expert; same
-    call and result as ``Experts`` (only the experts a token chose run, each on its own tokens)."""
+    call and result as ``Experts`` (only the experts a token chose run, each on its own tokens). Made empty or
+    by ``from_weights``, one expert at a time."""
 
-    def __init__(self, experts: nn.Module, mode: str, group_size: int = 64) -> None:
+    def __init__(
+        self, num_experts: int, hidden: int, intermediate: int, mode: str, group_size: int = 64
+    ) -> None:
         super().__init__()
-        self.num_experts = experts.gate_up_proj.shape[0]
-        self.gate_up = nn.ModuleList(_as_quantized(w, mode, group_size) for w in experts.gate_up_proj)
-        self.down = nn.ModuleList(_as_quantized(w, mode, group_size) for w in experts.down_proj)
+        self.num_experts = num_experts
+        self.gate_up = nn.ModuleList(
+            QuantizedLinear(hidden, 2 * intermediate, mode, group_size) for _ in range(num_experts)
+        )
+        self.down = nn.ModuleList(
+            QuantizedLinear(intermediate, hidden, mode, group_size) for _ in range(num_experts)
+        )
+
+    @classmethod
+    def from_weights(
+        cls,
+        num_experts: int,
+        expert: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+        mode: str,
+        group_size: int = 64,
+    ) -> QuantizedExperts:
+        """``expert(j)`` gives expert j's gate_up (2I, C) and down (C, I); each is quantized as it comes."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.num_experts = num_experts
+        layer.gate_up, layer.down = nn.ModuleList(), nn.ModuleList()
+        for j in range(num_experts):
+            gate_up, down = expert(j)
+            layer.gate_up.append(QuantizedLinear.from_float(gate_up, None, mode, group_size))
+            layer.down.append(QuantizedLinear.from_float(down, None, mode, group_size))
+        return layer
 
     def forward(
         self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
@@ -193,10 +357,61 @@ class QuantizedExperts(nn.Module):
         return torch.cat(rows).to(x.dtype)
 
 
-def _as_quantized(weight: torch.Tensor, mode: str, group_size: int) -> QuantizedLinear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
-    return QuantizedLinear(linear, mode, group_size)
+def quantize_module(module: nn.Module, mode: str, group_size: int = 64) -> nn.Module:
+    """The quantized form of one float linear layer or ``Experts`` (its values rounded, its storage new)."""
+    if isinstance(module, Experts):
+        gate_up, down = module.gate_up_proj, module.down_proj
+        return QuantizedExperts.from_weights(
+            gate_up.shape[0], lambda j: (gate_up[j], down[j]), mode, group_size
+        )
+    return QuantizedLinear.from_float(module.weight, module.bias, mode, group_size)
+
+
+def empty_quantized(module: nn.Module, mode: str, group_size: int = 64) -> nn.Module:
+    """A quantized layer of ``module``'s shape with nothing in it yet (a state dict fills it); reads no values, so
+    ``module`` may be on the meta device."""
+    if isinstance(module, Experts):
+        experts, double_intermediate, hidden = module.gate_up_proj.shape
+        return QuantizedExperts(experts, hidden, double_intermediate // 2, mode, group_size)
+    return QuantizedLinear(
+        module.in_features, module.out_features, mode, group_size, bias=module.bias is not None
+    )
+
+
+def quantization_targets(model: nn.Module) -> dict[str, nn.Module]:
+    """The float layers ``quantize_model`` replaces, by their names in ``model``: every ``nn.Linear`` (mmwb's,
+    transformers', towers', projectors') and mmwb's stacked experts, not those inside a peft adapter (merge
+    adapters before quantizing)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if name
+        and (type(module) in _FLOAT_LINEARS or isinstance(module, Experts))
+        and not _in_adapter(model, name)
+    }
+
+
+def _in_adapter(model: nn.Module, name: str) -> bool:
+    parent_name = name.rpartition(".")[0]
+    return hasattr(model.get_submodule(parent_name), "base_layer")
+
+
+def check_shapes(targets: dict[str, nn.Module], mode: str, group_size: int) -> None:
+    """int4: every layer's shape checked before anything changes (a half-quantized model is no use)."""
+    if mode != "int4":
+        return
+    for module in targets.values():
+        if isinstance(module, Experts):
+            shapes = [module.gate_up_proj.shape[1:], module.down_proj.shape[1:]]
+        else:
+            shapes = [(module.out_features, module.in_features)]
+        for shape in shapes:
+            _check_int4_shape(tuple(shape), group_size)
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, module)
 
 
 def quantization_settings(model: nn.Module) -> dict[str, object] | None:
@@ -211,32 +426,21 @@ def check_request(mode: str, group_size: int, device: torch.device | str | None)
         raise MmwbConfigError(f"quantize: {mode!r} is not one of {', '.join(MODES)}")
     if mode == "int4" and group_size not in GROUP_SIZES:
         raise MmwbConfigError(f"quantize int4: group_size {group_size} is not one of {GROUP_SIZES}")
-    if device is not None and torch.device(device).type != "cpu":
+    if device is not None and torch.device(device).type not in ("cpu", "meta"):
         raise MmwbConfigError(f"quantize {mode}: runs on the CPU (torch's packed kernels), not on {device}")
 
 
-def quantize_model(model: nn.Module, mode: str, group_size: int = 64) -> nn.Module:
-    """Replace every ``nn.Linear`` (mmwb's, transformers', towers', projectors') and mmwb's stacked experts by their
-    quantized forms, in place; CPU only (torch's packed-weight kernels); returns ``model``."""
+def quantize_model(model: nn.Module, mode: str, group_size: int = 64, empty: bool = False) -> nn.Module:
+    """Replace every float layer of ``quantization_targets`` by its quantized form, in place, one at a time (each
+    float layer is freed as its quantized form takes its place); ``empty``: by empty quantized layers of the same
+    shapes, for a stored quantized state dict to fill (the model may then be on the meta device). CPU only
+    (torch's packed-weight kernels); returns ``model``."""
     check_request(mode, group_size, next((p.device for p in model.parameters()), None))
-    # exactly these types: torch's MultiheadAttention reads its out_proj's weight, as peft reads its factors'
-    linears = (nn.Linear, Linear)
-    targets = [
-        (parent, name, child)
-        for parent in model.modules()
-        if not hasattr(parent, "base_layer")  # a peft adapter's layers: merge adapters before quantizing
-        for name, child in parent.named_children()
-        if type(child) in linears or isinstance(child, Experts)
-    ]
-    if mode == "int4":  # every shape checked before anything changes
-        for _, _, child in targets:
-            for weight in (
-                (child.weight,) if type(child) in linears else (child.gate_up_proj[0], child.down_proj[0])
-            ):
-                _check_int4_shape(weight.shape, group_size)
-    while targets:  # popped: each float layer is freed as its quantized form takes its place
-        parent, name, child = targets.pop()
-        quantized = QuantizedExperts if isinstance(child, Experts) else QuantizedLinear
-        setattr(parent, name, quantized(child, mode, group_size))
-        del child
+    targets = quantization_targets(model)
+    check_shapes(targets, mode, group_size)
+    make = empty_quantized if empty else quantize_module
+    while targets:
+        name, module = targets.popitem()
+        replace_module(model, name, make(module, mode, group_size))
+        del module
     return model

@@ -13,17 +13,25 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model
+from torch import nn
 
 from mmwb.errors import MmwbCheckpointError
 from mmwb.models.decoder.config import DecoderConfig
 from mmwb.models.decoder.model import DecoderForCausalLM
+from mmwb.models.decoder.moe import Experts
 from mmwb.models.decoder.save import INDEX_NAME, MODEL_TYPE, WEIGHTS_NAME
 from mmwb.models.loading import read_config
 from mmwb.runtime import resolve_device
+from mmwb.runtime.memory import return_freed_memory
+
+# mmwb.models.quantize imports the decoder package, so its functions are imported late below
+if TYPE_CHECKING:
+    from mmwb.models.quantize import Quantization
 
 HF_MODEL_TYPES = ("deepseek_v3", "kimi_k2", "qwen3_moe", "mixtral")
 FP32_BUFFERS = ("e_score_correction_bias",)  # selection bias stays fp32 whatever the model dtype
@@ -69,6 +77,13 @@ class TensorSource:
         except SafetensorError as err:  # the header was fine, the data is cut short
             raise MmwbCheckpointError(f"{self.shard_of[name]}: cannot read {name} ({err})") from err
 
+    def get_row(self, name: str, index: int) -> torch.Tensor:
+        """``get(name)[index]`` without reading the rest of the tensor."""
+        try:
+            return self._handle(name).get_slice(name)[index]
+        except SafetensorError as err:
+            raise MmwbCheckpointError(f"{self.shard_of[name]}: cannot read {name} ({err})") from err
+
 
 def _open_shard(path: Path):
     """``safe_open`` with a truncated or foreign file named in one MmwbCheckpointError."""
@@ -78,13 +93,28 @@ def _open_shard(path: Path):
         raise MmwbCheckpointError(f"{path}: not a readable safetensors file ({err})") from err
 
 
+def _first(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0]
+
+
 @dataclass
 class Recipe:
-    """How one model tensor is made: the checkpoint tensors it needs, their expected shapes, and the combine."""
+    """How one model tensor is made: the checkpoint tensors it needs, their expected shapes, and the combine.
+    A stack of experts (``experts`` > 0) lists its sources expert by expert, in equal runs that ``combine_one``
+    turns into one expert's slice, so a loader that quantizes can read and convert one expert at a time."""
 
     sources: list[str]
     shapes: list[tuple[int, ...]]
-    combine: Callable[[list[torch.Tensor]], torch.Tensor] = lambda tensors: tensors[0]
+    combine: Callable[[list[torch.Tensor]], torch.Tensor] = _first
+    experts: int = 0
+    combine_one: Callable[[list[torch.Tensor]], torch.Tensor] = _first
+
+    def expert(self, j: int, source: TensorSource) -> torch.Tensor:
+        """Expert j's slice of the stacked tensor, read alone."""
+        if not self.experts:  # stored stacked: one row of the checkpoint tensor
+            return source.get_row(self.sources[0], j)
+        run = len(self.sources) // self.experts
+        return self.combine_one([source.get(s) for s in self.sources[j * run : (j + 1) * run]])
 
 
 # --- name plans ---
@@ -131,13 +161,13 @@ def _stacked_experts(shape: tuple[int, ...], name_of: Callable[[int, str], str],
     experts = shape[0]
     if not gate_up:
         names = [name_of(j, "down") for j in range(experts)]
-        return Recipe(names, [shape[1:]] * experts, torch.stack)
-    names = [name_of(j, part) for part in ("gate", "up") for j in range(experts)]
+        return Recipe(names, [shape[1:]] * experts, torch.stack, experts)
+    names = [name_of(j, part) for j in range(experts) for part in ("gate", "up")]
 
     def combine(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([torch.cat(pair) for pair in zip(tensors[:experts], tensors[experts:])])
+        return torch.stack([torch.cat(tensors[i : i + 2]) for i in range(0, len(tensors), 2)])
 
-    return Recipe(names, [(shape[1] // 2, shape[2])] * (2 * experts), combine)
+    return Recipe(names, [(shape[1] // 2, shape[2])] * (2 * experts), combine, experts, torch.cat)
 
 
 def _rope_row_permutation(name: str, cfg: DecoderConfig) -> Callable[[list[torch.Tensor]], torch.Tensor]:
@@ -169,9 +199,13 @@ def ignorable_hf_tensor(name: str, cfg: DecoderConfig) -> bool:
 
 
 def load_decoder(
-    path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    path: str | Path,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    quantize: Quantization | None = None,
 ) -> DecoderForCausalLM:
-    """Build a DecoderForCausalLM from an mmwb or transformers checkpoint folder."""
+    """Build a DecoderForCausalLM from an mmwb or transformers checkpoint folder (``quantize``: see
+    assemble_decoder)."""
     directory = Path(path)
     raw = read_config(directory)
     model_type = raw.get("model_type")
@@ -187,15 +221,18 @@ def load_decoder(
         ignorable = lambda name: ignorable_hf_tensor(name, cfg)  # noqa: E731
     else:
         raise MmwbCheckpointError(f"{directory}/config.json: model_type {model_type!r} is not a decoder type")
-    return assemble_decoder(cfg, TensorSource(directory), recipe_for, ignorable, device, dtype, directory)
+    source = TensorSource(directory)
+    return assemble_decoder(cfg, source, recipe_for, ignorable, device, dtype, directory, quantize)
 
 
 def _load_quantized(directory: Path, cfg: DecoderConfig, settings: dict) -> DecoderForCausalLM:
-    """An exported int8/int4 decoder folder: the layers built and quantized, then the stored bytes loaded over
-    theirs (strict), on the CPU where the kernels run."""
-    from mmwb.models.quantize import quantize_model
+    """An exported int8/int4 decoder folder: empty quantized layers in the model's places, then the stored
+    tensors loaded into them (strict), on the CPU where the kernels run; nothing is quantized again."""
+    from mmwb.models.quantize import QuantizedLinear, quantize_model
 
-    model = quantize_model(DecoderForCausalLM(cfg), **settings)
+    with torch.device("meta"):
+        model = quantize_model(DecoderForCausalLM(cfg), **settings, empty=True)
+    model.to_empty(device="cpu")
     weights = directory / WEIGHTS_NAME
     try:
         load_model(model, str(weights), strict=True)
@@ -203,6 +240,9 @@ def _load_quantized(directory: Path, cfg: DecoderConfig, settings: dict) -> Deco
         raise MmwbCheckpointError(
             f"{weights}: tensors do not fit the quantized model in config.json ({err})"
         ) from err
+    if cfg.tie_word_embeddings and not isinstance(model.lm_head, QuantizedLinear):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_rope(torch.device("cpu"))
     return model.eval()
 
 
@@ -214,7 +254,13 @@ def assemble_decoder(
     device,
     dtype: torch.dtype | None,
     directory: Path,
+    quantize: Quantization | None = None,
 ) -> DecoderForCausalLM:
+    """The model built on the meta device, then filled tensor by tensor from ``source``. With ``quantize``, every
+    layer ``quantize_model`` would replace is made quantized as it is read (an expert stack one expert at a
+    time), so the float model never exists: peak memory is the result plus about one float tensor."""
+    from mmwb.models.quantize import check_request, check_shapes, quantization_targets, replace_module
+
     device = resolve_device(device)  # None: $MMWB_DEVICE or the best available, as everywhere in mmwb
     with torch.device("meta"):
         model = DecoderForCausalLM(cfg)
@@ -225,10 +271,17 @@ def assemble_decoder(
     available = source.names()
     plan = {name: recipe_for(name, shape, available) for name, shape in expected.items()}
     _check_plan(plan, source, ignorable, cfg, directory)
+    targets = {}
+    if quantize is not None:
+        check_request(quantize.mode, quantize.group_size, device)
+        targets = quantization_targets(model)
+        check_shapes(targets, quantize.mode, quantize.group_size)
     first = plan["model.embed_tokens.weight"].sources[0]
     dtype = dtype or source.get(first).dtype
     state = {}
     for name, recipe in plan.items():
+        if name.rpartition(".")[0] in targets:
+            continue  # read below, straight into its quantized form
         tensor = recipe.combine([source.get(s) for s in recipe.sources])
         keep_fp32 = name.endswith(FP32_BUFFERS)
         # A fresh allocation is aligned for vector kernels (safetensors' buffers sit at arbitrary file offsets),
@@ -242,11 +295,46 @@ def assemble_decoder(
         state[name] = target.copy_(tensor)
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if cfg.tie_word_embeddings:
+    model.load_state_dict(state, strict=not targets, assign=True)
+    if cfg.tie_word_embeddings and "lm_head" not in targets:
         model.lm_head.weight = model.model.embed_tokens.weight
+    for name in list(targets):
+        layer = _read_quantized(name, targets.pop(name), plan, source, state, dtype, quantize)
+        replace_module(model, name, layer)
+        return_freed_memory()  # the float tensors just read, so that they do not add up
     model.reset_rope(device)
     return model.eval()
+
+
+def _read_quantized(
+    name: str,
+    module: nn.Module,
+    plan: dict[str, Recipe],
+    source: TensorSource,
+    state: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    quantize: Quantization,
+) -> nn.Module:
+    """One layer of ``quantization_targets`` read from ``source`` and quantized (rounded from the weights as the
+    float model in ``dtype`` would hold them, so the result equals loading, then ``quantize_model``)."""
+    from mmwb.models.quantize import QuantizedExperts, QuantizedLinear
+
+    settings = (quantize.mode, quantize.group_size)
+    if isinstance(module, Experts):
+        gate_up, down = plan[f"{name}.gate_up_proj"], plan[f"{name}.down_proj"]
+
+        def expert(j: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return gate_up.expert(j, source).to(dtype), down.expert(j, source).to(dtype)
+
+        return QuantizedExperts.from_weights(module.gate_up_proj.shape[0], expert, *settings)
+    if f"{name}.weight" in plan:
+        recipe = plan[f"{name}.weight"]
+        weight = recipe.combine([source.get(s) for s in recipe.sources]).to(dtype)
+    else:  # a head tied to the embeddings: quantized from them, which stay float
+        weight = state[f"{name}.weight"]
+    bias = plan.get(f"{name}.bias")
+    bias = None if bias is None else bias.combine([source.get(s) for s in bias.sources]).to(dtype)
+    return QuantizedLinear.from_float(weight, bias, *settings)
 
 
 def _check_plan(

@@ -14,15 +14,18 @@ from mmwb.data.tokenizer import folder_tokenizer
 from mmwb.errors import MmwbCheckpointError
 from mmwb.models.decoder import DecoderForCausalLM
 from mmwb.models.loading import from_pretrained, read_config
-from mmwb.models.quantize import quantize_model
+from mmwb.models.quantize import Quantization, quantize_model
 from mmwb.models.vlm.model import VisionLanguageModel, VLMConfig
 from mmwb.models.vlm.parts import build_projector, build_text, build_tower
 from mmwb.models.vlm.save import QFORMER_TOKENIZER_DIR, WEIGHTS_NAME
 from mmwb.runtime import resolve_device
 
 
-def load_vlm(path: str | Path, device=None, dtype: torch.dtype | None = None) -> VisionLanguageModel:
-    """Rebuild the parts from config.json and load model.safetensors (strict: every tensor must fit)."""
+def load_vlm(
+    path: str | Path, device=None, dtype: torch.dtype | None = None, quantize: Quantization | None = None
+) -> VisionLanguageModel:
+    """Rebuild the parts from config.json and load model.safetensors (strict: every tensor must fit). Small
+    models: ``quantize`` is left to the caller (``mmwb.from_pretrained`` quantizes the loaded model)."""
     directory = Path(path)
     raw = read_config(directory)
     weights = directory / WEIGHTS_NAME
@@ -37,7 +40,7 @@ def load_vlm(path: str | Path, device=None, dtype: torch.dtype | None = None) ->
         cfg, build_tower(cfg.vision), build_projector(cfg.projector), build_text(cfg.text)
     )
     if "quantization" in raw:  # an exported int8/int4 folder: the stored bytes replace the new layers' own
-        quantize_model(model, **raw["quantization"])
+        quantize_model(model, **raw["quantization"], empty=True)
     try:
         load_model(model, str(weights), strict=True)
     except (RuntimeError, SafetensorError) as err:

@@ -25,6 +25,7 @@ from mmwb.models.decoder.checkpoint import (
 )
 from mmwb.models.decoder.config import DecoderConfig
 from mmwb.models.loading import read_config
+from mmwb.models.quantize import Quantization
 from mmwb.models.vlm.model import VisionLanguageModel, VLMConfig
 from mmwb.models.vlm.save import QFORMER_TOKENIZER_DIR
 from mmwb.runtime import resolve_device
@@ -54,6 +55,9 @@ class RenamedSource:
     def get(self, name: str) -> torch.Tensor:
         return self.source.get(self.original[name])
 
+    def get_row(self, name: str, index: int) -> torch.Tensor:
+        return self.source.get_row(self.original[name], index)
+
     def state(self) -> dict[str, torch.Tensor]:
         return {name: self.get(name) for name in self.original}
 
@@ -69,9 +73,14 @@ def _prefix_rename(pairs: tuple[tuple[str, str], ...]) -> Callable[[str], str | 
 
 
 def load_text_model(
-    directory: Path, text_config: dict, device: torch.device, dtype: torch.dtype | None
+    directory: Path,
+    text_config: dict,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    quantize: Quantization | None = None,
 ) -> nn.Module:
-    """The language model of a VLM folder: mmwb's decoder where it knows the family, else transformers'."""
+    """The language model of a VLM folder: mmwb's decoder where it knows the family (quantized as it is read,
+    see assemble_decoder), else transformers' (quantized by the caller once loaded)."""
     source = RenamedSource(TensorSource(directory), _prefix_rename(_TEXT_PREFIXES))
     if not source.names():
         raise MmwbCheckpointError(f"{directory}: no language-model tensors found")
@@ -80,7 +89,7 @@ def load_text_model(
         cfg = DecoderConfig.from_hf_config(text_config)
         return assemble_decoder(
             cfg, source, hf_recipe(model_type, text_config, cfg), lambda n: ignorable_hf_tensor(n, cfg),
-            device, dtype, directory,
+            device, dtype, directory, quantize,
         )  # fmt: skip
     from mmwb.models.vlm.hf_text import TransformersCausalLM
 
@@ -117,14 +126,16 @@ def _section(raw: dict, key: str, directory: Path) -> dict:
     return raw[key]
 
 
-def load_kimi_k25(path: str | Path, device=None, dtype: torch.dtype | None = None) -> VisionLanguageModel:
+def load_kimi_k25(
+    path: str | Path, device=None, dtype: torch.dtype | None = None, quantize: Quantization | None = None
+) -> VisionLanguageModel:
     """MoonViT + pixel-shuffle projector + DeepSeek-V3 text from a kimi_k25 folder (either layout)."""
     from mmwb.models.vision.kimi_checkpoint import build_kimi_vision, read_kimi_vision
 
     directory = Path(path)
     raw = read_config(directory)
     device = resolve_device(device)
-    text = load_text_model(directory, _section(raw, "text_config", directory), device, dtype)
+    text = load_text_model(directory, _section(raw, "text_config", directory), device, dtype, quantize)
     tower, projector = build_kimi_vision(read_kimi_vision(directory), device, dtype or text.dtype)
     image_token = raw.get("image_token_id", raw.get("media_placeholder_token_id"))
     if image_token is None:
@@ -133,7 +144,9 @@ def load_kimi_k25(path: str | Path, device=None, dtype: torch.dtype | None = Non
     return VisionLanguageModel(cfg, tower, projector, text, folder_tokenizer(directory)).eval()
 
 
-def load_llava(path: str | Path, device=None, dtype: torch.dtype | None = None) -> VisionLanguageModel:
+def load_llava(
+    path: str | Path, device=None, dtype: torch.dtype | None = None, quantize: Quantization | None = None
+) -> VisionLanguageModel:
     """CLIP/SigLIP tower (penultimate layer, CLS dropped) + mlp2x_gelu + text model from a llava folder."""
     from mmwb.models.projectors import MLP2xGelu
     from mmwb.models.vision.hf import HFVisionTower, vision_model_from_config
@@ -142,7 +155,7 @@ def load_llava(path: str | Path, device=None, dtype: torch.dtype | None = None) 
     raw = read_config(directory)
     device = resolve_device(device)
     text_config = _section(raw, "text_config", directory)
-    text = load_text_model(directory, text_config, device, dtype)
+    text = load_text_model(directory, text_config, device, dtype, quantize)
     dtype = dtype or next(text.parameters()).dtype
     source = TensorSource(directory)
 
@@ -183,7 +196,9 @@ def load_llava(path: str | Path, device=None, dtype: torch.dtype | None = None) 
     return model.eval()
 
 
-def load_instructblip(path: str | Path, device=None, dtype: torch.dtype | None = None) -> VisionLanguageModel:
+def load_instructblip(
+    path: str | Path, device=None, dtype: torch.dtype | None = None, quantize: Quantization | None = None
+) -> VisionLanguageModel:
     """EVA tower (last layer through its final LayerNorm, CLS kept) + mmwb's Q-Former reading the instruction +
     a decoder-only text model (Vicuna/Llama) from an instructblip folder. The Q-Former's BERT tokenizer is read
     from ``qformer_tokenizer/``, where InstructBLIP's processor saves it."""
@@ -209,7 +224,7 @@ def load_instructblip(path: str | Path, device=None, dtype: torch.dtype | None =
             "instruction with a BERT tokenizer of its own)"
         )
     device = resolve_device(device)
-    text = load_text_model(directory, text_config, device, dtype)
+    text = load_text_model(directory, text_config, device, dtype, quantize)
     dtype = dtype or next(text.parameters()).dtype
     source = TensorSource(directory)
 
