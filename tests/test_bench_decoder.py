@@ -46,3 +46,63 @@ def test_bench_decoder_refuses_int4_on_widths_it_cannot_pack(capsys):
             "--quantize", "int4"]  # fmt: skip
     assert main(argv) == 2
     assert "cannot be packed" in capsys.readouterr().err
+
+
+TINY_KIMI = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4,
+    num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, kv_lora_rank=32, qk_nope_head_dim=16,
+    qk_rope_head_dim=16, v_head_dim=16, num_hidden_layers=3, bos_token_id=1, eos_token_id=2,
+)  # fmt: skip
+
+
+def test_the_large_bench_writes_a_checkpoint_transformers_and_mmwb_read_alike(tmp_path, monkeypatch):
+    """The kimi-vl-a3b size's writer at tiny widths: a sharded deepseek_v3 folder with one matrix per expert, as
+    released, whose weights give transformers' and mmwb's models the same logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import mmwb
+    from mmwb.bench import large_decoder
+
+    monkeypatch.setattr(large_decoder, "SHARD_BYTES", 100_000)
+    config = {**large_decoder.text_config(None), **TINY_KIMI}
+    written = large_decoder.write_checkpoint(tmp_path, config)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 2 and all((tmp_path / name).is_file() for name in shards)
+    assert index["metadata"]["total_size"] == written
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in index["weight_map"]
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    ours = mmwb.from_pretrained(tmp_path, device="cpu", dtype=torch.float32)
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        assert (reference(ids).logits - ours(ids).logits).abs().max() < 1e-3
+
+
+@pytest.mark.slow
+def test_the_large_bench_reports_memory_decode_and_first_token(tmp_path, monkeypatch, capsys):
+    """The whole kimi-vl-a3b flow on tiny text widths (MoonViT at its real size): fresh processes per mode, and
+    transformers' load attempt under the memory cap."""
+    from mmwb.bench import large_decoder
+
+    monkeypatch.setattr(large_decoder, "TEXT_CONFIG", {**large_decoder.TEXT_CONFIG, **TINY_KIMI})
+    argv = ["bench", "decoder", "--size", "kimi-vl-a3b", "--layers", "2", "--quantize", "int8", "int4",
+            "--group-size", "32", "--checkpoint-dir", str(tmp_path), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layers"] == 2 and report["checkpoint_bytes"] > 0
+    for mode in ("int8", "int4"):
+        result = report["modes"][mode]
+        memory = result["load_memory"]
+        assert (
+            0 < memory["final_rss"] <= memory["peak_rss"] and memory["peak_anonymous"] <= memory["peak_rss"]
+        )
+        assert result["decode"]["tokens_per_s"] > 0 and 0 < result["decode"]["bandwidth_utilisation"]
+        first = result["first_token"]
+        assert first["image_tokens"] == 256 and first["prefill_tokens"] == 256 + 64
+        assert first["total_s"] >= first["tower_s"] > 0
+    assert (
+        report["modes"]["int4"]["decode"]["bytes_per_token"]
+        < report["modes"]["int8"]["decode"]["bytes_per_token"]
+    )
+    assert report["transformers"]["loaded"]  # tiny: it fits

@@ -445,5 +445,5 @@ def test_quantizing_while_loading_never_holds_the_float_model(tmp_path, mode):
         f" float first: peak {float_peak / mb:.0f} MB, final {float_final / mb:.0f} MB"
     )
     assert final < 0.5 * float_bytes and final <= float_final + mb  # the quantized model, nothing left over
-    assert peak - final <= 2 * largest + 16 * mb  # at most one float tensor and its quantized copy being made
+    assert peak - final <= largest + 24 * mb  # about one float tensor being read (the embeddings)
     assert float_peak > float_bytes > 1.5 * peak  # what streaming avoids: the whole float model

@@ -45,7 +45,19 @@ EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--size", choices=list(SIZES), default="bench-small", help="model shape")
+    parser.add_argument(
+        "--size", choices=[*SIZES, "kimi-vl-a3b"], default="bench-small",
+        help="model shape; kimi-vl-a3b: the real model's widths, written as a bf16 checkpoint and loaded quantized "
+        "(mmwb.bench.large_decoder; decode after a 64-token prompt, at most 32 new tokens)",
+    )  # fmt: skip
+    parser.add_argument("--layers", type=int, help="kimi-vl-a3b: keep the first N of its 27 layers")
+    parser.add_argument(
+        "--checkpoint-dir",
+        help="kimi-vl-a3b: write (or reuse) the random checkpoint here, not in a temp folder",
+    )
+    parser.add_argument(
+        "--skip-transformers", action="store_true", help="kimi-vl-a3b: leave out transformers' load attempt"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per side (default: 3)")
     parser.add_argument("--prompt-len", type=int, default=128, help="decode prompt length (default: 128)")
     parser.add_argument("--new-tokens", type=int, default=128, help="decoded tokens (default: 128)")
@@ -65,6 +77,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from mmwb.bench.machine import describe_machine
     from mmwb.runtime import resolve_device, resolve_precision
 
+    if args.size == "kimi-vl-a3b":
+        from mmwb.bench import large_decoder
+
+        return large_decoder.run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -210,7 +226,7 @@ def peak_added_bytes(call: Callable[[], object], device: torch.device) -> int:
 def bench_variant(
     variant: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, seed: int
 ) -> dict[str, Any]:
-    from mmwb.bench.machine import copy_bandwidth
+    from mmwb.bench.machine import active_decode_bytes, copy_bandwidth
 
     ours, reference = load_pair(variant, args.size, device, dtype, seed)
     gen = torch.Generator().manual_seed(seed)
@@ -258,7 +274,7 @@ def bench_quantized(ours: Any, ids: torch.Tensor, args: argparse.Namespace, resu
     phase above gives the second ratio."""
     import copy
 
-    from mmwb.bench.machine import copy_bandwidth
+    from mmwb.bench.machine import active_decode_bytes, copy_bandwidth
     from mmwb.models.decoder import generate
     from mmwb.models.quantize import quantize_model
 
@@ -410,30 +426,6 @@ def hf_cache_bytes(reference: Any) -> int:
     cache = out.cache if "cache" in out else out.past_key_values  # renamed in transformers 5.24
     total = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     return total // length
-
-
-def active_decode_bytes(ours: Any, context: int) -> int:
-    """Bytes one batch-1 decode step must read: every weight except the embedding table and unchosen experts,
-    top-k experts per MoE layer, and the KV cache of ``context`` tokens. Quantized layers count what their
-    kernel reads (``QuantizedLinear.kernel_bytes``)."""
-    from mmwb.models.decoder.moe import Experts
-    from mmwb.models.quantize import QuantizedExperts, QuantizedLinear
-
-    total = 0
-    for name, param in ours.named_parameters():
-        if "embed_tokens" not in name:
-            total += param.numel() * param.element_size()
-    top_k = ours.config.num_experts_per_tok
-    for module in ours.modules():
-        if isinstance(module, Experts):
-            per_expert = sum(p[0].numel() * p.element_size() for p in (module.gate_up_proj, module.down_proj))
-            total -= per_expert * (module.gate_up_proj.shape[0] - top_k)
-        elif isinstance(module, QuantizedLinear):
-            total += module.kernel_bytes()
-        elif isinstance(module, QuantizedExperts):  # its layers were all counted above: keep top-k of them
-            per_expert = module.gate_up[0].kernel_bytes() + module.down[0].kernel_bytes()
-            total -= per_expert * (module.num_experts - top_k)
-    return total + ours.cache_bytes_per_token() * context
 
 
 def _ratio(pair: dict[str, float]) -> float | None:

@@ -1,4 +1,5 @@
-"""Facts about the machine a benchmark ran on, and its measured memory bandwidth (the decode roofline)."""
+"""Facts about the machine a benchmark ran on, and the decode roofline: its measured memory bandwidth over the bytes a
+decode step reads."""
 
 from __future__ import annotations
 
@@ -44,3 +45,27 @@ def copy_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 5)
     dst = torch.empty_like(src)
     seconds = median_time(lambda: dst.copy_(src), device, repeats=repeats, warmup=1)
     return 2 * src.numel() * src.element_size() / seconds
+
+
+def active_decode_bytes(ours: Any, context: int) -> int:
+    """Bytes one batch-1 decode step must read: every weight except the embedding table and unchosen experts,
+    top-k experts per MoE layer, and the KV cache of ``context`` tokens. Quantized layers count what their
+    kernel reads (``QuantizedLinear.kernel_bytes``)."""
+    from mmwb.models.decoder.moe import Experts
+    from mmwb.models.quantize import QuantizedExperts, QuantizedLinear
+
+    total = 0
+    for name, param in ours.named_parameters():
+        if "embed_tokens" not in name:
+            total += param.numel() * param.element_size()
+    top_k = ours.config.num_experts_per_tok
+    for module in ours.modules():
+        if isinstance(module, Experts):
+            per_expert = sum(p[0].numel() * p.element_size() for p in (module.gate_up_proj, module.down_proj))
+            total -= per_expert * (module.gate_up_proj.shape[0] - top_k)
+        elif isinstance(module, QuantizedLinear):
+            total += module.kernel_bytes()
+        elif isinstance(module, QuantizedExperts):  # its layers were all counted above: keep top-k of them
+            per_expert = module.gate_up[0].kernel_bytes() + module.down[0].kernel_bytes()
+            total -= per_expert * (module.num_experts - top_k)
+    return total + ours.cache_bytes_per_token() * context

@@ -15,7 +15,7 @@ convolutions and routers stay as they are.
 Memory: a layer holds one copy of its weight, in the kernel's layout (int4: torch's CPU packing, half a byte a
 weight). Its state dict is the portable form (int4: ``pack_int4``'s order), made when saved and turned back into
 the kernel's layout when loaded. Weights are quantized a few million at a time, so quantizing never needs more
-than a few tens of MB beyond the float weight it reads (``from_float``), which is what lets a loader quantize
+than a few MB beyond the float weight it reads (``from_float``), which is what lets a loader quantize
 tensor by tensor while it reads a checkpoint (mmwb.models.decoder.checkpoint).
 """
 
@@ -36,7 +36,7 @@ MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 INT8_KERNEL_INPUTS = 16  # _weight_int8pack_mm is right only for input widths that are a multiple of this
 FEW_TOKENS = 4  # QuantizedExperts: up to this many tokens (decode) take the host-side path
-CHUNK_WEIGHTS = 1 << 22  # weights quantized (or re-laid out) per step: ~16 MB of fp32 temporaries
+CHUNK_WEIGHTS = 1 << 20  # weights quantized (or re-laid out) per step: a 4 MB fp32 temporary
 _BLOCK = 64  # torch's CPU int4 packing lays out the outputs in blocks of 64 (see to_torch_int4)
 _COMPUTE = torch.bfloat16
 _FLOAT_LINEARS = (nn.Linear, Linear)  # exactly these: MultiheadAttention reads its out_proj, peft its factors
@@ -66,9 +66,9 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(rows, cols, dtype=torch.int8)
     scale = torch.empty(rows, dtype=torch.float32)
     for a, b in _row_chunks(rows, cols):
-        w = weight[a:b].detach().to("cpu", torch.float32)
+        w = weight[a:b].detach().to("cpu", torch.float32, copy=True)  # the one temporary, worked in place
         scale[a:b] = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        q[a:b] = torch.round(w / scale[a:b, None]).clamp(-127, 127)
+        q[a:b] = w.div_(scale[a:b, None]).round_().clamp_(-127, 127)
     return q, scale
 
 
@@ -77,10 +77,10 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     ``QuantizedLinear.from_float`` calls it a few million weights at a time)."""
     rows, cols = weight.shape
     _check_int4_shape(weight.shape, group_size)
-    groups = weight.detach().to("cpu", torch.float32).reshape(rows, cols // group_size, group_size)
+    groups = weight.detach().to("cpu", torch.float32, copy=True).reshape(rows, cols // group_size, group_size)
     low, high = groups.amin(-1), groups.amax(-1)
     scale = (high - low).clamp(min=1e-12) / 15
-    levels = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    levels = groups.sub_(low[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)
     return levels.view(rows, cols), scale, low
 
 
@@ -182,7 +182,9 @@ class QuantizedLinear(nn.Module):
     def from_float(
         cls, weight: torch.Tensor, bias: torch.Tensor | None, mode: str, group_size: int = 64
     ) -> QuantizedLinear:
-        """A layer applying ``weight`` (N, K) rounded to ``mode`` (plus ``bias``), quantized chunk by chunk."""
+        """A layer applying ``weight`` (N, K) rounded to ``mode`` (plus ``bias``), quantized chunk by chunk.
+        ``weight`` may be anything with a ``shape`` whose ``[a:b]`` gives those rows as a tensor: a loader hands a
+        checkpoint matrix that is read a few rows at a time."""
         rows, cols = weight.shape
         layer = cls(cols, rows, mode, group_size, bias=bias is not None)
         if bias is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,32 +58,86 @@ class TensorSource:
         missing_shards = sorted({str(p.name) for p in self.shard_of.values() if not p.is_file()})
         if missing_shards:
             raise MmwbCheckpointError(f"{directory}: index names missing shard files {missing_shards}")
-        self._handles: dict[Path, object] = {}
+        self._shards: dict[Path, _Shard] = {}
 
-    def _handle(self, name: str):
-        shard = self.shard_of[name]
-        if shard not in self._handles:
-            self._handles[shard] = _open_shard(shard)
-        return self._handles[shard]
+    def _shard(self, name: str) -> _Shard:
+        path = self.shard_of[name]
+        if path not in self._shards:
+            self._shards[path] = _Shard(path)
+        return self._shards[path]
 
     def names(self) -> set[str]:
         return set(self.shard_of)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return self._shard(name).shape(name)
 
     def get(self, name: str) -> torch.Tensor:
-        try:
-            return self._handle(name).get_tensor(name)
-        except SafetensorError as err:  # the header was fine, the data is cut short
-            raise MmwbCheckpointError(f"{self.shard_of[name]}: cannot read {name} ({err})") from err
+        return self._shard(name).read(name)
 
     def get_row(self, name: str, index: int) -> torch.Tensor:
         """``get(name)[index]`` without reading the rest of the tensor."""
-        try:
-            return self._handle(name).get_slice(name)[index]
-        except SafetensorError as err:
-            raise MmwbCheckpointError(f"{self.shard_of[name]}: cannot read {name} ({err})") from err
+        return self._shard(name).read(name, index, index + 1)[0]
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """``get(name)[start:stop]`` without reading the rest of the tensor."""
+        return self._shard(name).read(name, start, stop)
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+_MAX_READ = 1 << 30  # bytes per read call (Linux returns at most ~2 GiB per call anyway)
+
+
+class _Shard:
+    """One safetensors file, its tensors read with plain file reads into fresh tensors. Not memory-mapped: pages
+    read through a mapping stay resident in this process while it is open, so reading a 30 GB checkpoint that way
+    shows 30 GB of RSS; read like this they are page cache, which the system reclaims."""
+
+    def __init__(self, path: Path) -> None:
+        with _open_shard(path) as handle:  # safetensors' own checks of the header, with its error messages
+            del handle
+        self.path = path
+        with open(path, "rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(length))
+        header.pop("__metadata__", None)
+        self.entries: dict[str, dict] = header
+        self.data_start = 8 + length
+        self.file = open(path, "rb", buffering=0)  # noqa: SIM115 (open while the source is)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """The tensor ``name``, or its rows ``start:stop`` along the first axis."""
+        entry = self.entries[name]
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise MmwbCheckpointError(
+                f"{self.path}: {name} has dtype {entry['dtype']}, which mmwb does not read"
+            )
+        shape = list(entry["shape"])
+        begin, end = entry["data_offsets"]
+        if start is not None:
+            stop = shape[0] if stop is None else min(stop, shape[0])
+            size = (end - begin) // shape[0]
+            begin, end, shape = begin + start * size, begin + stop * size, [stop - start, *shape[1:]]
+        out = torch.empty(shape, dtype=dtype)
+        target = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        self.file.seek(self.data_start + begin)
+        while done < end - begin:
+            got = self.file.readinto(target[done : min(end - begin, done + _MAX_READ)])
+            if not got:  # the header was fine, the data is cut short
+                raise MmwbCheckpointError(
+                    f"{self.path}: cannot read {name} (the file ends {end - begin - done} bytes early)"
+                )
+            done += got
+        return out
 
 
 def _open_shard(path: Path):
@@ -282,17 +337,24 @@ def assemble_decoder(
     for name, recipe in plan.items():
         if name.rpartition(".")[0] in targets:
             continue  # read below, straight into its quantized form
-        tensor = recipe.combine([source.get(s) for s in recipe.sources])
-        keep_fp32 = name.endswith(FP32_BUFFERS)
-        # A fresh allocation is aligned for vector kernels (safetensors' buffers sit at arbitrary file offsets),
-        # and on CPU it takes the decoder's decode layout (see use_decode_layout) without a second copy.
+        tensor = recipe.combine([source.get(s) for s in recipe.sources])  # a fresh (aligned) tensor
+        wanted = torch.float32 if name.endswith(FP32_BUFFERS) else dtype
+        layout = meta_state[name].stride() if device.type == "cpu" else tensor.contiguous().stride()
+        if (tensor.dtype, tensor.device, tensor.stride()) == (wanted, device, layout):
+            state[name] = (
+                tensor  # as it is: a copy would hold the tensor twice for a moment (the embeddings: GBs)
+            )
+            continue
+        # on CPU the copy takes the decoder's decode layout (see use_decode_layout)
         target = torch.empty_like(
             meta_state[name],
             device=device,
-            dtype=torch.float32 if keep_fp32 else dtype,
+            dtype=wanted,
             memory_format=torch.preserve_format if device.type == "cpu" else torch.contiguous_format,
         )
         state[name] = target.copy_(tensor)
+        del tensor
+        return_freed_memory()  # the read tensor, so that such copies do not add up in the heap
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=not targets, assign=True)
@@ -329,12 +391,26 @@ def _read_quantized(
         return QuantizedExperts.from_weights(module.gate_up_proj.shape[0], expert, *settings)
     if f"{name}.weight" in plan:
         recipe = plan[f"{name}.weight"]
-        weight = recipe.combine([source.get(s) for s in recipe.sources]).to(dtype)
+        if recipe.combine is _first:  # stored as it is: read a few rows at a time (the LM head: GBs in float)
+            weight = _Rows(source, recipe.sources[0], recipe.shapes[0], dtype)
+        else:
+            weight = recipe.combine([source.get(s) for s in recipe.sources]).to(dtype)
     else:  # a head tied to the embeddings: quantized from them, which stay float
         weight = state[f"{name}.weight"]
     bias = plan.get(f"{name}.bias")
     bias = None if bias is None else bias.combine([source.get(s) for s in bias.sources]).to(dtype)
     return QuantizedLinear.from_float(weight, bias, *settings)
+
+
+class _Rows:
+    """A checkpoint matrix that hands out row ranges (``rows[a:b]``, in ``dtype``), each read when asked for:
+    what ``QuantizedLinear.from_float`` needs to quantize a weight it never holds whole."""
+
+    def __init__(self, source: TensorSource, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.source, self.name, self.shape, self.dtype = source, name, torch.Size(shape), dtype
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.source.get_rows(self.name, rows.start or 0, rows.stop).to(self.dtype)
 
 
 def _check_plan(

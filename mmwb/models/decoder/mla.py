@@ -142,11 +142,25 @@ class MultiHeadLatentAttention(nn.Module):
     def _absorbed(
         self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        w = self._kv_b_weight().view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
-        w_uk, w_uv = w.split([self.nope_dim, self.v_dim], dim=1)  # (H, dn, r), (H, dv, r)
+        w_uk, w_uv_t = self._absorption_weights()  # (H, dn, r), (H, r, dv)
         q_latent = torch.matmul(q_nope, w_uk)  # (B, H, T, r): q_nope . (W_uk c) == (q_nope W_uk) . c
         q = torch.cat((q_latent, q_rope), dim=-1)  # (B, H, T, r + dr)
         out_latent = grouped_attention(
             q, latent, latent[..., : self.kv_rank], mask, self.scale
         )  # (B, H, T, r)
-        return torch.matmul(out_latent, w_uv.transpose(1, 2))  # (B, H, T, dv)
+        return torch.matmul(out_latent, w_uv_t)  # (B, H, T, dv)
+
+    def _absorption_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b's key half (H, dn, r) and transposed value half (H, r, dv). A quantized kv_b never changes: its
+        halves are made once, contiguous for batched matmuls (as strided views, bf16 matmuls copied them on every
+        decode step: 4 MB a layer at Kimi-VL's widths)."""
+        cached = getattr(self, "_absorption_cache", None)
+        if cached is not None and cached[0] is self.kv_b_proj:
+            return cached[1]
+        w = self._kv_b_weight().view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w.split([self.nope_dim, self.v_dim], dim=1)  # (H, dn, r), (H, dv, r)
+        halves = (w_uk, w_uv.transpose(1, 2))
+        if hasattr(self.kv_b_proj, "dequantize"):
+            halves = (halves[0].contiguous(), halves[1].contiguous())
+            self._absorption_cache = (self.kv_b_proj, halves)
+        return halves

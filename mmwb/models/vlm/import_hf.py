@@ -58,6 +58,9 @@ class RenamedSource:
     def get_row(self, name: str, index: int) -> torch.Tensor:
         return self.source.get_row(self.original[name], index)
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.source.get_rows(self.original[name], start, stop)
+
     def state(self) -> dict[str, torch.Tensor]:
         return {name: self.get(name) for name in self.original}
 
