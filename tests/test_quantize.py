@@ -57,7 +57,7 @@ def _kernel_reference(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("mode, group", MODES)
-@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("rows", [1, 3, 40, 160])  # 40: int8 runs a bf16 GEMM, 160: int4 too
 def test_quantized_linear_equals_its_dequantized_weights(mode, group, rows):
     torch.manual_seed(0)
     # 208 outputs: three blocks of 64 and a last one of 16 in torch's int4 layout

@@ -1,5 +1,8 @@
 """kimi_k25 and llava checkpoints through mmwb.from_pretrained against transformers on the same random weights."""
 
+import json
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -13,6 +16,7 @@ from transformers import (
 )
 
 import mmwb
+from mmwb.errors import MmwbCheckpointError, MmwbConfigError
 from mmwb.models.vlm import VisionLanguageModel
 
 GRIDS = [(4, 6), (2, 10), (8, 4)]  # non-square, mixed sizes in one packed batch
@@ -88,6 +92,100 @@ def test_kimi_one_placeholder_per_image_equals_widened_prompt(kimi):
         a = model(input_ids=short, pixel_values=pixels, grid_hw=grid_hw).logits
         b = model(input_ids=wide, pixel_values=pixels, grid_hw=grid_hw).logits
     assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
+
+
+def to_kimi_vl_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' kimi_k25 tensors -> a Kimi-VL folder as Moonshot publishes it: the tower as in Moonshot's
+    kimi_k25 files (wqkv with q/k rows rope-interleaved again), ``multi_modal_projector.linear_1/2``,
+    ``language_model.*`` text with one matrix per expert."""
+    out = {}
+    for key, tensor in to_original_layout(state).items():
+        if key.startswith("mm_projector."):
+            name = (
+                key.removeprefix("mm_projector.").replace("proj.0", "linear_1").replace("proj.2", "linear_2")
+            )
+            out["multi_modal_projector." + name] = tensor
+        elif match := re.fullmatch(r"(.+\.mlp\.experts)\.(gate_up_proj|down_proj)", key):
+            prefix, kind = match.groups()
+            for j, expert in enumerate(tensor):
+                if kind == "down_proj":
+                    out[f"{prefix}.{j}.down_proj.weight"] = expert.clone()
+                else:
+                    gate, up = expert.chunk(2)
+                    out[f"{prefix}.{j}.gate_proj.weight"] = gate.clone()
+                    out[f"{prefix}.{j}.up_proj.weight"] = up.clone()
+        else:
+            out[key] = tensor
+    return out
+
+
+@pytest.fixture(scope="module")
+def kimi_vl(tmp_path_factory):
+    """A random transformers kimi_k25 (with an MoE layer) and the same weights written as a kimi_vl folder."""
+    torch.manual_seed(1)
+    config = tiny_config()
+    config.image_token_id = IMAGE_ID
+    config.text_config.num_hidden_layers = 2  # the second is MoE: per-expert matrices in the folder
+    reference = _perturb(Kimi_K25ForConditionalGeneration(config))
+    path = tmp_path_factory.mktemp("kimi_vl")
+    vision = config.vision_config
+    text = {**config.text_config.to_dict(), "topk_method": "noaux_tc", "scoring_func": "sigmoid"}
+    kimi_vl_config = {
+        "model_type": "kimi_vl",
+        "architectures": ["KimiVLForConditionalGeneration"],
+        "media_placeholder_token_id": IMAGE_ID,
+        "text_config": text,
+        "vision_config": {
+            "model_type": "moonvit", "patch_size": vision.patch_size, "init_pos_emb_height": vision.pos_emb_height,
+            "init_pos_emb_width": vision.pos_emb_width, "num_attention_heads": vision.num_attention_heads,
+            "num_hidden_layers": vision.num_hidden_layers, "hidden_size": vision.hidden_size,
+            "intermediate_size": vision.intermediate_size, "merge_kernel_size": list(vision.merge_kernel_size),
+        },
+    }  # fmt: skip
+    (path / "config.json").write_text(json.dumps(kimi_vl_config))
+    tensors = to_kimi_vl_layout(reference.state_dict())
+    assert "language_model.model.layers.1.mlp.experts.1.up_proj.weight" in tensors
+    assert "multi_modal_projector.linear_2.weight" in tensors
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return reference, path
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_kimi_vl_folder_matches_transformers_kimi_k25(kimi_vl, grid):
+    """Single images (what Kimi-VL and transformers' kimi_k25 compute alike): logits and greedy tokens equal."""
+    reference, path = kimi_vl
+    model = mmwb.from_pretrained(path, device="cpu", dtype=torch.float32)
+    assert isinstance(model, VisionLanguageModel) and model.config.source == "kimi_vl"
+    pixels, grid_hw = packed_inputs([grid])
+    grid_thw = torch.cat([torch.ones(1, 1, dtype=torch.long), grid_hw], dim=1)
+    ids = torch.tensor([[5, 9] + [IMAGE_ID] * (grid[0] * grid[1] // 4) + [7, 3, 11]])
+    inputs = dict(input_ids=ids, pixel_values=pixels, image_grid_thw=grid_thw)
+    with torch.no_grad():
+        expected, got = reference(**inputs).logits, model(**inputs).logits
+    assert (got - expected).abs().max() <= 1e-4
+    hf = reference.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ours = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(hf, ours)
+
+
+def test_kimi_vl_folder_loads_quantized_and_refuses_what_it_cannot_read(kimi_vl, tmp_path):
+    reference, path = kimi_vl
+    model = mmwb.from_pretrained(path, quantize="int8")
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"QuantizedLinear", "QuantizedExperts"} <= kinds and "Experts" not in kinds
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    config = json.loads((path / "config.json").read_text())
+    (broken / "model.safetensors").symlink_to(path / "model.safetensors")
+    del config["media_placeholder_token_id"]
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MmwbCheckpointError, match="media_placeholder_token_id"):
+        mmwb.from_pretrained(broken)
+    config = {**json.loads((path / "config.json").read_text())}
+    config["text_config"] = {**config["text_config"], "topk_method": "group_limited_greedy"}
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MmwbConfigError, match="topk_method 'group_limited_greedy'"):
+        mmwb.from_pretrained(broken)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ LOADERS: dict[str, str] = {
     "qwen3_moe": "mmwb.models.decoder.checkpoint:load_decoder",
     "mixtral": "mmwb.models.decoder.checkpoint:load_decoder",
     "mmwb_vlm": "mmwb.models.vlm.checkpoint:load_vlm",
-    "kimi_k25": "mmwb.models.vlm.import_hf:load_kimi_k25",
+    "kimi_k25": "mmwb.models.vlm.import_hf:load_kimi",
+    "kimi_vl": "mmwb.models.vlm.import_hf:load_kimi",
     "llava": "mmwb.models.vlm.import_hf:load_llava",
     "instructblip": "mmwb.models.vlm.import_hf:load_instructblip",
 }

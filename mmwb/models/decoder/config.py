@@ -227,7 +227,13 @@ def _rope(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 def _deepseek_v3(hf: dict[str, Any]) -> dict[str, Any]:
-    """Routing as transformers' deepseek_v3 (noaux_tc): sigmoid scores, bias for selection, top-2-sum groups."""
+    """Routing as the config's ``topk_method`` says: ``noaux_tc`` (DeepSeek-V3, transformers' deepseek_v3, Kimi):
+    scores plus a selection bias, top-2-sum groups; ``greedy`` (Moonshot's remote code offers it): plain top-k of
+    the scores, no bias, no groups. ``scoring_func`` picks sigmoid or softmax scores."""
+    method = hf.get("topk_method", "noaux_tc")
+    if method not in ("noaux_tc", "greedy"):
+        raise MmwbConfigError(f"config.json: topk_method {method!r} is not supported (noaux_tc, greedy)")
+    greedy = method == "greedy"
     return {
         "attention": "mla",
         "num_kv_heads": hf["num_attention_heads"],
@@ -244,9 +250,9 @@ def _deepseek_v3(hf: dict[str, Any]) -> dict[str, Any]:
         "scoring_func": hf.get("scoring_func", "sigmoid"),
         "norm_topk_prob": hf.get("norm_topk_prob", True),
         "routed_scaling_factor": hf.get("routed_scaling_factor", 1.0),
-        "n_group": hf.get("n_group") or 1,
-        "topk_group": hf.get("topk_group") or 1,
-        "expert_bias": True,
+        "n_group": 1 if greedy else hf.get("n_group") or 1,
+        "topk_group": 1 if greedy else hf.get("topk_group") or 1,
+        "expert_bias": not greedy,
         "first_k_dense_replace": hf.get("first_k_dense_replace", 0),
     }
 

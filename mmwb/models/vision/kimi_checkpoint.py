@@ -1,9 +1,13 @@
-"""Read the vision tower and projector of a ``kimi_k25`` checkpoint into MoonViT / PixelShuffleMLP names.
+"""Read the vision tower and projector of a ``kimi_k25`` or ``kimi_vl`` checkpoint into MoonViT / PixelShuffleMLP
+names.
 
-Two layouts exist: Moonshot's original one (what is published: ``vision_tower.encoder.blocks.N.wqkv`` with
-interleaved-RoPE channel order, ``mm_projector.proj.0/2``) and transformers' in-memory one
+Three layouts exist: Moonshot's as published, for Kimi-K2.5 (``vision_tower.encoder.blocks.N.wqkv`` with
+interleaved-RoPE channel order, ``mm_projector.proj.0/2``) and for Kimi-VL (the same tower,
+``multi_modal_projector.linear_1/linear_2``), and transformers' in-memory one for kimi_k25
 (``model.vision_tower.layers.N.attn.q_proj`` in rotate-half order, ``model.mm_projector.in_proj``). MoonViT keeps
-the original layout, so the first needs prefixes stripped and the second is permuted back.
+Moonshot's layout, so the first two need prefixes stripped and the third is permuted back. Kimi-VL's projector is
+the same computation as Kimi-K2.5's: LayerNorm over each 1152-wide patch, the 2x2 merge, linear, exact GELU,
+linear.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ _HF_BLOCK_RENAMES = {
     "attn.proj": "wo",
 }
 _ORIGINAL_PROJECTOR_RENAMES = {"pre_norm": "pre_norm", "proj.0": "in_proj", "proj.2": "out_proj"}
+_KIMI_VL_PROJECTOR_RENAMES = {"pre_norm": "pre_norm", "linear_1": "in_proj", "linear_2": "out_proj"}
+MODEL_TYPES = ("kimi_k25", "kimi_vl")
 
 # Moonshot's own config.json names for the vision settings, next to transformers' names
 _VISION_CONFIG_KEYS = {
@@ -73,23 +79,22 @@ def moonvit_config_from_dict(config: Mapping) -> MoonViTConfig:
 
 
 def read_kimi_vision(path: str | Path) -> KimiVision:
-    """Config, tower and projector tensors of a local kimi_k25 checkpoint directory (either layout)."""
+    """Config, tower and projector tensors of a local kimi_k25 or kimi_vl checkpoint directory (any layout)."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise MmwbCheckpointError(f"{path} has no config.json")
     config = json.loads(config_file.read_text())
-    if config.get("model_type") != "kimi_k25":
+    if config.get("model_type") not in MODEL_TYPES:
         raise MmwbCheckpointError(
-            f"{config_file}: model_type is {config.get('model_type')!r}, not 'kimi_k25'"
+            f"{config_file}: model_type is {config.get('model_type')!r}, not one of {MODEL_TYPES}"
         )
     vision_config = moonvit_config_from_dict(config)
     text_hidden = (config.get("text_config") or {}).get("hidden_size")
     if text_hidden is None:
         raise MmwbCheckpointError(f"{config_file}: text_config.hidden_size is missing")
-    tensors = _read_safetensors(
-        path, prefixes=("vision_tower.", "mm_projector.", "model.vision_tower.", "model.mm_projector.")
-    )
+    prefixes = ("vision_tower.", "mm_projector.", "multi_modal_projector.", "model.vision_tower.")
+    tensors = _read_safetensors(path, prefixes=(*prefixes, "model.mm_projector."))
     tower, projector = split_kimi_state(tensors, vision_config.num_heads)
     eps = config.get("projection_layer_norm_eps", config["vision_config"].get("projector_ln_eps", 1e-5))
     return KimiVision(vision_config, int(text_hidden), float(eps), tower, projector)
@@ -112,7 +117,7 @@ def build_kimi_vision(
         try:
             module.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as error:
-            raise MmwbCheckpointError(f"kimi_k25 {name} tensors do not fit: {error}") from error
+            raise MmwbCheckpointError(f"Kimi {name} tensors do not fit: {error}") from error
     return tower.eval(), projector.eval()
 
 
@@ -134,6 +139,10 @@ def _from_original(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
             tower[key.removeprefix("vision_tower.").removeprefix("encoder.")] = tensor
         elif key.startswith("mm_projector."):
             projector[_rename(key.removeprefix("mm_projector."), _ORIGINAL_PROJECTOR_RENAMES)] = tensor
+        elif key.startswith("multi_modal_projector."):
+            projector[_rename(key.removeprefix("multi_modal_projector."), _KIMI_VL_PROJECTOR_RENAMES)] = (
+                tensor
+            )
     return tower, projector
 
 

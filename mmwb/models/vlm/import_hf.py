@@ -129,21 +129,27 @@ def _section(raw: dict, key: str, directory: Path) -> dict:
     return raw[key]
 
 
-def load_kimi_k25(
+def load_kimi(
     path: str | Path, device=None, dtype: torch.dtype | None = None, quantize: Quantization | None = None
 ) -> VisionLanguageModel:
-    """MoonViT + pixel-shuffle projector + DeepSeek-V3 text from a kimi_k25 folder (either layout)."""
+    """MoonViT + pixel-shuffle projector + DeepSeek-V3 text from a kimi_k25 (any layout) or kimi_vl folder (as
+    Moonshot publishes it: ``vision_tower.*``, ``multi_modal_projector.*``, ``language_model.*``). Their remote code
+    never runs: the tower and projector are mmwb's own (``mmwb.models.vision.kimi_checkpoint``), the text model
+    mmwb's decoder."""
     from mmwb.models.vision.kimi_checkpoint import build_kimi_vision, read_kimi_vision
 
     directory = Path(path)
     raw = read_config(directory)
-    device = resolve_device(device)
-    text = load_text_model(directory, _section(raw, "text_config", directory), device, dtype, quantize)
-    tower, projector = build_kimi_vision(read_kimi_vision(directory), device, dtype or text.dtype)
     image_token = raw.get("image_token_id", raw.get("media_placeholder_token_id"))
     if image_token is None:
-        raise MmwbCheckpointError(f"{directory}/config.json: image_token_id is missing")
-    cfg = VLMConfig(int(image_token), template="plain", source="kimi_k25")
+        raise MmwbCheckpointError(
+            f"{directory}/config.json: image_token_id (media_placeholder_token_id) is missing"
+        )
+    vision = read_kimi_vision(directory)  # checks the model type and the vision tensors before the big load
+    device = resolve_device(device)
+    text = load_text_model(directory, _section(raw, "text_config", directory), device, dtype, quantize)
+    tower, projector = build_kimi_vision(vision, device, dtype or text.dtype)
+    cfg = VLMConfig(int(image_token), template="plain", source=raw["model_type"])
     return VisionLanguageModel(cfg, tower, projector, text, folder_tokenizer(directory)).eval()
 
 
