@@ -38,6 +38,14 @@ def test_bench_decoder_times_quantized_copies_against_mmwb_fp32(capsys):
     assert 0 <= quantized["same_tokens_as_fp32"] <= 1
     # int8 reads about a quarter of the fp32 weight bytes (plus the KV cache, the norms and the bf16 scales)
     assert quantized["bytes_per_token"] < 0.5 * result["decode_bytes_per_token"]
+    # the peer the issue names, where torchao is installed (mmwb does not depend on it): transformers with
+    # torchao's int8 weight-only config, in the same rounds
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is not None:
+        assert quantized["torchao_int8_tokens_per_s"] > 0 and quantized["ratio_vs_torchao_int8"] > 0
+    else:
+        assert "torchao_int8_tokens_per_s" not in quantized
 
 
 def test_bench_decoder_refuses_int4_on_widths_it_cannot_pack(capsys):
@@ -106,3 +114,23 @@ def test_the_large_bench_reports_memory_decode_and_first_token(tmp_path, monkeyp
         < report["modes"]["int8"]["decode"]["bytes_per_token"]
     )
     assert report["transformers"]["loaded"]  # tiny: it fits
+
+
+def test_the_llama_cpp_row_has_a_tokenizer_of_the_models_size_and_names_a_missing_build(tmp_path, capsys):
+    """What the llama.cpp row needs of mmwb itself (the row runs where a llama.cpp build exists, BENCHMARKS.md):
+    a byte-level BPE tokenizer with exactly the model's vocabulary, and a clear error without the build."""
+    from transformers import AutoTokenizer
+
+    from mmwb.bench.llama_cpp import write_tokenizer
+
+    write_tokenizer(tmp_path / "tok", 512)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert len(tokenizer) == 512 and max(tokenizer.get_vocab().values()) == 511
+    text = "a caption, with émojis 🦙 and 3 numbers"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    argv = ["bench", "decoder", "--size", "tiny", "--variants", "gqa", "--repeats", "1", "--prompt-len", "6",
+            "--new-tokens", "4", "--decode-batches", "1", "--prefill-shape", "1", "8", "--skip-train",
+            "--quantize", "int8", "--llama-cpp", str(tmp_path / "nowhere")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "not a built llama.cpp tree" in err and "llama-bench" in err

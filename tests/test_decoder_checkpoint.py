@@ -285,3 +285,33 @@ def test_moonlight_config_reads_and_its_latent_cache_size():
     assert cfg.softmax_scale == pytest.approx(192**-0.5)
     # (512 latent + 64 rope) values per layer in bf16 vs 2 * 16 heads * 192 for an expanded K/V cache
     assert cache_bytes_per_token(cfg, torch.bfloat16) == (512 + 64) * 27 * 2
+
+
+def test_greedy_routing_configs_select_without_the_bias(tmp_path):
+    """topk_method greedy (Moonshot's remote code offers it): plain top-k of the scores, no selection bias (a
+    bias that transformers' class saved anyway is ignored), no groups; other methods are refused by name."""
+    cfg = DecoderConfig.from_hf_config(
+        {**MOONLIGHT_CONFIG, "topk_method": "greedy", "n_group": 8, "topk_group": 4}
+    )
+    assert not cfg.expert_bias and (cfg.n_group, cfg.topk_group) == (1, 1)
+    assert DecoderConfig.from_hf_config(MOONLIGHT_CONFIG).expert_bias
+    with pytest.raises(MmwbConfigError, match="topk_method 'group_limited_greedy'"):
+        DecoderConfig.from_hf_config({**MOONLIGHT_CONFIG, "topk_method": "group_limited_greedy"})
+    reference = randomize(deepseek_v3())
+    reference.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "topk_method": "greedy"}))
+    model = from_pretrained(tmp_path)  # the saved e_score_correction_bias is not an unexpected tensor
+    assert model.routers()[0].e_score_correction_bias is None
+
+
+def test_reading_rows_past_a_tensor_is_a_clear_error(tmp_path):
+    from mmwb.models.decoder.checkpoint import TensorSource
+
+    save_file({"w": torch.arange(12.0).view(4, 3)}, tmp_path / "model.safetensors")
+    source = TensorSource(tmp_path)
+    assert torch.equal(source.get_rows("w", 1, 3), torch.arange(3.0, 9.0).view(2, 3))
+    assert torch.equal(source.get_row("w", 3), torch.tensor([9.0, 10.0, 11.0]))
+    assert source.dtype("w") == torch.float32
+    with pytest.raises(MmwbCheckpointError, match=r"has no rows 4:5"):
+        source.get_row("w", 4)

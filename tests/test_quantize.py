@@ -447,3 +447,54 @@ def test_quantizing_while_loading_never_holds_the_float_model(tmp_path, mode):
     assert final < 0.5 * float_bytes and final <= float_final + mb  # the quantized model, nothing left over
     assert peak - final <= largest + 24 * mb  # about one float tensor being read (the embeddings)
     assert float_peak > float_bytes > 1.5 * peak  # what streaming avoids: the whole float model
+
+
+def test_a_sharded_quantized_decoder_loads_module_by_module(tmp_path):
+    """save_pretrained shards an int4 decoder; loading reads each module's tensors into empty quantized layers
+    (no float model, no second quantization) and gives the same logits; a first-format int4 folder (fp32 scale
+    and low) is named as such."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    config = DecoderConfig(
+        vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+        intermediate_size=128, moe_intermediate_size=32, n_routed_experts=4, first_k_dense_replace=1,
+    )  # fmt: skip
+    model = quantize_model(DecoderForCausalLM(config), "int4", 32)
+    model.save_pretrained(tmp_path / "q", max_shard_bytes=20_000)
+    assert (tmp_path / "q" / "model.safetensors.index.json").is_file()
+    loaded = mmwb.from_pretrained(tmp_path / "q")
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    model.save_pretrained(tmp_path / "old")
+    tensors = load_file(tmp_path / "old" / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj."
+    tensors[name + "low"] = tensors.pop(name + "zero").float()
+    save_file(tensors, tmp_path / "old" / "model.safetensors")
+    with pytest.raises(MmwbCheckpointError, match="earlier format of mmwb"):
+        mmwb.from_pretrained(tmp_path / "old")
+
+
+def test_mla_caches_of_a_quantized_kv_b_follow_its_weight():
+    """MLA keeps kv_b dequantized for its absorbed decode: loading other weights into the model, or casting it,
+    must not leave the old ones in use."""
+    config = DecoderConfig(
+        vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, head_dim=16, attention="mla",
+        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32, intermediate_size=128,
+        moe_intermediate_size=32, n_routed_experts=4, first_k_dense_replace=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    first = quantize_model(DecoderForCausalLM(config).to(torch.bfloat16), "int8")
+    torch.manual_seed(1)
+    second = quantize_model(DecoderForCausalLM(config).to(torch.bfloat16), "int8")
+    prompt = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        first.generate(prompt, max_new_tokens=3, do_sample=False)  # fills the caches
+        first.load_state_dict(second.state_dict())
+        assert torch.equal(
+            first.generate(prompt, max_new_tokens=5, do_sample=False),
+            second.generate(prompt, max_new_tokens=5, do_sample=False),
+        )
+        first.float()  # the caches are made again in the new dtype
+        assert first.generate(prompt, max_new_tokens=2, do_sample=False).shape == (1, 6)

@@ -14,7 +14,12 @@ transformers runs with the fastest of its experts implementations, picked per ph
   switched off so freed tensors go back to the OS; the CUDA allocator's peak on GPUs);
 - KV-cache bytes per token and the decode memory-bandwidth utilisation: bytes a batch-1 decode step must read
   (active weights + the cache) times tokens/s over the machine's copy bandwidth, measured just before and just
-  after the batch-1 decode timings (a shared VM's bandwidth drifts between minutes; its decode speed with it).
+  after the batch-1 decode timings (a shared VM's bandwidth drifts between minutes; its decode speed with it);
+- ``--quantize int8 int4``: batch-1 decode of weight-only quantized copies against mmwb fp32, and with
+  ``--llama-cpp DIR`` llama.cpp's Q8_0 / Q4_0 of the same weights (mmwb.bench.llama_cpp).
+
+``--size kimi-vl-a3b`` runs another bench: the real model's widths, quantized while loading
+(mmwb.bench.large_decoder).
 """
 
 from __future__ import annotations
@@ -71,6 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also time batch-1 decode of weight-only quantized copies against mmwb fp32 (CPU)",
     )  # fmt: skip
     parser.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64, help="int4 group size")
+    parser.add_argument(
+        "--llama-cpp", metavar="DIR",
+        help="with --quantize: also time llama.cpp (Q8_0 / Q4_0 of the same weights) from this built llama.cpp "
+        "tree (mmwb.bench.llama_cpp)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -79,8 +89,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.size == "kimi-vl-a3b":
         from mmwb.bench import large_decoder
+        from mmwb.errors import MmwbConfigError
 
+        if args.llama_cpp:
+            raise MmwbConfigError(
+                "--llama-cpp runs beside the paired sizes (bench-small, tiny), not kimi-vl-a3b"
+            )
         return large_decoder.run(args)
+    if args.llama_cpp:  # checked before minutes of timing, not after
+        from mmwb.bench.llama_cpp import LlamaCpp
+        from mmwb.errors import MmwbConfigError
+
+        if not args.quantize:
+            raise MmwbConfigError(
+                "--llama-cpp times llama.cpp beside --quantize int8 / int4: give --quantize"
+            )
+        LlamaCpp.find(args.llama_cpp)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -263,15 +287,22 @@ def bench_variant(
         result["decode_bytes_per_token"] = bytes_per_token
     if args.quantize:
         ids = torch.randint(0, vocab, (1, args.prompt_len), generator=gen).to(device)
-        result["quantized"] = bench_quantized(ours, ids, args, result)
+        result["quantized"] = bench_quantized(ours, reference, ids, args, result)
+        if args.llama_cpp:
+            bench_llama_cpp(reference, args, result["quantized"])
+            _log(f"{variant}: llama.cpp done")
         _log(f"{variant}: quantized decode done")
     return result
 
 
-def bench_quantized(ours: Any, ids: torch.Tensor, args: argparse.Namespace, result: dict[str, Any]) -> dict:
+def bench_quantized(
+    ours: Any, reference: Any, ids: torch.Tensor, args: argparse.Namespace, result: dict[str, Any]
+) -> dict:
     """Batch-1 decode of int8 / int4 copies of ``ours`` against ``ours`` itself (paired, same prompt), with the
     bytes a step reads and the share of the copy bandwidth that makes; transformers' fp32 rate from the decode
-    phase above gives the second ratio."""
+    phase above gives the second ratio. With int8 and torchao installed, transformers with torchao's int8
+    weight-only config on the same weights runs in the same rounds (its linear layers; torchao leaves
+    transformers' fused experts alone)."""
     import copy
 
     from mmwb.bench.machine import active_decode_bytes, copy_bandwidth
@@ -283,9 +314,15 @@ def bench_quantized(ours: Any, ids: torch.Tensor, args: argparse.Namespace, resu
     models = {"fp32": ours}
     for mode in args.quantize:
         models[mode] = quantize_model(copy.deepcopy(ours), mode, args.group_size)
+    torchao = _torchao_int8(reference) if "int8" in args.quantize else None
 
     def call(model: Any, n: int) -> Callable[[], torch.Tensor]:
+        if model is torchao:
+            return lambda: model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
         return lambda: generate(model, ids, attention_mask=mask, max_new_tokens=n)
+
+    if torchao is not None:
+        models["torchao_int8"] = torchao
 
     before = copy_bandwidth(ids.device)
     with torch.no_grad():
@@ -310,7 +347,53 @@ def bench_quantized(ours: Any, ids: torch.Tensor, args: argparse.Namespace, resu
             "copy_bandwidth_gbs": bandwidth / 1e9,
             "same_tokens_as_fp32": (new[mode] == new["fp32"]).float().mean().item(),  # of the generated ones
         }
+    if torchao is not None:
+        report["int8"]["torchao_int8_tokens_per_s"] = rates["torchao_int8"]
+        report["int8"]["ratio_vs_torchao_int8"] = rates["int8"] / rates["torchao_int8"]
     return report
+
+
+def _torchao_int8(reference: Any) -> Any | None:
+    """A copy of the transformers model with torchao's int8 weight-only config, or None without torchao (CPU
+    only: that is where this comparison is asked for)."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        return None
+    if reference.device.type != "cpu":
+        return None
+    import copy
+
+    model = copy.deepcopy(reference)
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
+
+
+def bench_llama_cpp(reference: Any, args: argparse.Namespace, quantized: dict[str, dict]) -> None:
+    """llama.cpp's decode rate for each quantized mode, on the weights of ``reference`` (see
+    mmwb.bench.llama_cpp), added to ``quantized[mode]`` with mmwb's ratio to it."""
+    from mmwb.bench import llama_cpp
+    from mmwb.errors import MmwbConfigError
+
+    llama = llama_cpp.LlamaCpp.find(args.llama_cpp)
+    threads = args.threads or torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="mmwb-bench-llama-") as scratch:
+        folder = Path(scratch) / "model"
+        reference.save_pretrained(folder)
+        llama_cpp.write_tokenizer(folder, reference.config.vocab_size)
+        for mode, result in quantized.items():
+            peer: dict[str, Any] = {"type": llama_cpp.GGUF_TYPES[mode]}
+            try:
+                gguf = llama_cpp.to_gguf(llama, folder, Path(scratch) / f"{mode}.gguf", mode)
+                rate = llama_cpp.decode_rate(
+                    llama, gguf, threads, args.prompt_len, args.new_tokens, args.repeats
+                )
+                peer.update(tokens_per_s=rate, ratio_mmwb_vs_llama_cpp=result["tokens_per_s"] / rate)
+            except (
+                MmwbConfigError
+            ) as err:  # a model llama.cpp cannot take is its row's result, not the run's end
+                peer["error"] = str(err)
+            result["llama_cpp"] = peer
 
 
 def bench_decode(
@@ -483,4 +566,18 @@ def format_report(report: dict[str, Any]) -> str:
                 + f"{q['bytes_per_token'] / 2**20:.1f} MiB/token read = {q['bandwidth_utilisation']:.2f} of "
                 f"{q['copy_bandwidth_gbs']:.1f} GB/s; same tokens as fp32: {q['same_tokens_as_fp32']:.2f}"
             )
+            if "torchao_int8_tokens_per_s" in q:
+                lines.append(
+                    f"{variant:<8}{'decode tok/s transformers+torchao':<34}{'':>12}"
+                    f"{q['torchao_int8_tokens_per_s']:>14.4g}{q['ratio_vs_torchao_int8']:>8.2f}  "
+                    "mmwb int8 / transformers with torchao's int8 weight-only config"
+                )
+            peer = q.get("llama_cpp")
+            if peer is not None and "error" in peer:
+                lines.append(f"{variant:<8}{'decode tok/s llama.cpp ' + peer['type']:<34}  {peer['error']}")
+            elif peer is not None:
+                lines.append(
+                    f"{variant:<8}{'decode tok/s llama.cpp ' + peer['type']:<34}{peer['tokens_per_s']:>12.4g}"
+                    f"{'':>14}{peer['ratio_mmwb_vs_llama_cpp']:>8.2f}  mmwb {mode} / llama.cpp {peer['type']}"
+                )
     return "\n".join(lines)

@@ -13,8 +13,10 @@ loads it with ``mmwb.from_pretrained(quantize=...)`` and reports:
   pixel-shuffle projector (bf16), and the prefill of the 256 image + 64 text embeddings through the quantized model.
 
 transformers' row: its ``from_pretrained`` of the same folder in a fresh process whose address space is capped at
-the machine's memory (so that a load that cannot fit fails there, instead of the machine swapping or the kernel
-killing it); what it ends with is the result.
+the machine's memory, so that a load that cannot fit fails in that process instead of the kernel's OOM killer
+picking a process; what it ends with is the result. The cap counts address space, not memory: the checkpoint
+transformers maps counts too, so the failure comes earlier than memory would run out (the bf16 weights alone
+exceed the machine's memory, which is why it must fail).
 """
 
 from __future__ import annotations
@@ -28,12 +30,16 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
+
+from mmwb.errors import MmwbError
 
 SIZE = "kimi-vl-a3b"
 SHARD_BYTES = 2 << 30
@@ -125,6 +131,12 @@ def write_checkpoint(folder: Path, config: dict[str, Any], seed: int = 0) -> int
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in [
+        *folder.glob("*.safetensors"),
+        folder / "model.safetensors.index.json",
+        folder / "config.json",
+    ]:
+        stale.unlink(missing_ok=True)  # another layer count's shards would be read (and counted) too
     random = _RandomBf16(seed)
     shards: list[list[str]] = []
     shard: dict[str, torch.Tensor] = {}
@@ -306,10 +318,14 @@ def measure_transformers(folder: str, limit_bytes: int) -> dict:
 
 
 def in_fresh_process(function: Any, *args: Any) -> dict:
-    """``function(*args)`` in a new interpreter (spawned), so its memory figures start from an empty heap."""
+    """``function(*args)`` in a new interpreter (spawned), so its memory figures start from an empty heap; a
+    child killed on its way (the OOM killer) is an error here, not a wait."""
     context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        return pool.apply(function, args)
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        try:
+            return pool.submit(function, *args).result()
+        except BrokenProcessPool as err:
+            raise MmwbError(f"bench decoder --size {SIZE}: the measuring process died ({err})") from err
 
 
 # --- the bench ---
@@ -339,7 +355,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report["checkpoint_bytes"] = write_checkpoint(folder, config, args.seed or 0)
             report["write_s"] = time.perf_counter() - begin
         else:
-            report["checkpoint_bytes"] = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+            index = json.loads((folder / "model.safetensors.index.json").read_text())
+            report["checkpoint_bytes"] = index["metadata"]["total_size"]
         new_tokens = min(args.new_tokens, 32)
         for mode in args.quantize or ["int8", "int4"]:
             _log(f"{mode}: loading and timing in a fresh process")

@@ -164,6 +164,9 @@ class QuantizedLinear(nn.Module):
             _check_int4_shape((out_features, in_features), group_size)
         self.in_features, self.out_features = in_features, out_features
         self.mode, self.group_size = mode, group_size
+        self._derived: dict[
+            object, torch.Tensor | tuple
+        ] = {}  # see derived(); emptied when the weight changes
         # storage is allocated, not written: from_float or a state dict fills it (untouched pages cost no memory)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         if mode == "int8":
@@ -200,6 +203,13 @@ class QuantizedLinear(nn.Module):
             layer.scale_zero[:, a:b] = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1).to(_COMPUTE)
         return layer
 
+    def derived(self, key: object, make: Callable[[], torch.Tensor | tuple]) -> torch.Tensor | tuple:
+        """``make()``'s result, made once per ``key`` and kept until this layer's weight is loaded again or cast
+        or moved: what a caller computes from the weight (MLA's absorbed kv_b) without going stale."""
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
+
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # noqa: ANN001 (nn.Module's signature)
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.mode == "int4":
@@ -213,8 +223,15 @@ class QuantizedLinear(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        self._derived.clear()
         if self.mode == "int8":
             self.scale_compute = self.scale.to(_COMPUTE)
+            return
+        if prefix + "low" in state_dict:  # the first int4 format (fp32 scale and low): no longer read
+            error_msgs.append(
+                f"{prefix}: int4 tensors in an earlier format of mmwb (scale and low); export the model again"
+            )
+            unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(prefix)]
             return
         stored = {"qweight": self.packed.shape, "scale": self.scale_zero.shape[1::-1]}
         stored["zero"] = stored["scale"]
@@ -245,6 +262,7 @@ class QuantizedLinear(nn.Module):
         """Moves follow ``fn``; dtype changes (``model.to(torch.float16)``) leave the quantized form as it is."""
         kept = dict(self._buffers)
         super()._apply(fn, recurse)
+        self._derived.clear()
         for name, old in kept.items():
             new = self._buffers[name]
             if old is not None and new.dtype != old.dtype:
@@ -284,7 +302,8 @@ class QuantizedLinear(nn.Module):
         """flat (M, K) contiguous bf16 -> (M, N) bf16, without the bias: the kernel call alone, or for many rows
         (a prefill) a bf16 GEMM on the weight dequantized for the call (torch's kernels take one row at a time:
         ~73 us a row on a 2816 x 2048 expert, where dequantizing costs 0.9 ms (int8) / 5.8 ms (int4) once and
-        the GEMM ~30 us a row)."""
+        the GEMM ~30 us a row). That bf16 weight exists for the call only (for an LM head asked for every
+        position's logits: 2 bytes a weight, for a moment)."""
         if flat.shape[0] >= GEMM_ROWS[self.mode]:
             return flat @ self.bf16_weight().t()
         if self.mode == "int8" and self.in_features % INT8_KERNEL_INPUTS:
@@ -443,16 +462,18 @@ def check_request(mode: str, group_size: int, device: torch.device | str | None)
         raise MmwbConfigError(f"quantize: {mode!r} is not one of {', '.join(MODES)}")
     if mode == "int4" and group_size not in GROUP_SIZES:
         raise MmwbConfigError(f"quantize int4: group_size {group_size} is not one of {GROUP_SIZES}")
-    if device is not None and torch.device(device).type not in ("cpu", "meta"):
+    if device is not None and torch.device(device).type != "cpu":
         raise MmwbConfigError(f"quantize {mode}: runs on the CPU (torch's packed kernels), not on {device}")
 
 
 def quantize_model(model: nn.Module, mode: str, group_size: int = 64, empty: bool = False) -> nn.Module:
     """Replace every float layer of ``quantization_targets`` by its quantized form, in place, one at a time (each
     float layer is freed as its quantized form takes its place); ``empty``: by empty quantized layers of the same
-    shapes, for a stored quantized state dict to fill (the model may then be on the meta device). CPU only
-    (torch's packed-weight kernels); returns ``model``."""
-    check_request(mode, group_size, next((p.device for p in model.parameters()), None))
+    shapes, for a stored quantized state dict to fill (the model may then be on the meta device: materialise it
+    with ``to_empty(device="cpu")`` before loading, as loaders copy into the layers' buffers). CPU only (torch's
+    packed-weight kernels); returns ``model``."""
+    device = next((p.device for p in model.parameters()), None)
+    check_request(mode, group_size, None if empty and device == torch.device("meta") else device)
     targets = quantization_targets(model)
     check_shapes(targets, mode, group_size)
     make = empty_quantized if empty else quantize_module

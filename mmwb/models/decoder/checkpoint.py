@@ -2,8 +2,8 @@
 
 Loading builds the model on the meta device, plans for every parameter which checkpoint tensors make it (a rename,
 a stack of per-expert matrices, a row permutation), checks names and shapes of the whole plan before reading any
-data, then reads tensors one at a time from memory-mapped safetensors shards and assigns them, so a checkpoint is
-never held twice in memory.
+data, then reads tensors one at a time from the safetensors shards (plain file reads, see ``_Shard``) and assigns
+them, so a checkpoint is never held twice in memory; asked to quantize, it quantizes each layer as it reads it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model
 from torch import nn
 
 from mmwb.errors import MmwbCheckpointError
@@ -72,6 +71,9 @@ class TensorSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shard(name).shape(name)
 
+    def dtype(self, name: str) -> torch.dtype:
+        return self._shard(name).dtype(name)
+
     def get(self, name: str) -> torch.Tensor:
         return self._shard(name).read(name)
 
@@ -107,36 +109,39 @@ class _Shard:
         header.pop("__metadata__", None)
         self.entries: dict[str, dict] = header
         self.data_start = 8 + length
-        self.file = open(path, "rb", buffering=0)  # noqa: SIM115 (open while the source is)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
+    def dtype(self, name: str) -> torch.dtype:
+        stored = self.entries[name]["dtype"]
+        if stored not in _DTYPES:
+            raise MmwbCheckpointError(f"{self.path}: {name} has dtype {stored}, which mmwb does not read")
+        return _DTYPES[stored]
+
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """The tensor ``name``, or its rows ``start:stop`` along the first axis."""
-        entry = self.entries[name]
-        dtype = _DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise MmwbCheckpointError(
-                f"{self.path}: {name} has dtype {entry['dtype']}, which mmwb does not read"
-            )
-        shape = list(entry["shape"])
-        begin, end = entry["data_offsets"]
+        dtype, shape = self.dtype(name), list(self.shape(name))
+        begin, end = self.entries[name]["data_offsets"]
         if start is not None:
-            stop = shape[0] if stop is None else min(stop, shape[0])
+            rows = shape[0] if shape else 0
+            asked, stop = f"{start}:{stop}", rows if stop is None else min(stop, rows)
+            if not 0 <= start < stop:
+                raise MmwbCheckpointError(f"{self.path}: {name} {tuple(shape)} has no rows {asked}")
             size = (end - begin) // shape[0]
             begin, end, shape = begin + start * size, begin + stop * size, [stop - start, *shape[1:]]
         out = torch.empty(shape, dtype=dtype)
         target = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         done = 0
-        self.file.seek(self.data_start + begin)
-        while done < end - begin:
-            got = self.file.readinto(target[done : min(end - begin, done + _MAX_READ)])
-            if not got:  # the header was fine, the data is cut short
-                raise MmwbCheckpointError(
-                    f"{self.path}: cannot read {name} (the file ends {end - begin - done} bytes early)"
-                )
-            done += got
+        with open(self.path, "rb", buffering=0) as file:  # one open a read: no handle outlives it
+            file.seek(self.data_start + begin)
+            while done < end - begin:
+                got = file.readinto(target[done : min(end - begin, done + _MAX_READ)])
+                if not got:  # the header was fine, the data is cut short
+                    raise MmwbCheckpointError(
+                        f"{self.path}: cannot read {name} (the file ends {end - begin - done} bytes early)"
+                    )
+                done += got
         return out
 
 
@@ -243,10 +248,14 @@ def _rope_row_permutation(name: str, cfg: DecoderConfig) -> Callable[[list[torch
 
 
 def ignorable_hf_tensor(name: str, cfg: DecoderConfig) -> bool:
-    """Checkpoint tensors with no counterpart on purpose: DeepSeek's multi-token-prediction layers, rope caches."""
+    """Checkpoint tensors with no counterpart on purpose: DeepSeek's multi-token-prediction layers, rope caches, a
+    selection bias the config's routing does not use."""
     layer = re.match(r"^model\.layers\.(\d+)\.", name)
-    return (layer is not None and int(layer.group(1)) >= cfg.num_layers) or name.endswith(
-        "rotary_emb.inv_freq"
+    return (
+        (layer is not None and int(layer.group(1)) >= cfg.num_layers)
+        or name.endswith("rotary_emb.inv_freq")
+        # topk_method greedy selects without the bias; transformers' class (which knows no greedy) saves one
+        or (name.endswith("e_score_correction_bias") and not cfg.expert_bias)
     )
 
 
@@ -281,24 +290,48 @@ def load_decoder(
 
 
 def _load_quantized(directory: Path, cfg: DecoderConfig, settings: dict) -> DecoderForCausalLM:
-    """An exported int8/int4 decoder folder: empty quantized layers in the model's places, then the stored
-    tensors loaded into them (strict), on the CPU where the kernels run; nothing is quantized again."""
+    """An exported int8/int4 decoder folder (sharded or not): empty quantized layers in the model's places, then
+    each module's stored tensors read into it (strict), on the CPU where the kernels run; nothing is quantized
+    again and nothing is held twice."""
     from mmwb.models.quantize import QuantizedLinear, quantize_model
 
     with torch.device("meta"):
         model = quantize_model(DecoderForCausalLM(cfg), **settings, empty=True)
     model.to_empty(device="cpu")
-    weights = directory / WEIGHTS_NAME
-    try:
-        load_model(model, str(weights), strict=True)
-    except (RuntimeError, SafetensorError, FileNotFoundError) as err:
-        raise MmwbCheckpointError(
-            f"{weights}: tensors do not fit the quantized model in config.json ({err})"
-        ) from err
-    if cfg.tie_word_embeddings and not isinstance(model.lm_head, QuantizedLinear):
+    tied = cfg.tie_word_embeddings and not isinstance(model.lm_head, QuantizedLinear)
+    load_streamed(model, TensorSource(directory), directory, tied=("lm_head.weight",) if tied else ())
+    if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_rope(torch.device("cpu"))
     return model.eval()
+
+
+def load_streamed(
+    model: nn.Module, source: TensorSource, directory: Path, tied: tuple[str, ...] = ()
+) -> None:
+    """Every tensor of ``source`` into ``model`` (strict: names and shapes must fit), module by module, each
+    module's own tensors read just before it loads them. Unlike safetensors' load_model (the whole file read
+    first, then a full state dict of the model made to compare against), memory stays at the model's own size.
+    ``tied``: parameters that may be absent because they share another's storage."""
+    owners: dict[str, list[str]] = {}
+    for name in source.names():
+        owners.setdefault(name.rpartition(".")[0], []).append(name)
+    missing: list[str] = []
+    unexpected: list[str] = []
+    errors: list[str] = []
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        local = {name: source.get(name) for name in owners.pop(path, [])}
+        module._load_from_state_dict(local, prefix, {}, True, missing, unexpected, errors)
+    unexpected += [name for names in owners.values() for name in names]
+    missing = [name for name in missing if name not in tied]
+    problems = [
+        f"{label} ({len(items)}): {', '.join(items[:MAX_NAMES])}{' ...' if len(items) > MAX_NAMES else ''}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", errors))
+        if items
+    ]
+    if problems:
+        raise MmwbCheckpointError(f"{directory}: checkpoint does not fit the model: " + "; ".join(problems))
 
 
 def assemble_decoder(
@@ -331,8 +364,7 @@ def assemble_decoder(
         check_request(quantize.mode, quantize.group_size, device)
         targets = quantization_targets(model)
         check_shapes(targets, quantize.mode, quantize.group_size)
-    first = plan["model.embed_tokens.weight"].sources[0]
-    dtype = dtype or source.get(first).dtype
+    dtype = dtype or source.dtype(plan["model.embed_tokens.weight"].sources[0])
     state = {}
     for name, recipe in plan.items():
         if name.rpartition(".")[0] in targets:

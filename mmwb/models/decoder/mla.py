@@ -107,17 +107,11 @@ class MultiHeadLatentAttention(nn.Module):
         exact when an adapter (peft LoRA, unmerged) wraps the projection."""
         if type(self.kv_b_proj) is Linear:
             return self.kv_b_proj.weight
-        if hasattr(
-            self.kv_b_proj, "dequantize"
-        ):  # int8/int4 (mmwb.models.quantize): absorbed as fp32, made once
-            cached = getattr(self, "_dequantized_kv_b", None)
-            if cached is None or cached[0] is not self.kv_b_proj:
-                dtype = self.kv_a_layernorm.weight.dtype  # the layer's compute dtype
-                weight = self.kv_b_proj.dequantize().to(
-                    dtype
-                )  # (out, r), column-major like the decode layout
-                self._dequantized_kv_b = (self.kv_b_proj, weight.t().contiguous().t())
-            return self._dequantized_kv_b[1]
+        if hasattr(self.kv_b_proj, "derived"):  # int8/int4 (mmwb.models.quantize): dequantized once
+            dtype = self.kv_a_layernorm.weight.dtype  # the layer's compute dtype
+            # (out, r), column-major like the decode layout
+            make = lambda: self.kv_b_proj.dequantize().to(dtype).t().contiguous().t()  # noqa: E731
+            return self.kv_b_proj.derived(("kv_b", dtype), make)
         norm = self.kv_a_layernorm.weight  # never wrapped: the device and dtype the layer runs in
         identity = torch.eye(self.kv_rank, device=norm.device, dtype=norm.dtype)
         return self.kv_b_proj(identity).t()  # (out, r), column-major like the decode layout
@@ -151,16 +145,18 @@ class MultiHeadLatentAttention(nn.Module):
         return torch.matmul(out_latent, w_uv_t)  # (B, H, T, dv)
 
     def _absorption_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv_b's key half (H, dn, r) and transposed value half (H, r, dv). A quantized kv_b never changes: its
-        halves are made once, contiguous for batched matmuls (as strided views, bf16 matmuls copied them on every
-        decode step: 4 MB a layer at Kimi-VL's widths)."""
-        cached = getattr(self, "_absorption_cache", None)
-        if cached is not None and cached[0] is self.kv_b_proj:
-            return cached[1]
-        w = self._kv_b_weight().view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
-        w_uk, w_uv = w.split([self.nope_dim, self.v_dim], dim=1)  # (H, dn, r), (H, dv, r)
-        halves = (w_uk, w_uv.transpose(1, 2))
-        if hasattr(self.kv_b_proj, "dequantize"):
-            halves = (halves[0].contiguous(), halves[1].contiguous())
-            self._absorption_cache = (self.kv_b_proj, halves)
-        return halves
+        """kv_b's key half (H, dn, r) and transposed value half (H, r, dv). A quantized kv_b's halves are made
+        once (until its weight is loaded or cast again), contiguous for batched matmuls: as strided views, bf16
+        matmuls copied them on every decode step (4 MB a layer at Kimi-VL's widths)."""
+
+        def halves(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            w = weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
+            w_uk, w_uv = w.split([self.nope_dim, self.v_dim], dim=1)  # (H, dn, r), (H, dv, r)
+            return w_uk, w_uv.transpose(1, 2)
+
+        if not hasattr(self.kv_b_proj, "derived"):
+            return halves(self._kv_b_weight())
+        dtype = self.kv_a_layernorm.weight.dtype
+        weight = lambda: self.kv_b_proj.dequantize().to(dtype)  # noqa: E731
+        contiguous = lambda: tuple(w.contiguous() for w in halves(weight()))  # noqa: E731
+        return self.kv_b_proj.derived(("absorbed", dtype), contiguous)

@@ -52,6 +52,9 @@ class RenamedSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.source.shape(self.original[name])
 
+    def dtype(self, name: str) -> torch.dtype:
+        return self.source.dtype(self.original[name])
+
     def get(self, name: str) -> torch.Tensor:
         return self.source.get(self.original[name])
 
