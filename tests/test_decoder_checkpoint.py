@@ -315,3 +315,9 @@ def test_reading_rows_past_a_tensor_is_a_clear_error(tmp_path):
     assert source.dtype("w") == torch.float32
     with pytest.raises(MmwbCheckpointError, match=r"has no rows 4:5"):
         source.get_row("w", 4)
+
+
+def test_a_folder_under_home_loads_as_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    DecoderForCausalLM(CFG).save_pretrained(tmp_path / "models" / "tiny")
+    assert isinstance(from_pretrained("~/models/tiny", device="cpu"), DecoderForCausalLM)

@@ -35,7 +35,7 @@ def from_pretrained(
 ):
     """Load any checkpoint folder mmwb understands (see LOADERS) onto device in dtype; ``quantize`` ("int8" or
     "int4", groups of ``group_size``) then stores its linear layers and experts so (mmwb.models.quantize)."""
-    directory = Path(path)
+    directory = Path(path).expanduser()
     if not directory.is_dir():
         raise MmwbCheckpointError(f"{directory}: not a checkpoint folder")
     config = read_config(directory)
