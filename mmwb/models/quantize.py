@@ -164,9 +164,8 @@ class QuantizedLinear(nn.Module):
             _check_int4_shape((out_features, in_features), group_size)
         self.in_features, self.out_features = in_features, out_features
         self.mode, self.group_size = mode, group_size
-        self._derived: dict[
-            object, torch.Tensor | tuple
-        ] = {}  # see derived(); emptied when the weight changes
+        # see derived(); emptied when the weight changes
+        self._derived: dict[object, torch.Tensor | tuple] = {}
         # storage is allocated, not written: from_float or a state dict fills it (untouched pages cost no memory)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         if mode == "int8":
@@ -242,13 +241,14 @@ class QuantizedLinear(nn.Module):
         if missing:
             missing_keys.extend(missing)
             return
-        for name, shape in stored.items():
-            if tuple(state_dict[prefix + name].shape) != tuple(shape):
-                error_msgs.append(
-                    f"size mismatch for {prefix + name}: stored {tuple(state_dict[prefix + name].shape)}, "
-                    f"the layer takes {tuple(shape)}"
-                )
-        if error_msgs:
+        misshaped = [
+            f"size mismatch for {prefix + name}: stored {tuple(state_dict[prefix + name].shape)}, "
+            f"the layer takes {tuple(shape)}"
+            for name, shape in stored.items()
+            if tuple(state_dict[prefix + name].shape) != tuple(shape)
+        ]
+        if misshaped:
+            error_msgs.extend(misshaped)
             return
         qweight = state_dict[prefix + "qweight"]
         for a, b in _row_chunks(self.out_features, self.in_features):
@@ -316,10 +316,9 @@ class QuantizedLinear(nn.Module):
 
     def kernel_bytes(self) -> int:
         """Bytes the kernel reads for one product: the weight (1 or 1/2 byte each) and its bf16 scales (and zeros)."""
-        tensors = (
-            (self.qweight, self.scale_compute) if self.mode == "int8" else (self.packed, self.scale_zero)
-        )
-        return sum(t.numel() * t.element_size() for t in tensors)
+        int8 = self.mode == "int8"
+        weight, scales = (self.qweight, self.scale_compute) if int8 else (self.packed, self.scale_zero)
+        return weight.numel() * weight.element_size() + scales.numel() * scales.element_size()
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.mode == "int4" else ""
