@@ -323,3 +323,25 @@ def test_imported_checkpoints_run_weight_only_int8(family, request):
     assert (
         cosine > 0.99 and tokens.shape[1] >= inputs["input_ids"].shape[1] + 4
     )  # Kimi widens its placeholder
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llava_text_model_quantized_while_loading_equals_quantizing_the_loaded_model(llava, tied, tmp_path):
+    """transformers' text model is built with its parameters on the meta device and each linear layer read
+    straight into int8 (a head tied to the embeddings from them): the same bytes as loading the float model,
+    then quantizing it."""
+    from mmwb.models.quantize import QuantizedLinear, quantize_model
+
+    reference_model, path = llava
+    if tied:
+        config = reference_model.config.to_dict()
+        config["text_config"]["tie_word_embeddings"] = config["tie_word_embeddings"] = True
+        torch.manual_seed(2)
+        _perturb(LlavaForConditionalGeneration(LlavaConfig(**config))).save_pretrained(tmp_path)
+        path = tmp_path
+    streamed = mmwb.from_pretrained(path, quantize="int8")
+    reference = quantize_model(mmwb.from_pretrained(path, device="cpu"), "int8")
+    expected, got = reference.state_dict(), streamed.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert isinstance(streamed.language_model.model.lm_head, QuantizedLinear)
+    assert not any(p.device.type == "meta" for p in streamed.parameters())

@@ -97,20 +97,73 @@ def load_text_model(
             cfg, source, hf_recipe(model_type, text_config, cfg), lambda n: ignorable_hf_tensor(n, cfg),
             device, dtype, directory, quantize,
         )  # fmt: skip
+    return _load_transformers_text(directory, text_config, source, device, dtype or torch.float32, quantize)
+
+
+def _load_transformers_text(
+    directory: Path,
+    text_config: dict,
+    source: RenamedSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantize: Quantization | None,
+) -> nn.Module:
+    """transformers' text model built with its parameters on the meta device (buffers such as rope tables made
+    as usual), then each parameter read from the checkpoint in ``dtype``, and with ``quantize`` each linear layer
+    read straight into its quantized form: a 7B model never exists in fp32 (28 GB), nor in bf16 when quantized."""
+    from accelerate import init_empty_weights
+
+    from mmwb.models.quantize import (
+        QuantizedLinear,
+        check_request,
+        check_shapes,
+        quantization_targets,
+        replace_module,
+    )
     from mmwb.models.vlm.hf_text import TransformersCausalLM
+    from mmwb.runtime.memory import return_freed_memory
 
-    wrapper = TransformersCausalLM.from_config(text_config)
+    with init_empty_weights(include_buffers=False):
+        wrapper = TransformersCausalLM.from_config(text_config)
+    model = wrapper.model
     # a missing head is an error unless it is tied to the embeddings
-    tied = ("lm_head.weight",) if wrapper.model.config.tie_word_embeddings else ()
-    _load_strict(wrapper.model, source, directory, "language model", tied_ok=tied)
-    return wrapper.to(device, dtype or torch.float32).eval()
+    tied = ("lm_head.weight",) if model.config.tie_word_embeddings else ()
+    _check_fit(model, source, directory, "language model", tied)
+    targets = {}
+    if quantize is not None:
+        check_request(quantize.mode, quantize.group_size, device)
+        targets = quantization_targets(model)
+        check_shapes(targets, quantize.mode, quantize.group_size)
+    table = model.get_input_embeddings().weight
+    embeddings = next(name for name, p in model.named_parameters() if p is table)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        for name, module in targets.items():
+            # a tied head is the embeddings, as transformers' tie_weights makes it, whatever the file holds
+            weight = embeddings if tied and module is head else f"{name}.weight"
+            bias = None if module.bias is None else source.get(f"{name}.bias").to(dtype)
+            layer = QuantizedLinear.from_float(
+                source.get(weight).to(dtype), bias, quantize.mode, quantize.group_size
+            )
+            replace_module(model, name, layer)
+            return_freed_memory()
+        for name, param in list(model.named_parameters()):
+            if param.device.type == "meta" and name in source.names():
+                owner, _, leaf = name.rpartition(".")
+                tensor = source.get(name).to(device, dtype)
+                setattr(model.get_submodule(owner), leaf, nn.Parameter(tensor, param.requires_grad))
+        for name, buffer in model.named_buffers():
+            if name in source.names():
+                buffer.copy_(source.get(name))
+    if tied and "lm_head" not in targets:
+        model.tie_weights()
+    return wrapper.to(device, dtype).eval()
 
 
-def _load_strict(
+def _check_fit(
     module: nn.Module, source: RenamedSource, directory: Path, what: str, tied_ok: tuple[str, ...] = ()
 ) -> None:
-    """Check names and shapes, then copy the checkpoint into ``module`` one tensor at a time: a 7B text model is
-    never held twice (the whole state as one dict beside the model was 2x its size in memory)."""
+    """One error naming every missing, unexpected and mis-shaped tensor of ``module`` against ``source``."""
     target = module.state_dict()
     names = source.names()
     missing = [k for k in target if k not in names and k not in tied_ok and not k.endswith("inv_freq")]
@@ -121,8 +174,17 @@ def _load_strict(
             f"{directory}: {what} tensors do not fit (missing {missing[:8]}, unexpected {unexpected[:8]}, "
             f"mis-shaped {misshaped[:8]})"
         )
+
+
+def _load_strict(
+    module: nn.Module, source: RenamedSource, directory: Path, what: str, tied_ok: tuple[str, ...] = ()
+) -> None:
+    """Check names and shapes, then copy the checkpoint into ``module`` one tensor at a time (never the whole
+    state as one dict beside the model, which was 2x its size in memory)."""
+    _check_fit(module, source, directory, what, tied_ok)
+    target = module.state_dict()
     with torch.no_grad():
-        for name in names:
+        for name in source.names():
             target[name].copy_(source.get(name))
 
 
