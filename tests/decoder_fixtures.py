@@ -94,3 +94,40 @@ def randomize(model: torch.nn.Module, generator_seed: int = 0) -> torch.nn.Modul
             else:
                 tensor.copy_(0.08 * torch.randn(tensor.shape, generator=gen))
     return model.eval()
+
+
+_MEASURE_LOAD = """
+import sys, psutil, torch
+import mmwb
+from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM
+from mmwb.models.quantize import quantize_model
+from mmwb.runtime import track_peak_memory
+
+with torch.device("meta"):  # one-off imports and lazy torch initialisation are not part of the measurement
+    DecoderForCausalLM(DecoderConfig())
+torch.ops.aten._weight_int8pack_mm
+path, mode, how = sys.argv[1:]
+info = psutil.Process().memory_info()
+baseline = info.rss - info.shared
+with track_peak_memory(torch.device("cpu"), interval_s=0.0005) as memory:
+    if mode == "none":
+        model = mmwb.from_pretrained(path, device="cpu")
+    elif how == "streamed":
+        model = mmwb.from_pretrained(path, quantize=mode)
+    else:
+        model = quantize_model(mmwb.from_pretrained(path, device="cpu"), mode)
+print(memory.peak_anonymous_bytes - baseline, memory.final_anonymous_bytes - baseline)
+"""
+
+
+def measure_load(path, mode: str | None = None, how: str = "streamed") -> tuple[int, int]:
+    """Private memory (RSS less file-backed pages: a mapped checkpoint's pages are page cache, not a copy) that a
+    fresh process adds at the peak of loading ``path`` and at its end: a float load (``mode`` None), or int8/int4
+    quantized while loading (``how`` "streamed") or after a float load ("float_first")."""
+    import subprocess
+    import sys
+
+    script = [sys.executable, "-c", _MEASURE_LOAD, str(path), mode or "none", how]
+    out = subprocess.run(script, capture_output=True, text=True, check=True).stdout
+    peak, final = map(int, out.split())
+    return peak, final

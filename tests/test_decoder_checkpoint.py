@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from decoder_fixtures import VOCAB, deepseek_v3, mixtral, qwen3_moe, randomize
+from decoder_fixtures import VOCAB, deepseek_v3, measure_load, mixtral, qwen3_moe, randomize
 from safetensors.torch import load_file, save_file
 
 from mmwb.errors import MmwbCheckpointError, MmwbConfigError
@@ -182,33 +180,6 @@ def test_quantized_config_is_rejected():
         )
 
 
-_MEASURE_LOAD = """
-import sys, threading, psutil, torch
-from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM
-from mmwb.models.loading import from_pretrained
-import mmwb.models.decoder.checkpoint
-
-with torch.device("meta"):  # one-off imports and lazy torch initialisation are not part of the measurement
-    DecoderForCausalLM(DecoderConfig())
-
-def anonymous():  # resident minus file-backed pages: mmap'd checkpoint pages are page cache, not a copy
-    info = psutil.Process().memory_info()
-    return info.rss - info.shared
-
-baseline, peak, stop = anonymous(), [0], threading.Event()
-def sample():
-    while not stop.is_set():
-        peak[0] = max(peak[0], anonymous())
-        stop.wait(0.001)
-sampler = threading.Thread(target=sample)
-sampler.start()
-model = from_pretrained(sys.argv[1], device="cpu")
-stop.set()
-sampler.join()
-print(max(peak[0], anonymous()) - baseline)
-"""
-
-
 def test_loading_does_not_hold_the_checkpoint_twice(tmp_path):
     """Peak private memory of a fresh process loading a checkpoint stays well under two copies of the weights."""
     cfg = DecoderConfig(
@@ -225,10 +196,7 @@ def test_loading_does_not_hold_the_checkpoint_twice(tmp_path):
     model = DecoderForCausalLM(cfg)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(tmp_path)
-    result = subprocess.run(
-        [sys.executable, "-c", _MEASURE_LOAD, str(tmp_path)], capture_output=True, text=True, check=True
-    )
-    added = int(result.stdout.strip().splitlines()[-1])
+    added, _ = measure_load(tmp_path)
     assert 0.5 * weight_bytes < added < 1.5 * weight_bytes  # one copy (measured ~0.95x), never two
 
 

@@ -380,46 +380,12 @@ def test_quantizing_while_loading_equals_quantizing_the_loaded_model(tmp_path, l
         assert torch.equal(streamed(ids).logits, reference(ids).logits)
 
 
-_MEASURE_QUANTIZED_LOAD = """
-import sys, threading, psutil, torch
-import mmwb
-from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM
-from mmwb.models.quantize import quantize_model
-import mmwb.models.decoder.checkpoint
-
-with torch.device("meta"):  # one-off imports and lazy torch initialisation are not part of the measurement
-    DecoderForCausalLM(DecoderConfig())
-torch.ops.aten._weight_int8pack_mm
-
-def anonymous():  # resident minus file-backed pages: mmap'd checkpoint pages are page cache, not a copy
-    info = psutil.Process().memory_info()
-    return info.rss - info.shared
-
-baseline, peak, stop = anonymous(), [0], threading.Event()
-def sample():
-    while not stop.is_set():
-        peak[0] = max(peak[0], anonymous())
-        stop.wait(0.0005)
-sampler = threading.Thread(target=sample)
-sampler.start()
-path, mode, how = sys.argv[1:]
-if how == "streamed":
-    model = mmwb.from_pretrained(path, quantize=mode)
-else:
-    model = quantize_model(mmwb.from_pretrained(path, device="cpu"), mode)
-stop.set()
-sampler.join()
-print(max(peak[0], anonymous()) - baseline, anonymous() - baseline)
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantizing_while_loading_never_holds_the_float_model(tmp_path, mode):
     """Peak private memory of a fresh process loading a 290 MB fp32 MoE checkpoint as int8/int4: the final model
     plus a few float tensors (streamed), where loading the float model first peaks above the whole float size."""
-    import subprocess
-    import sys
+    from decoder_fixtures import measure_load
 
     torch.manual_seed(0)
     config = DecoderConfig(
@@ -432,13 +398,8 @@ def test_quantizing_while_loading_never_holds_the_float_model(tmp_path, mode):
     model.save_pretrained(tmp_path)
     del model
 
-    def measure(how: str) -> tuple[int, int]:
-        script = [sys.executable, "-c", _MEASURE_QUANTIZED_LOAD, str(tmp_path), mode, how]
-        out = subprocess.run(script, capture_output=True, text=True, check=True).stdout
-        peak, final = map(int, out.split())
-        return peak, final
-
-    (peak, final), (float_peak, float_final) = measure("streamed"), measure("float_first")
+    peak, final = measure_load(tmp_path, mode, "streamed")
+    float_peak, float_final = measure_load(tmp_path, mode, "float_first")
     mb = 2**20
     print(
         f"\n{mode}: float {float_bytes / mb:.0f} MB; streamed peak {peak / mb:.0f} MB, final {final / mb:.0f} MB;"

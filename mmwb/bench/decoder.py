@@ -25,7 +25,6 @@ transformers runs with the fastest of its experts implementations, picked per ph
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import sys
 import tempfile
@@ -86,6 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from mmwb.bench.machine import describe_machine
     from mmwb.runtime import resolve_device, resolve_precision
+    from mmwb.runtime.memory import unmap_large_blocks
 
     if args.size == "kimi-vl-a3b":
         from mmwb.bench import large_decoder
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     dtype = resolve_precision(args.dtype, device).param_dtype
     seed = 0 if args.seed is None else args.seed
-    _return_freed_memory()
+    unmap_large_blocks()
     report: dict[str, Any] = {
         "machine": describe_machine(device),
         "dtype": str(dtype).removeprefix("torch."),
@@ -122,16 +122,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.json:
         print(format_report(report))
     return report
-
-
-def _return_freed_memory() -> None:
-    """Make glibc mmap every large block and unmap it on free, so RSS peaks measure live tensors only."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed (the dynamic threshold would keep freed blocks)
-    libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
 
 
 # --- the two models ---

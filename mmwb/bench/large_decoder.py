@@ -27,7 +27,6 @@ import multiprocessing
 import os
 import resource
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -181,28 +180,18 @@ def write_checkpoint(folder: Path, config: dict[str, Any], seed: int = 0) -> int
 @contextmanager
 def peak_memory() -> Iterator[dict[str, int]]:
     """Peak RSS and peak anonymous memory (RSS less file-backed pages) of this process over the block, sampled
-    every millisecond, plus the figures at its end."""
-    process, stop = psutil.Process(), threading.Event()
-    result = {"peak_rss": 0, "peak_anonymous": 0}
+    every millisecond, plus the figures at its end (the dict is filled when the block ends)."""
+    from mmwb.runtime import track_peak_memory
 
-    def sample() -> None:
-        while not stop.is_set():
-            info = process.memory_info()
-            result["peak_rss"] = max(result["peak_rss"], info.rss)
-            result["peak_anonymous"] = max(result["peak_anonymous"], info.rss - info.shared)
-            stop.wait(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        yield result
-    finally:
-        stop.set()
-        sampler.join()
-        info = process.memory_info()
-        result["final_rss"], result["final_anonymous"] = info.rss, info.rss - info.shared
-        result["peak_rss"] = max(result["peak_rss"], info.rss)
-        result["peak_anonymous"] = max(result["peak_anonymous"], result["final_anonymous"])
+    figures: dict[str, int] = {}
+    with track_peak_memory(torch.device("cpu"), interval_s=0.001) as memory:
+        yield figures
+    figures.update(
+        peak_rss=memory.peak_bytes,
+        peak_anonymous=memory.peak_anonymous_bytes,
+        final_rss=memory.final_bytes,
+        final_anonymous=memory.final_anonymous_bytes,
+    )
 
 
 def measure_mmwb(folder: str, mode: str, group_size: int, new_tokens: int, threads: int | None) -> dict:

@@ -13,6 +13,7 @@ import psutil
 import torch
 
 from mmwb.runtime.device import synchronize
+from mmwb.runtime.memory import return_freed_memory
 
 
 @dataclass
@@ -51,11 +52,16 @@ def rate(count: float, seconds: float) -> float:
 
 @dataclass
 class PeakMemory:
-    """Result of :func:`track_peak_memory`: the peak over the block and the level before it, in bytes."""
+    """Result of :func:`track_peak_memory`: the peak over the block and the level before it, in bytes. On CPU
+    also the level at the block's end and the anonymous part (RSS less file-backed pages: a memory-mapped file
+    read through is page cache, not memory the process holds) at its peak and end."""
 
     source: str
     baseline_bytes: int = 0
     peak_bytes: int = 0
+    final_bytes: int = 0
+    peak_anonymous_bytes: int | None = None
+    final_anonymous_bytes: int | None = None
 
     @property
     def added_bytes(self) -> int:
@@ -73,22 +79,30 @@ def track_peak_memory(device: torch.device, interval_s: float = 0.002) -> Iterat
         yield result
         synchronize(device)
         result.peak_bytes = torch.cuda.max_memory_allocated(device)
+        result.final_bytes = torch.cuda.memory_allocated(device)
         return
+    return_freed_memory()  # heap pages freed earlier but kept would absorb the block's allocations unseen
     process = psutil.Process()
     result = PeakMemory("process-rss", baseline_bytes=process.memory_info().rss)
-    result.peak_bytes = result.baseline_bytes
+    result.peak_bytes, result.peak_anonymous_bytes = result.baseline_bytes, 0
     stop = threading.Event()
 
-    def sample() -> None:
+    def sample() -> tuple[int, int]:
+        info = process.memory_info()
+        result.peak_bytes = max(result.peak_bytes, info.rss)
+        result.peak_anonymous_bytes = max(result.peak_anonymous_bytes, info.rss - info.shared)
+        return info.rss, info.rss - info.shared
+
+    def sample_until_stopped() -> None:
         while not stop.is_set():
-            result.peak_bytes = max(result.peak_bytes, process.memory_info().rss)
+            sample()
             stop.wait(interval_s)
 
-    thread = threading.Thread(target=sample, daemon=True)
+    thread = threading.Thread(target=sample_until_stopped, daemon=True)
     thread.start()
     try:
         yield result
     finally:
         stop.set()
         thread.join()
-        result.peak_bytes = max(result.peak_bytes, process.memory_info().rss)
+        result.final_bytes, result.final_anonymous_bytes = sample()

@@ -324,14 +324,7 @@ def load_streamed(
         local = {name: source.get(name) for name in owners.pop(path, [])}
         module._load_from_state_dict(local, prefix, {}, True, missing, unexpected, errors)
     unexpected += [name for names in owners.values() for name in names]
-    missing = [name for name in missing if name not in tied]
-    problems = [
-        f"{label} ({len(items)}): {', '.join(items[:MAX_NAMES])}{' ...' if len(items) > MAX_NAMES else ''}"
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", errors))
-        if items
-    ]
-    if problems:
-        raise MmwbCheckpointError(f"{directory}: checkpoint does not fit the model: " + "; ".join(problems))
+    _raise_misfit(directory, [name for name in missing if name not in tied], unexpected, errors)
 
 
 def assemble_decoder(
@@ -461,6 +454,11 @@ def _check_plan(
         for s, shape in zip(recipe.sources, recipe.shapes)
         if s in available and source.shape(s) != tuple(shape)
     ]
+    _raise_misfit(directory, missing, unexpected, misshaped)
+
+
+def _raise_misfit(directory: Path, missing: list[str], unexpected: list[str], misshaped: list[str]) -> None:
+    """One error listing every missing, unexpected and mis-shaped tensor by name (a few of each), if any."""
     problems = [
         f"{label} ({len(items)}): {', '.join(items[:MAX_NAMES])}{' ...' if len(items) > MAX_NAMES else ''}"
         for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
