@@ -243,7 +243,7 @@ def test_without_the_kernels_everything_runs_on_torch_ops(monkeypatch, tmp_path,
         monkeypatch.setenv("MMWB_CPU_KERNELS", "0")
     elif reason == "no source file":  # an install that lost its package data
         monkeypatch.setenv("MMWB_CACHE", str(tmp_path))
-        monkeypatch.setattr(cpu_kernels, "SOURCE", tmp_path / "missing.c")
+        monkeypatch.setattr(cpu_kernels, "SOURCES", (*cpu_kernels.SOURCES[:-1], tmp_path / "missing.c"))
     else:
         blocker = tmp_path / "file"
         blocker.write_text("not a directory")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmwb.errors import MmwbConfigError
+from mmwb.models.decoder.kernels.cpu import int8_experts, int8_linear
 from mmwb.models.decoder.linear import Linear
 from mmwb.models.decoder.moe import Experts
 
@@ -294,8 +295,11 @@ class QuantizedLinear(nn.Module):
         return levels.sub_(8).mul_(table[..., :1]).add_(table[..., 1:]).view(self.out_features, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.product(x.reshape(-1, self.in_features).to(_COMPUTE).contiguous())
-        out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        flat = x.reshape(-1, self.in_features)
+        out = int8_linear(flat, self.qweight, self.scale) if self.mode == "int8" else None
+        if out is None:
+            out = self.product(flat.to(_COMPUTE).contiguous()).to(x.dtype)
+        out = out.view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
     def product(self, flat: torch.Tensor) -> torch.Tensor:
@@ -378,9 +382,18 @@ class QuantizedExperts(nn.Module):
         return out.to(x.dtype), counts
 
     def _few_tokens(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Decode: each token's chosen experts read from the host (free on a CPU) and run in bf16 from kernel to
-        kernel; a handful of ops per expert instead of the grouped path's bookkeeping."""
+        """Decode: each token's chosen experts read from the host (free on a CPU): int8 in one kernel call a token
+        (int8.c), else in bf16 from kernel to kernel; a handful of ops per expert instead of the grouped path's
+        bookkeeping."""
         chosen, coefs, rows = indices.tolist(), weights.tolist(), []
+        if self.gate_up[0].mode == "int8":
+            for n, experts in enumerate(chosen):
+                gate_up = [(self.gate_up[e].qweight, self.gate_up[e].scale) for e in experts]
+                down = [(self.down[e].qweight, self.down[e].scale) for e in experts]
+                rows.append(int8_experts(x[n : n + 1].contiguous(), gate_up, down, coefs[n]))
+            if all(row is not None for row in rows):
+                return torch.cat(rows)
+            rows = []
         flat = x.to(_COMPUTE)
         for n, experts in enumerate(chosen):
             xn, total = flat[n : n + 1], None

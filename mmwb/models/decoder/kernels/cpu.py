@@ -46,7 +46,8 @@ NORM_MAX_ROWS = 64
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu.c")  # shipped as package data beside this binding
+# shipped as package data beside this binding, compiled into one library; int8.c: products with int8 weights
+SOURCES = (Path(__file__).with_name("cpu.c"), Path(__file__).with_name("int8.c"))
 
 # Tried in order: the fastest build this compiler accepts. OpenMP's simd pragmas let the dot products vectorise
 # (a float sum may then be reassociated, as BLAS does).
@@ -280,6 +281,76 @@ def route(
     return (logits, indices, weights) if status == 0 else None
 
 
+INT8_BLOCK = 128  # int8.c quantizes the input in blocks of this many values: input widths must be multiples
+INT8_MAX_INPUTS = 16384
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """x (M, K) fp32 or bf16, M <= MAX_ROWS, times an int8 weight qweight (N, K) with row scales ``scale`` (N,)
+    fp32 -> (M, N) in x's dtype, read straight from the int8 bytes (int8.c: the input quantized to int8 in blocks
+    of INT8_BLOCK, AVX-512 VNNI dot products). None where it does not apply (the caller runs torch's kernel)."""
+    rows, inputs = x.shape
+    if not (
+        _int8_applies(x, inputs)
+        and rows <= MAX_ROWS
+        and qweight.shape[1] == inputs
+        and qweight.is_contiguous()
+        and scale.is_contiguous()
+        and scale.dtype == torch.float32
+    ):
+        return None
+    y = x.new_empty(rows, qweight.shape[0])
+    status = _kernels().int8_rows(
+        x.data_ptr(), x.dtype == torch.bfloat16, rows, inputs, qweight.data_ptr(), scale.data_ptr(),
+        qweight.shape[0], y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return y if status == 0 else None
+
+
+def int8_experts(
+    x: torch.Tensor,
+    gate_up: list[tuple[torch.Tensor, torch.Tensor]],
+    down: list[tuple[torch.Tensor, torch.Tensor]],
+    coefs: list[float],
+) -> torch.Tensor | None:
+    """sum_i coefs[i] * down_i(silu(gate) * up), [gate; up] = gate_up_i(x), for one token x (1, C) fp32 or bf16,
+    in one call; each weight an int8 (qweight, fp32 row scales) pair: gate_up_i (2I, C), down_i (C, I). None where
+    it does not apply."""
+    hidden, inter = x.shape[-1], down[0][0].shape[1]
+    if not (
+        _int8_applies(x, hidden)
+        and x.shape[0] == 1
+        and inter % INT8_BLOCK == 0
+        and inter <= INT8_MAX_INPUTS
+        and all(q.shape == (2 * inter, hidden) and q.is_contiguous() for q, _ in gate_up)
+        and all(q.shape == (hidden, inter) and q.is_contiguous() for q, _ in down)
+    ):
+        return None
+    count = len(coefs)
+    pointers = [
+        (ctypes.c_void_p * count)(*(t.data_ptr() for t in column)) for column in (*zip(*gate_up), *zip(*down))
+    ]
+    y = x.new_empty(x.shape)
+    status = _kernels().int8_experts(
+        x.data_ptr(), x.dtype == torch.bfloat16, hidden, inter, count, *pointers,
+        (ctypes.c_float * count)(*coefs), y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return y if status == 0 else None
+
+
+def _int8_applies(x: torch.Tensor, inputs: int) -> bool:
+    return (
+        _kernels() is not None
+        and x.is_cpu
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.is_contiguous()
+        and inputs % INT8_BLOCK == 0
+        and inputs <= INT8_MAX_INPUTS
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and not torch.compiler.is_compiling()
+    )
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the kernels can take a product of x and weight: they are built, both are fp32 CPU tensors, autograd
     has nothing to record, and neither autocast nor torch.compile is on."""
@@ -327,6 +398,8 @@ _SIGNATURES = {
         _I32,
         [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I32, _I64, _I64, _I32, _F32, _PTR, _PTR, _PTR],
     ),
+    "int8_rows": (_I32, [_PTR, _I32, _I64, _I64, _PTR, _PTR, _I64, _PTR, _I32]),
+    "int8_experts": (_I32, [_PTR, _I32, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I32]),
 }
 
 
@@ -351,7 +424,7 @@ def _kernels() -> _Kernels | None:
 
 def _build() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or not SOURCE.is_file():  # no compiler, or an install without the package data
+    if compiler is None or not all(source.is_file() for source in SOURCES):  # no compiler, or no package data
         return None
     for flags in _FLAG_SETS:
         target = _cache_dir() / f"cpu_kernels-{_build_key(compiler, flags)}.so"
@@ -369,7 +442,7 @@ def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> bool:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         built = Path(work) / target.name
-        command = [compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(built), "-lm"]
+        command = [compiler, *flags, "-shared", "-fPIC", *map(str, SOURCES), "-o", str(built), "-lm"]
         if subprocess.run(command, capture_output=True, timeout=COMPILE_TIMEOUT_S).returncode != 0:
             return False
         os.replace(built, target)
@@ -382,7 +455,7 @@ def _build_key(compiler: str, flags: tuple[str, ...]) -> str:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         cpu += next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
-    text = "\n".join([SOURCE.read_text(), compiler, *flags, cpu])
+    text = "\n".join([*(source.read_text() for source in SOURCES), compiler, *flags, cpu])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
