@@ -184,24 +184,28 @@ YARN = dict(rope_type="yarn", rope_factor=4.0, rope_original_max_position_embedd
 
 
 @pytest.mark.parametrize(
-    ("variant", "kernel", "batch"),
+    ("variant", "kernel", "batch", "dtype"),
     [
-        (MLA, "latent_attention", 1),
-        ({**MLA, **YARN, "q_lora_rank": 20}, "latent_attention", 1),
-        (MLA, "latent_attention", 3),  # left-padded rows: the kernel masks their padding
-        (dict(attention="gqa", num_kv_heads=2, head_dim=12, qk_norm=True), "gqa_attention", 1),
+        (MLA, "latent_attention", 1, torch.float32),
+        ({**MLA, **YARN, "q_lora_rank": 20}, "latent_attention", 1, torch.float32),
+        (MLA, "latent_attention", 3, torch.float32),  # left-padded rows: the kernel masks their padding
+        (MLA, "latent_attention", 1, torch.bfloat16),  # a bf16 model: bf16 cache and kv_b, fp32 inside
+        (MLA, "latent_attention", 3, torch.bfloat16),
+        (dict(attention="gqa", num_kv_heads=2, head_dim=12, qk_norm=True), "gqa_attention", 1, torch.float32),
     ],
 )
 def test_attention_decode_through_the_kernel_equals_the_torch_path(
-    calls, monkeypatch, variant, kernel, batch
+    calls, monkeypatch, variant, kernel, batch, dtype
 ):
-    """Decode steps: logits and the cache written by the kernel equal the torch path's."""
+    """Decode steps: logits and the cache written by the kernel equal the torch path's (bf16: up to the
+    roundings of the torch path's bf16 ops, which the kernel does in fp32)."""
     config = DecoderConfig(
         vocab_size=53, hidden_size=48, num_layers=2, num_heads=4, intermediate_size=64, moe_intermediate_size=24,
         n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, **variant,
     )  # fmt: skip
     model = DecoderForCausalLM(config).eval()
     model.init_weights(std=0.1)
+    model.to(dtype)
     ids = torch.randint(0, 53, (batch, 9))
     mask = torch.ones_like(ids)
     mask[1:, :2] = 0  # every row but the first is left-padded
@@ -225,8 +229,15 @@ def test_attention_decode_through_the_kernel_equals_the_torch_path(
         torch_path.setattr(attention if kernel == "gqa_attention" else mla, "applies", lambda *tensors: False)
         want, want_cache = decode()
     assert calls[kernel] == 4 * config.num_layers
-    assert (got - want).abs().max() <= 1e-5
-    assert torch.allclose(got_cache, want_cache, rtol=1e-5, atol=1e-6)
+    if dtype == torch.float32:
+        assert (got - want).abs().max() <= 1e-5
+        assert torch.allclose(got_cache, want_cache, rtol=1e-5, atol=1e-6)
+    else:
+        assert got_cache.dtype == torch.bfloat16
+        assert (got - want).abs().max() <= 2**-5 * want.abs().max()
+        first = got_cache.numel() // config.num_layers  # the first layer's latents: one bf16 rounding apart
+        assert torch.allclose(got_cache[:first], want_cache[:first], rtol=2**-7, atol=2**-7)
+        assert (got_cache - want_cache).abs().max() <= 2**-5 * want_cache.abs().max()  # later: their inputs
 
 
 @pytest.fixture
@@ -291,3 +302,33 @@ def test_router_through_the_kernel_equals_the_torch_path(calls, monkeypatch, rou
     assert torch.equal(got[1], want[1])
     for g, w in zip(got[::2], want[::2]):
         assert torch.allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_latent_attention_reads_kv_b_in_either_layout(dtype):
+    """Column-major kv_b (the fp32 decode layout) and row-major (a quantized kv_b's dequantized copy) give the
+    same attention and the same cache row."""
+    if cpu_kernels._kernels() is None:
+        pytest.skip("kernels unavailable")
+    torch.manual_seed(0)
+    batch, heads, nope, rope_dim, v_dim, rank, slots, position = 2, 4, 16, 8, 12, 32, 10, 6
+    weight = torch.randn(heads * (nope + v_dim), rank).to(dtype)
+    q = torch.randn(batch, heads * (nope + rope_dim)).to(dtype)
+    kv = torch.randn(batch, rank + rope_dim).to(dtype)
+    norm = torch.rand(rank).to(dtype) + 0.5
+    rope = torch.randn(batch, rope_dim // 2).cos(), torch.randn(batch, rope_dim // 2).sin()
+    mask = torch.ones(batch, 1, 1, position + 1, dtype=torch.bool)
+    mask[1, ..., :2] = False
+    start = torch.randn(batch, 1, slots, rank + rope_dim).to(dtype)
+    results = []
+    for layout in (weight, _column_major(weight)):
+        cache = start.clone()
+        out = cpu_kernels.latent_attention(
+            q, kv, norm, 1e-6, rope, cache, position, mask, layout, (heads, nope, rope_dim, v_dim), 0.3
+        )
+        assert out is not None and out.dtype == dtype
+        results.append((out.float(), cache.float()))
+    (row_out, row_cache), (column_out, column_cache) = results
+    assert torch.equal(row_cache, column_cache) and not torch.equal(row_cache, start.float())
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-7
+    assert (row_out - column_out).abs().max() <= tolerance * column_out.abs().max()

@@ -16,7 +16,7 @@ from torch import nn
 from mmwb.models.decoder.attention import grouped_attention
 from mmwb.models.decoder.cache import LatentCache
 from mmwb.models.decoder.config import DecoderConfig
-from mmwb.models.decoder.kernels.cpu import applies, latent_attention
+from mmwb.models.decoder.kernels.cpu import LATENT_DTYPES, applies, latent_attention
 from mmwb.models.decoder.linear import Linear
 from mmwb.models.decoder.norm import RMSNorm
 from mmwb.models.decoder.rope import apply_rope, last_positions
@@ -61,7 +61,9 @@ class MultiHeadLatentAttention(nn.Module):
         """``queries`` > 0: outputs for the last ``queries`` positions only (the latent from all of ``x``)."""
         batch, length, _ = x.shape
         decoding = cache is not None and length == 1 <= self.decode_max_tokens
-        if decoding and applies(x, self.kv_a_layernorm.weight):  # the kernel checks kv_b itself
+        if decoding and applies(
+            x, self.kv_a_layernorm.weight, LATENT_DTYPES
+        ):  # the kernel checks kv_b itself
             out = self._decode_on_cpu(x, rope, mask, cache, cache_position)
             if out is not None:
                 return self.o_proj(out.view(batch, 1, -1))
@@ -109,8 +111,8 @@ class MultiHeadLatentAttention(nn.Module):
             return self.kv_b_proj.weight
         if hasattr(self.kv_b_proj, "derived"):  # int8/int4 (mmwb.models.quantize): dequantized once
             dtype = self.kv_a_layernorm.weight.dtype  # the layer's compute dtype
-            # (out, r), column-major like the decode layout
-            make = lambda: self.kv_b_proj.dequantize().to(dtype).t().contiguous().t()  # noqa: E731
+            # (out, r) row-major: the kernel reads each head's rows front to back
+            make = lambda: self.kv_b_proj.dequantize().to(dtype)  # noqa: E731
             return self.kv_b_proj.derived(("kv_b", dtype), make)
         norm = self.kv_a_layernorm.weight  # never wrapped: the device and dtype the layer runs in
         identity = torch.eye(self.kv_rank, device=norm.device, dtype=norm.dtype)

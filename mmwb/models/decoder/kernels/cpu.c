@@ -117,70 +117,137 @@ static void softmax_rows(float *scores, int64_t rows, int64_t seq) {
     }
 }
 
+/* n values of a float or bf16 array from offset on, as floats: the array itself when it is fp32, else widened
+   into scratch (bf16 is the top half of a float's bits). */
+static const float *as_float(const void *a, int64_t offset, int64_t n, int bf16, float *scratch) {
+    if (!bf16) return (const float *)a + offset;
+    const uint16_t *src = (const uint16_t *)a + offset;
+    uint32_t *dst = (uint32_t *)scratch;
+    #pragma omp simd
+    for (int64_t i = 0; i < n; i++) dst[i] = (uint32_t)src[i] << 16;
+    return scratch;
+}
+
+static void store_row(const float *row, void *dst, int64_t n, int bf16) {
+    if (!bf16) {
+        memcpy(dst, row, sizeof(float) * n);
+        return;
+    }
+    for (int64_t j = 0; j < n; j++) { /* round to nearest even, as torch's cast */
+        uint32_t bits;
+        memcpy(&bits, row + j, sizeof bits);
+        ((uint16_t *)dst)[j] = (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+    }
+}
+
+static float dot(const float *a, const float *b, int64_t n) {
+    float acc = 0.0f;
+    #pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; i++) acc += a[i] * b[i];
+    return acc;
+}
+
+static void axpy(float *y, float a, const float *x, int64_t n) {
+    #pragma omp simd
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
 /* One decode token per sequence of multi-head latent attention (DeepSeek-V2/V3 MLA) on the latent cache.
    For each of the batch sequences b: q[b] (heads, dn + dr) and kv[b] (rank + dr) are its token's projections and
    cos[b], sin[b] (dr / 2) its rotary angles. Here: rope on both rope parts, RMSNorm on the latent, the latent row
    written to cache[b, pos] (cache (batch, slots, rank + dr)), then for each head
    out[b] (heads, dv) = softmax(scale * q . K) V over the slots mask[b] allows (mask (batch, pos + 1), 1 = attend;
-   NULL: all), with the absorbed weights of kv_b (out, in) = (heads * (dn + dv), rank) stored column-major, rows
-   ld_kvb apart: q_nope goes through the key half, the attended latent through the value half (each read once
-   for the whole batch), so the cache is never expanded. */
+   NULL: all), with the absorbed weights of kv_b (out, in) = (heads * (dn + dv), rank): q_nope goes through the key
+   half, the attended latent through the value half (each read once for the whole batch), so the cache is never
+   expanded. kv_b is stored column-major (the fp32 decode layout), its columns ld_kvb apart, or row_major (a
+   quantized kv_b's dequantized copy: each head's rows read front to back, twice as fast from memory here),
+   rows ld_kvb apart. The cache and kv_b are fp32, or bf16 when bf16 is set (a
+   bf16 model's), read a row at a time into fp32; everything else is fp32. The threads split kv_b's rows, the
+   heads, and the slots. */
 int mmwb_latent_attention(const float *q, const float *kv, const float *norm_w, float eps, const float *cos,
-                          const float *sin, float *cache, int64_t slots, int64_t pos, const uint8_t *mask,
-                          int64_t batch, const float *wkvb, int64_t ld_kvb, int64_t heads, int64_t dn, int64_t dr,
-                          int64_t dv, int64_t rank, float scale, float *out) {
+                          const float *sin, void *cache, int64_t slots, int64_t pos, const uint8_t *mask,
+                          int64_t batch, const void *wkvb, int64_t ld_kvb, int64_t heads, int64_t dn, int64_t dr,
+                          int64_t dv, int64_t rank, float scale, float *out, int bf16, int row_major,
+                          int threads) {
     const int64_t width = rank + dr, seq = pos + 1, stride = dn + dv, qw = dn + dr, bh = batch * heads;
-    float *query = malloc(sizeof(float) * bh * (width + seq + rank));
+    const int64_t wide = heads * stride > width ? heads * stride : width; /* the longest row read */
+    if (threads < 1) threads = 1;
+    float *query = malloc(sizeof(float) * (bh * (width + seq + rank) + width + threads * wide));
     if (!query) return 1;
-    float *scores = query + bh * width, *attended = scores + bh * seq;
+    float *scores = query + bh * width, *attended = scores + bh * seq, *latent = attended + bh * rank;
+    float *scratch = latent + width; /* one row of wide floats a thread */
+    const size_t item = bf16 ? 2 : 4;
     for (int64_t b = 0; b < batch; b++) {
         const float *kvb = kv + b * width;
-        float *row = cache + (b * slots + pos) * width;
-        mmwb_rms_norm(kvb, norm_w, row, 1, rank, eps);
+        mmwb_rms_norm(kvb, norm_w, latent, 1, rank, eps);
         const float *cb = cos + b * dr / 2, *sb = sin + b * dr / 2;
-        rope(kvb + rank, cb, sb, dr, row + rank);
+        rope(kvb + rank, cb, sb, dr, latent + rank);
+        store_row(latent, (char *)cache + (b * slots + pos) * width * item, width, bf16);
         for (int64_t h = 0; h < heads; h++)
             rope(q + (b * heads + h) * qw + dn, cb, sb, dr, query + (b * heads + h) * width + rank);
     }
-    for (int64_t j = 0; j < rank; j++) {  /* query[b, h, :rank] = q_nope[b, h] W_uk[h] */
-        const float *w = wkvb + j * ld_kvb;
-        for (int64_t bh_i = 0; bh_i < bh; bh_i++) {
-            const int64_t h = bh_i % heads;
-            float acc = 0.0f;
-            #pragma omp simd reduction(+ : acc)
-            for (int64_t d = 0; d < dn; d++) acc += q[bh_i * qw + d] * w[h * stride + d];
-            query[bh_i * width + j] = acc;
-        }
-    }
-    for (int64_t b = 0; b < batch; b++)
-        for (int64_t t = 0; t < seq; t++) {
-            const float *k = cache + (b * slots + t) * width;
-            const int allowed = mask == NULL || mask[b * seq + t];
-            for (int64_t h = 0; h < heads; h++) {
-                float acc = 0.0f;
-                #pragma omp simd reduction(+ : acc)
-                for (int64_t j = 0; j < width; j++) acc += query[(b * heads + h) * width + j] * k[j];
-                scores[(b * heads + h) * seq + t] = allowed ? acc * scale : -INFINITY;
-            }
-        }
-    softmax_rows(scores, bh, seq);
     memset(attended, 0, sizeof(float) * bh * rank);
-    for (int64_t b = 0; b < batch; b++)
-        for (int64_t t = 0; t < seq; t++) {
-            const float *v = cache + (b * slots + t) * width;
-            for (int64_t h = 0; h < heads; h++) {
-                const float p = scores[(b * heads + h) * seq + t];
-                float *a = attended + (b * heads + h) * rank;
-                for (int64_t j = 0; j < rank; j++) a[j] += p * v[j];
+    memset(out, 0, sizeof(float) * bh * dv);
+    if (row_major)
+        for (int64_t i = 0; i < bh; i++) memset(query + i * width, 0, sizeof(float) * rank);
+    #pragma omp parallel num_threads(threads)
+    {
+        float *row = scratch;
+#ifdef _OPENMP
+        row += omp_get_thread_num() * wide;
+#endif
+        if (row_major) { /* query[b, h, :rank] = q_nope[b, h] W_uk[h]: each head's rows streamed once */
+            #pragma omp for schedule(static)
+            for (int64_t h = 0; h < heads; h++)
+                for (int64_t d = 0; d < dn; d++) {
+                    const float *w = as_float(wkvb, (h * stride + d) * ld_kvb, rank, bf16, row);
+                    for (int64_t b = 0; b < batch; b++)
+                        axpy(query + (b * heads + h) * width, q[(b * heads + h) * qw + d], w, rank);
+                }
+        } else {
+            #pragma omp for schedule(static)
+            for (int64_t j = 0; j < rank; j++) {
+                const float *w = as_float(wkvb, j * ld_kvb, heads * stride, bf16, row);
+                for (int64_t i = 0; i < bh; i++)
+                    query[i * width + j] = dot(q + i * qw, w + (i % heads) * stride, dn);
             }
         }
-    memset(out, 0, sizeof(float) * bh * dv);
-    for (int64_t j = 0; j < rank; j++) {  /* out[b, h] = attended[b, h] W_uv[h]^T */
-        const float *w = wkvb + j * ld_kvb;
-        for (int64_t bh_i = 0; bh_i < bh; bh_i++) {
-            const float a = attended[bh_i * rank + j];
-            const float *wv = w + (bh_i % heads) * stride + dn;
-            for (int64_t d = 0; d < dv; d++) out[bh_i * dv + d] += a * wv[d];
+        #pragma omp for schedule(static) collapse(2)
+        for (int64_t b = 0; b < batch; b++)
+            for (int64_t t = 0; t < seq; t++) {
+                const float *k = as_float(cache, (b * slots + t) * width, width, bf16, row);
+                const int allowed = mask == NULL || mask[b * seq + t];
+                for (int64_t h = 0; h < heads; h++) {
+                    const int64_t i = b * heads + h;
+                    scores[i * seq + t] = allowed ? dot(query + i * width, k, width) * scale : -INFINITY;
+                }
+            }
+        #pragma omp single
+        softmax_rows(scores, bh, seq);
+        #pragma omp for schedule(static)
+        for (int64_t h = 0; h < heads; h++) /* attended[b, h] = sum over t of p[b, h, t] latent[b, t] */
+            for (int64_t b = 0; b < batch; b++)
+                for (int64_t t = 0; t < seq; t++) {
+                    const int64_t i = b * heads + h;
+                    const float *v = as_float(cache, (b * slots + t) * width, rank, bf16, row);
+                    axpy(attended + i * rank, scores[i * seq + t], v, rank);
+                }
+        #pragma omp for schedule(static)
+        for (int64_t h = 0; h < heads; h++) { /* out[b, h] = attended[b, h] W_uv[h]^T */
+            if (row_major)
+                for (int64_t e = 0; e < dv; e++) {
+                    const float *w = as_float(wkvb, (h * stride + dn + e) * ld_kvb, rank, bf16, row);
+                    for (int64_t b = 0; b < batch; b++) {
+                        const int64_t i = b * heads + h;
+                        out[i * dv + e] = dot(attended + i * rank, w, rank);
+                    }
+                }
+            else
+                for (int64_t j = 0; j < rank; j++) {
+                    const float *w = as_float(wkvb, j * ld_kvb + h * stride + dn, dv, bf16, row);
+                    for (int64_t b = 0; b < batch; b++)
+                        axpy(out + (b * heads + h) * dv, attended[(b * heads + h) * rank + j], w, dv);
+                }
         }
     }
     free(query);

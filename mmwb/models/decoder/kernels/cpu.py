@@ -182,33 +182,38 @@ def latent_attention(
     """One decode token per sequence of MLA from its projections q (B, H * (dn + dr)) and kv (B, r + dr), in one
     call: rope, the latent's RMSNorm, the write to ``cache`` (B, 1, S, r + dr) at ``position``, and attention on
     the latent over the slots the boolean ``mask`` (B, 1, 1, position + 1) allows (None: all) with kv_b
-    (H * (dn + dv), r) absorbed. dims = (H, dn, dr, dv). Returns (B, H * dv); None where the kernel does not apply
-    (the caller then runs its torch code, nothing having been written)."""
+    (H * (dn + dv), r) absorbed. dims = (H, dn, dr, dv). The cache and kv_b are both fp32 or both bf16 (a bf16
+    model's: the output is then bf16). Returns (B, H * dv); None where the kernel does not apply (the caller then
+    runs its torch code, nothing having been written)."""
     heads, nope_dim, rope_dim, v_dim = dims
     batch, rank = q.shape[0], kv_b_weight.shape[1]
-    cos, sin = rope
     slots = cache.shape[2]
-    tensors = (q, kv, norm_weight, cos, sin, cache)
     if (
-        not applies(q, kv_b_weight)
-        or not all(t.is_contiguous() and t.dtype == torch.float32 and t.is_cpu for t in tensors)
-        or kv_b_weight.stride(0) != 1
+        not applies(q, kv_b_weight, LATENT_DTYPES)
+        or cache.dtype != kv_b_weight.dtype
+        or not all(t.is_cpu for t in (kv, norm_weight, cache, *rope))
+        or not cache.is_contiguous()
+        or 1 not in kv_b_weight.stride()
         or q.shape != (batch, heads * (nope_dim + rope_dim))
         or kv.shape != (batch, rank + rope_dim)
         or cache.shape != (batch, 1, slots, rank + rope_dim)
         or not 0 <= position < slots
-        or cos.numel() != batch * rope_dim // 2
+        or rope[0].numel() != batch * rope_dim // 2
         or (mask is not None and (mask.dtype != torch.bool or mask.numel() != batch * (position + 1)))
     ):
         return None
+    # the token's own vectors in fp32 (a few KB); the cache and kv_b are read in their dtype
+    q, kv, norm_weight, cos, sin = (t.float().contiguous() for t in (q, kv, norm_weight, *rope))
     mask = None if mask is None else mask.contiguous()
     out = q.new_empty(batch, heads * v_dim)
+    row_major = kv_b_weight.stride(1) == 1 and rank > 1
     status = _kernels().latent_attention(
         q.data_ptr(), kv.data_ptr(), norm_weight.data_ptr(), eps, cos.data_ptr(), sin.data_ptr(),
         cache.data_ptr(), slots, position, None if mask is None else mask.data_ptr(), batch,
-        kv_b_weight.data_ptr(), kv_b_weight.stride(1), heads, nope_dim, rope_dim, v_dim, rank, scale, out.data_ptr(),
+        kv_b_weight.data_ptr(), max(kv_b_weight.stride()), heads, nope_dim, rope_dim, v_dim, rank, scale,
+        out.data_ptr(), cache.dtype == torch.bfloat16, row_major, torch.get_num_threads(),
     )  # fmt: skip
-    return out if status == 0 else None
+    return out.to(cache.dtype) if status == 0 else None
 
 
 def gqa_attention(
@@ -281,6 +286,10 @@ def route(
     return (logits, indices, weights) if status == 0 else None
 
 
+LATENT_DTYPES = (
+    torch.float32,
+    torch.bfloat16,
+)  # latent_attention's cache and kv_b: fp32, or bf16 in a bf16 model
 INT8_BLOCK = 128  # int8.c quantizes the input in blocks of this many values: input widths must be multiples
 INT8_MAX_INPUTS = 16384
 
@@ -351,15 +360,18 @@ def _int8_applies(x: torch.Tensor, inputs: int) -> bool:
     )
 
 
-def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the kernels can take a product of x and weight: they are built, both are fp32 CPU tensors, autograd
-    has nothing to record, and neither autocast nor torch.compile is on."""
+def applies(
+    x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+) -> bool:
+    """Whether the kernels can take a product of x and weight: they are built, both are CPU tensors of one of
+    ``dtypes`` (fp32; latent_attention: LATENT_DTYPES), autograd has nothing to record, and neither autocast nor
+    torch.compile is on."""
     return (
         _kernels() is not None
         and x.is_cpu
         and weight.is_cpu
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
+        and x.dtype in dtypes
+        and weight.dtype in dtypes
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
@@ -391,6 +403,9 @@ _SIGNATURES = {
             *[_I64] * 5,
             _F32,
             _PTR,
+            _I32,
+            _I32,
+            _I32,
         ],
     ),
     "gqa_attention": (_I32, [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, *[_I64] * 5, _F32, _PTR]),
