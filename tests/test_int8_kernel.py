@@ -5,8 +5,6 @@ apply."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,14 +16,9 @@ from mmwb.models.quantize import QuantizedExperts, QuantizedLinear, quantize_int
 BLOCK = cpu.INT8_BLOCK
 
 
-def _has_vnni() -> bool:
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
-    return cpuinfo.exists() and {"avx512f", "avx512bw", "avx512_vnni"} <= set(flags.split())
-
-
 pytestmark = pytest.mark.skipif(
-    cpu._kernels() is None or not _has_vnni(), reason="the int8 kernel needs a compiler and AVX-512 VNNI"
+    cpu._kernels() is None or not cpu._kernels().has_int8,
+    reason="the int8 kernel needs a C compiler and AVX-512 VNNI",
 )
 
 
@@ -112,3 +105,17 @@ def test_quantized_experts_decode_through_one_kernel_call_a_token():
         downs = [(experts.down[e].qweight, experts.down[e].scale) for e in chosen]
         assert torch.equal(out[n : n + 1], cpu.int8_experts(x[n : n + 1], pairs, downs, weights[n].tolist()))
     assert counts.tolist() == [1, 1, 0, 2]
+
+
+def test_inputs_with_nan_or_infinity_go_to_torchs_kernel():
+    """The kernel's int8 rounding of the input cannot carry a NaN or an infinity: it declines, and the layer's
+    product (torch's kernel) carries them through."""
+    layer = quantize_module(nn.Linear(256, 64), "int8")
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(1, 256)
+        x[0, 7] = bad
+        assert cpu.int8_linear(x, layer.qweight, layer.scale) is None
+        with torch.no_grad():
+            assert not torch.isfinite(layer(x)).all()
+    tiny = torch.full((1, 256), 1e-38)  # below the kernel's floor: a block of zeros
+    assert torch.equal(cpu.int8_linear(tiny, layer.qweight, layer.scale), torch.zeros(1, 64))

@@ -19,6 +19,7 @@ from mmwb.errors import MmwbCheckpointError, MmwbConfigError
 from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM
 from mmwb.models.decoder.moe import Experts
 from mmwb.models.quantize import (
+    QuantizedEmbedding,
     QuantizedExperts,
     QuantizedLinear,
     from_torch_int4,
@@ -44,7 +45,8 @@ def _bf16(t: torch.Tensor) -> torch.Tensor:
 
 def _kernel_reference(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     """What torch's kernels compute: bf16 activations times the dequantized weight with bf16-rounded scales (and
-    zero points), accumulated in fp32."""
+    zero points), accumulated in fp32. int8 decode rows of whole blocks of 128 inputs run mmwb's kernel instead,
+    which rounds the input to int8 per block (tests/test_int8_kernel.py): within the same tolerance here."""
     if layer.mode == "int8":
         weight = layer.qweight.float() * _bf16(layer.scale)[:, None]
     else:  # the stored (portable) form, read independently of the kernel's layout
@@ -173,6 +175,33 @@ def test_a_state_dict_round_trip_rebuilds_what_the_kernels_read(mode):
         QuantizedLinear(128, 80, mode, bias=True).load_state_dict(wrong)
 
 
+def test_a_decoders_token_table_is_int8_rows_in_every_mode():
+    torch.manual_seed(0)
+    config = DecoderConfig(
+        vocab_size=96, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64
+    )
+    model = DecoderForCausalLM(config).eval().to(torch.bfloat16)
+    table = model.model.embed_tokens.weight.detach().float().clone()
+    quantize_model(model, "int4", 32)
+    embed = model.model.embed_tokens
+    assert isinstance(embed, QuantizedEmbedding) and embed.qweight.dtype == torch.int8
+    # one byte a value (bf16: two), rows rounded to nearest on their own scale
+    assert embed.qweight.numel() * embed.qweight.element_size() == table.numel()
+    assert ((embed.dequantize() - table).abs() <= embed.scale[:, None] / 2 + 1e-6).all()
+    ids = torch.tensor([[5, 0, 95, 5]])
+    with torch.no_grad():
+        looked_up = embed(ids)
+    assert looked_up.dtype == torch.bfloat16 and torch.equal(
+        looked_up, embed.dequantize()[ids].to(torch.bfloat16)
+    )
+    model.float()  # a cast changes what lookups return, not the stored rows
+    assert (
+        embed(ids).dtype == torch.float32
+        and embed.qweight.dtype == torch.int8
+        and embed.scale.dtype == torch.float32
+    )
+
+
 def test_layers_read_by_their_owners_stay_float():
     """torch's MultiheadAttention reads out_proj.weight itself: it is left as it is, and the model still runs."""
     model = nn.ModuleDict({"attn": nn.MultiheadAttention(32, 4, batch_first=True), "head": nn.Linear(32, 16)})
@@ -208,7 +237,8 @@ def test_a_quantized_decoder_generates_through_its_quantized_layers(attention, m
     model = DecoderForCausalLM(config).eval().to(dtype)
     quantize_model(model, mode, 32)
     kinds = {type(m).__name__ for m in model.modules()}
-    assert {"QuantizedLinear", "QuantizedExperts"} <= kinds and "Experts" not in kinds
+    assert {"QuantizedLinear", "QuantizedExperts", "QuantizedEmbedding"} <= kinds and "Experts" not in kinds
+    assert model.dtype == dtype and model.model.embed_tokens(torch.tensor([3])).dtype == dtype
     assert not any(type(m) is nn.Linear or isinstance(m, nn.Linear) for m in model.modules())
     prompt = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
@@ -341,6 +371,30 @@ def test_an_exported_moe_decoder_loads_back_bit_identically(tmp_path):
     ids = torch.tensor([[1, 5, 9, 3, 7]])
     with torch.no_grad():
         assert torch.equal(in_memory(ids).logits, loaded(ids).logits)
+
+
+def test_an_export_with_a_float_token_table_still_loads(tmp_path):
+    """Exports made before token tables were quantized hold a float ``embed_tokens.weight``: it is quantized as it
+    loads, to the rows a fresh export holds."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    config = DecoderConfig(vocab_size=128, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
+    model = DecoderForCausalLM(config)
+    model.save_pretrained(tmp_path / "fp32")
+    assert (
+        main(
+            ["export", "--quantize", "int8", "--model", str(tmp_path / "fp32"), "--out", str(tmp_path / "q")]
+        )
+        == 0
+    )
+    (weights,) = (tmp_path / "q").glob("*.safetensors")
+    tensors = load_file(weights)
+    fresh = {k: tensors.pop(f"model.embed_tokens.{k}") for k in ("qweight", "scale")}
+    tensors["model.embed_tokens.weight"] = model.model.embed_tokens.weight.detach().clone()
+    save_file(tensors, weights, metadata={"format": "pt"})
+    table = mmwb.from_pretrained(tmp_path / "q").model.embed_tokens
+    assert torch.equal(table.qweight, fresh["qweight"]) and torch.equal(table.scale, fresh["scale"])
 
 
 def _float_then_quantized(path, mode, group):

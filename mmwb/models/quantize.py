@@ -1,16 +1,20 @@
-"""Weight-only quantization: every linear layer and the stacked MoE experts of a model in int8 or int4.
+"""Weight-only quantization: every linear layer, the stacked MoE experts and a decoder's token table of a model in
+int8 or int4.
 
 ``int8``: one symmetric scale per output channel, ``w ≈ q * scale`` with ``q`` in [-127, 127].
 ``int4``: groups of ``group_size`` inputs per output channel, asymmetric: levels ``q`` in [0, 15] (the group's
 range mapped onto the 16 levels, rounded to nearest), applied as ``w ≈ (q - 8) * scale + zero`` with ``scale`` and
 ``zero`` in bf16, the numbers torch's kernel reads.
-
-The products run in torch's own kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``), which read
-the packed weights directly. Both take bf16 activations (with fp32 ones the int8 kernel runs at 0.4x an fp32
-GEMV, measured in issue 20), so activations are cast to bf16 for the product and the result back to the input's
-dtype. At batch 1 on a 4096 x 4096 weight they ran 6.0x (int8) and about 7x (int4) mmwb's fp32 streaming kernel
-here; a first C kernel of ours from the same bytes reached 3.9x / 2.2x and was dropped. Embeddings, norms,
+mmwb decoders' token tables are int8 rows in both modes (``QuantizedEmbedding``); towers' embeddings, norms,
 convolutions and routers stay as they are.
+
+Products. int8, up to 4 rows (decode): mmwb's kernel (kernels/int8.c: AVX-512 VNNI on the int8 bytes, the input
+quantized to int8 in blocks of 128; a token's chosen experts in one call), 25 GB/s on a cold 2816 x 2048 expert
+here where torch's ``_weight_int8pack_mm`` reached 13-17. int4, and int8 where that kernel does not apply: torch's
+own kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``), which read the packed weights directly
+and take bf16 activations (with fp32 ones the int8 kernel runs at 0.4x an fp32 GEMV, measured in issue 20), so
+activations are cast to bf16 for the product and the result back to the input's dtype. An int4 kernel of ours on
+the same VNNI plan read at the same 16-18 GB/s as torch's and was dropped (issue 20's notes).
 
 Memory: a layer holds one copy of its weight, in the kernel's layout (int4: torch's CPU packing, half a byte a
 weight). Its state dict is the portable form (int4: ``pack_int4``'s order), made when saved and turned back into
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmwb.errors import MmwbConfigError
+from mmwb.models.decoder.embedding import TokenEmbedding
 from mmwb.models.decoder.kernels.cpu import int8_experts, int8_linear
 from mmwb.models.decoder.linear import Linear
 from mmwb.models.decoder.moe import Experts
@@ -329,6 +334,59 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{group}"
 
 
+class QuantizedEmbedding(nn.Module):
+    """A decoder's token table (``TokenEmbedding``) in int8, one symmetric scale a row (``quantize_int8``'s rows): a
+    lookup widens the rows it reads to ``dtype``, the table's float dtype. Half the bytes of a bf16 table (Kimi-VL's
+    163840 x 2048: 0.34 GB less), in any mode: the table is read a row a token, so int4 would save little time and
+    its rounding would touch every input the model sees."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
+        self.register_buffer("qweight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("scale", torch.empty(num_embeddings))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, dtype: torch.dtype) -> QuantizedEmbedding:
+        """``weight`` (V, D), or anything whose ``[a:b]`` gives those rows (a loader's checkpoint reader)."""
+        layer = cls(*weight.shape, dtype=dtype)
+        layer.qweight, layer.scale = quantize_int8(weight)
+        return layer
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (self.qweight[ids].float() * self.scale[ids, None]).to(self.dtype)
+
+    def _load_from_state_dict(  # noqa: PLR0913 (nn.Module's signature)
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        """A float ``weight`` (a quantized export made before tables were quantized) is quantized as it loads."""
+        if prefix + "weight" in state_dict and prefix + "qweight" not in state_dict:
+            state_dict = dict(state_dict)
+            state_dict[prefix + "qweight"], state_dict[prefix + "scale"] = quantize_int8(
+                state_dict.pop(prefix + "weight")
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale[:, None]
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        """Moves follow ``fn``; a dtype change (``model.to(torch.bfloat16)``) changes what lookups return, not the
+        int8 rows and their fp32 scales."""
+        kept = dict(self._buffers)
+        super()._apply(fn, recurse)
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
+        for name, old in kept.items():
+            if old is not None and self._buffers[name].dtype != old.dtype:
+                self._buffers[name] = old.to(self._buffers[name].device)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, mode=int8, dtype={self.dtype}"
+
+
 class QuantizedExperts(nn.Module):
     """mmwb's stacked SwiGLU experts (gate_up (E, 2I, C), down (E, C, I)) as one quantized pair per expert; same
     call and result as ``Experts`` (only the experts a token chose run, each on its own tokens). Made empty or
@@ -406,7 +464,10 @@ class QuantizedExperts(nn.Module):
 
 
 def quantize_module(module: nn.Module, mode: str, group_size: int = 64) -> nn.Module:
-    """The quantized form of one float linear layer or ``Experts`` (its values rounded, its storage new)."""
+    """The quantized form of one float linear layer, ``Experts`` or token table (its values rounded, its storage
+    new)."""
+    if isinstance(module, TokenEmbedding):
+        return QuantizedEmbedding.from_float(module.weight, module.weight.dtype)
     if isinstance(module, Experts):
         gate_up, down = module.gate_up_proj, module.down_proj
         return QuantizedExperts.from_weights(
@@ -418,6 +479,8 @@ def quantize_module(module: nn.Module, mode: str, group_size: int = 64) -> nn.Mo
 def empty_quantized(module: nn.Module, mode: str, group_size: int = 64) -> nn.Module:
     """A quantized layer of ``module``'s shape with nothing in it yet (a state dict fills it); reads no values, so
     ``module`` may be on the meta device."""
+    if isinstance(module, TokenEmbedding):
+        return QuantizedEmbedding(module.num_embeddings, module.embedding_dim, module.weight.dtype)
     if isinstance(module, Experts):
         experts, double_intermediate, hidden = module.gate_up_proj.shape
         return QuantizedExperts(experts, hidden, double_intermediate // 2, mode, group_size)
@@ -428,13 +491,13 @@ def empty_quantized(module: nn.Module, mode: str, group_size: int = 64) -> nn.Mo
 
 def quantization_targets(model: nn.Module) -> dict[str, nn.Module]:
     """The float layers ``quantize_model`` replaces, by their names in ``model``: every ``nn.Linear`` (mmwb's,
-    transformers', towers', projectors') and mmwb's stacked experts, not those inside a peft adapter (merge
-    adapters before quantizing)."""
+    transformers', towers', projectors'), mmwb's stacked experts and mmwb decoders' token tables
+    (``TokenEmbedding``, into ``QuantizedEmbedding``), not those inside a peft adapter (merge adapters before quantizing)."""
     return {
         name: module
         for name, module in model.named_modules()
         if name
-        and (type(module) in _FLOAT_LINEARS or isinstance(module, Experts))
+        and (type(module) in _FLOAT_LINEARS or isinstance(module, Experts | TokenEmbedding))
         and not _in_adapter(model, name)
     }
 
@@ -449,6 +512,8 @@ def check_shapes(targets: dict[str, nn.Module], mode: str, group_size: int) -> N
     if mode != "int4":
         return
     for module in targets.values():
+        if isinstance(module, TokenEmbedding):
+            continue  # int8 in every mode
         if isinstance(module, Experts):
             shapes = [module.gate_up_proj.shape[1:], module.down_proj.shape[1:]]
         else:

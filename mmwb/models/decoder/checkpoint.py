@@ -22,6 +22,7 @@ from torch import nn
 
 from mmwb.errors import MmwbCheckpointError
 from mmwb.models.decoder.config import DecoderConfig
+from mmwb.models.decoder.embedding import TokenEmbedding
 from mmwb.models.decoder.model import DecoderForCausalLM
 from mmwb.models.decoder.moe import Experts
 from mmwb.models.decoder.save import INDEX_NAME, MODEL_TYPE, WEIGHTS_NAME
@@ -380,13 +381,13 @@ def assemble_decoder(
         state[name] = target.copy_(tensor)
         del tensor
         return_freed_memory()  # the read tensor, so that such copies do not add up in the heap
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=not targets, assign=True)
     if cfg.tie_word_embeddings and "lm_head" not in targets:
         model.lm_head.weight = model.model.embed_tokens.weight
     for name in list(targets):
-        layer = _read_quantized(name, targets.pop(name), plan, source, state, dtype, quantize)
+        layer = _read_quantized(name, targets.pop(name), plan, source, dtype, quantize)
         replace_module(model, name, layer)
         return_freed_memory()  # the float tensors just read, so that they do not add up
     model.reset_rope(device)
@@ -398,13 +399,12 @@ def _read_quantized(
     module: nn.Module,
     plan: dict[str, Recipe],
     source: TensorSource,
-    state: dict[str, torch.Tensor],
     dtype: torch.dtype,
     quantize: Quantization,
 ) -> nn.Module:
     """One layer of ``quantization_targets`` read from ``source`` and quantized (rounded from the weights as the
     float model in ``dtype`` would hold them, so the result equals loading, then ``quantize_model``)."""
-    from mmwb.models.quantize import QuantizedExperts, QuantizedLinear
+    from mmwb.models.quantize import QuantizedEmbedding, QuantizedExperts, QuantizedLinear
 
     settings = (quantize.mode, quantize.group_size)
     if isinstance(module, Experts):
@@ -414,14 +414,14 @@ def _read_quantized(
             return gate_up.expert(j, source).to(dtype), down.expert(j, source).to(dtype)
 
         return QuantizedExperts.from_weights(module.gate_up_proj.shape[0], expert, *settings)
-    if f"{name}.weight" in plan:
-        recipe = plan[f"{name}.weight"]
-        if recipe.combine is _first:  # stored as it is: read a few rows at a time (the LM head: GBs in float)
-            weight = _Rows(source, recipe.sources[0], recipe.shapes[0], dtype)
-        else:
-            weight = recipe.combine([source.get(s) for s in recipe.sources]).to(dtype)
-    else:  # a head tied to the embeddings: quantized from them, which stay float
-        weight = state[f"{name}.weight"]
+    tied = name == "lm_head" and f"{name}.weight" not in plan  # quantized from the token table's rows
+    recipe = plan["model.embed_tokens.weight" if tied else f"{name}.weight"]
+    if recipe.combine is _first:  # stored as it is: read a few rows at a time (the LM head, the table: GBs)
+        weight = _Rows(source, recipe.sources[0], recipe.shapes[0], dtype)
+    else:
+        weight = recipe.combine([source.get(s) for s in recipe.sources]).to(dtype)
+    if isinstance(module, TokenEmbedding):
+        return QuantizedEmbedding.from_float(weight, dtype)
     bias = plan.get(f"{name}.bias")
     bias = None if bias is None else bias.combine([source.get(s) for s in bias.sources]).to(dtype)
     return QuantizedLinear.from_float(weight, bias, *settings)

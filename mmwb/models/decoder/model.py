@@ -18,6 +18,7 @@ from mmwb.errors import MmwbInputError
 from mmwb.models.decoder.attention import GroupedQueryAttention
 from mmwb.models.decoder.cache import DecoderCache, KVCache, LatentCache, cache_bytes_per_token
 from mmwb.models.decoder.config import DecoderConfig
+from mmwb.models.decoder.embedding import TokenEmbedding
 from mmwb.models.decoder.generate import generate
 from mmwb.models.decoder.linear import Linear
 from mmwb.models.decoder.mask import attention_mask_for, last_query_rows, positions_from_mask
@@ -78,7 +79,7 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = TokenEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg)
@@ -150,11 +151,11 @@ class DecoderForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device  # never quantized (mmwb.models.quantize), unlike lm_head
+        return self.model.norm.weight.device  # never quantized (mmwb.models.quantize), unlike the tables
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype
 
     def routers(self) -> list[Router]:
         return [m for m in self.modules() if isinstance(m, Router)]

@@ -9,7 +9,10 @@ memory, and with the caches cold from that streaming each of the step's ~1400 sm
   accumulator that stays in cache.
 - one call each for what took many ops: ``rms_norm``; ``swiglu`` (a SwiGLU MLP) and ``experts_sum`` (one token's
   chosen experts, read in place from the stacked tensors); ``route`` (a top-k MoE router); ``latent_attention``
-  (one MLA decode token per sequence on the latent cache) and ``gqa_attention`` (one batch-1 GQA decode token).
+  (one MLA decode token per sequence on the latent cache, an fp32 or a bf16 model's) and ``gqa_attention`` (one
+  batch-1 GQA decode token).
+- int8 weights (mmwb.models.quantize): ``int8_linear`` (a few rows times an int8 weight) and ``int8_experts`` (one
+  token's chosen int8 experts), from ``int8.c`` (AVX-512 VNNI; see its header).
 
 The C source (``cpu.c`` beside this module) is compiled with the machine's C compiler on first use (about 0.2 s,
 cached per source, compiler and CPU). Without a compiler or the source file, or with ``MMWB_CPU_KERNELS=0`` (read
@@ -193,7 +196,7 @@ def latent_attention(
         or cache.dtype != kv_b_weight.dtype
         or not all(t.is_cpu for t in (kv, norm_weight, cache, *rope))
         or not cache.is_contiguous()
-        or 1 not in kv_b_weight.stride()
+        or not _kv_b_layout(kv_b_weight)
         or q.shape != (batch, heads * (nope_dim + rope_dim))
         or kv.shape != (batch, rank + rope_dim)
         or cache.shape != (batch, 1, slots, rank + rope_dim)
@@ -214,6 +217,13 @@ def latent_attention(
         out.data_ptr(), cache.dtype == torch.bfloat16, row_major, torch.get_num_threads(),
     )  # fmt: skip
     return out.to(cache.dtype) if status == 0 else None
+
+
+def _kv_b_layout(weight: torch.Tensor) -> bool:
+    """kv_b (out, r) row-major or column-major, its rows (columns) apart by at least their length."""
+    out_features, rank = weight.shape
+    row_major = weight.stride(1) == 1 and weight.stride(0) >= rank and rank > 1
+    return row_major or (weight.stride(0) == 1 and weight.stride(1) >= out_features)
 
 
 def gqa_attention(
@@ -302,10 +312,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     if not (
         _int8_applies(x, inputs)
         and rows <= MAX_ROWS
-        and qweight.shape[1] == inputs
-        and qweight.is_contiguous()
-        and scale.is_contiguous()
-        and scale.dtype == torch.float32
+        and _int8_weight(qweight, scale, (qweight.shape[0], inputs))
     ):
         return None
     y = x.new_empty(rows, qweight.shape[0])
@@ -325,14 +332,14 @@ def int8_experts(
     """sum_i coefs[i] * down_i(silu(gate) * up), [gate; up] = gate_up_i(x), for one token x (1, C) fp32 or bf16,
     in one call; each weight an int8 (qweight, fp32 row scales) pair: gate_up_i (2I, C), down_i (C, I). None where
     it does not apply."""
-    hidden, inter = x.shape[-1], down[0][0].shape[1]
+    hidden, inter = x.shape[-1], down[0][0].shape[-1]
     if not (
         _int8_applies(x, hidden)
         and x.shape[0] == 1
         and inter % INT8_BLOCK == 0
         and inter <= INT8_MAX_INPUTS
-        and all(q.shape == (2 * inter, hidden) and q.is_contiguous() for q, _ in gate_up)
-        and all(q.shape == (hidden, inter) and q.is_contiguous() for q, _ in down)
+        and all(_int8_weight(q, s, (2 * inter, hidden)) for q, s in gate_up)
+        and all(_int8_weight(q, s, (hidden, inter)) for q, s in down)
     ):
         return None
     count = len(coefs)
@@ -348,8 +355,10 @@ def int8_experts(
 
 
 def _int8_applies(x: torch.Tensor, inputs: int) -> bool:
+    kernels = _kernels()
     return (
-        _kernels() is not None
+        kernels is not None
+        and kernels.has_int8
         and x.is_cpu
         and x.dtype in (torch.float32, torch.bfloat16)
         and x.is_contiguous()
@@ -357,6 +366,20 @@ def _int8_applies(x: torch.Tensor, inputs: int) -> bool:
         and inputs <= INT8_MAX_INPUTS
         and not (torch.is_grad_enabled() and x.requires_grad)
         and not torch.compiler.is_compiling()
+    )
+
+
+def _int8_weight(qweight: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int]) -> bool:
+    """An int8 (N, K) weight of ``shape`` and its (N,) fp32 scales, contiguous CPU tensors."""
+    return (
+        qweight.shape == shape
+        and qweight.dtype == torch.int8
+        and scale.shape == shape[:1]
+        and scale.dtype == torch.float32
+        and qweight.is_cpu
+        and scale.is_cpu
+        and qweight.is_contiguous()
+        and scale.is_contiguous()
     )
 
 
@@ -413,6 +436,7 @@ _SIGNATURES = {
         _I32,
         [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I32, _I64, _I64, _I32, _F32, _PTR, _PTR, _PTR],
     ),
+    "int8_supported": (_I32, []),
     "int8_rows": (_I32, [_PTR, _I32, _I64, _I64, _PTR, _PTR, _I64, _PTR, _I32]),
     "int8_experts": (_I32, [_PTR, _I32, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I32]),
 }
@@ -426,6 +450,7 @@ class _Kernels:
             function = getattr(library, f"mmwb_{name}")
             function.restype, function.argtypes = restype, argtypes
             setattr(self, name, function)
+        self.has_int8 = bool(self.int8_supported())  # built with AVX-512 VNNI
 
 
 @functools.cache
