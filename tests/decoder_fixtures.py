@@ -106,6 +106,8 @@ from mmwb.runtime import track_peak_memory
 with torch.device("meta"):  # one-off imports and lazy torch initialisation are not part of the measurement
     DecoderForCausalLM(DecoderConfig())
 torch.ops.aten._weight_int8pack_mm
+import mmwb.models.vlm.import_hf  # the VLM loaders and transformers' model classes they read (70 MB of imports)
+from transformers import CLIPVisionModel, LlamaForCausalLM, LlavaForConditionalGeneration
 path, mode, how = sys.argv[1:]
 info = psutil.Process().memory_info()
 baseline = info.rss - info.shared

@@ -345,3 +345,39 @@ def test_llava_text_model_quantized_while_loading_equals_quantizing_the_loaded_m
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     assert isinstance(streamed.language_model.model.lm_head, QuantizedLinear)
     assert not any(p.device.type == "meta" for p in streamed.parameters())
+
+
+@pytest.mark.slow
+def test_llava_quantized_while_loading_never_holds_the_float_text_model(tmp_path):
+    """Peak private memory of a fresh process loading a LLaVA whose Llama text model is 268 MB in fp32, int8: the
+    final model plus about one float tensor (the embeddings, which stay float), where loading the float model
+    first peaks above the whole float size."""
+    from decoder_fixtures import measure_load
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+        patch_size=4, projection_dim=16,
+    )  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=16000, hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=12,
+        num_key_value_heads=12, max_position_embeddings=128,
+    )  # fmt: skip
+    model = LlavaForConditionalGeneration(
+        LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID)
+    )
+    float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    largest = max(p.numel() * p.element_size() for p in model.parameters())  # embeddings / head, 49 MB
+    model.save_pretrained(tmp_path)
+    del model
+
+    peak, final = measure_load(tmp_path, "int8", "streamed")
+    float_peak, float_final = measure_load(tmp_path, "int8", "float_first")
+    mb = 2**20
+    print(
+        f"\nLLaVA int8: float {float_bytes / mb:.0f} MB; streamed peak {peak / mb:.0f} MB, final {final / mb:.0f}"
+        f" MB; float first: peak {float_peak / mb:.0f} MB, final {float_final / mb:.0f} MB"
+    )
+    assert final < 0.5 * float_bytes and final <= float_final + mb  # int8 linears, float embeddings
+    assert peak - final <= largest + 24 * mb  # about one float tensor being read
+    assert float_peak > float_bytes > 1.5 * peak  # what streaming avoids: the whole float model
