@@ -72,7 +72,9 @@ def test_int8_experts_are_the_swiglu_sum_they_define():
         defined = defined + coef * (_as_the_kernel_reads(h) @ weight(down[e]).t())
         g, u = (x.double() @ weight(gate_up[e]).t()).chunk(2, dim=-1)
         exact = exact + coef * ((F.silu(g) * u) @ weight(down[e]).t())
-    assert (out.double() - defined).abs().max() <= 1e-4 * defined.abs().max()
+    # the down product's input is the kernel's own fp32 activation rounded to int8: a value on a rounding edge may
+    # land one level (half a step of its block) apart from the float64 reference
+    assert (out.double() - defined).abs().max() <= 2**-8 * defined.abs().max()
     assert (out.double() - exact).norm() / exact.norm() < 0.02
 
 

@@ -69,8 +69,10 @@ def test_quantized_linear_equals_its_dequantized_weights(mode, group, rows):
     with torch.no_grad():
         out = layer(x)
     reference = _kernel_reference(layer, x)
-    # the kernels return bf16: one rounding of the output (2^-8 relative) and of the fp32 sum order
-    assert (out - reference).abs().max() <= 2**-7 * reference.abs().max()
+    # torch's kernels return bf16: one rounding of the output (2^-8 relative) and of the fp32 sum order; int8 decode
+    # rows (mmwb's kernel) round the input to int8 per block of 128 instead (0.65 % of the output's norm)
+    bound = 2**-6 if mode == "int8" and rows <= 4 else 2**-7
+    assert (out - reference).abs().max() <= bound * reference.abs().max()
     assert out.shape == (rows, 208) and out.dtype == torch.float32
     # round to nearest: every weight within half a step of the original (int4: plus the bf16 rounding of the
     # stored scale and zero, 2^-9 of each, the scale counted 8 times)

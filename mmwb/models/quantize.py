@@ -156,7 +156,7 @@ class QuantizedLinear(nn.Module):
     """``nn.Linear`` with an int8 or int4 weight (bias kept in float); ``dequantize()`` gives the weight it applies.
 
     Made empty (for a state dict to fill) or by ``from_float``. Buffers: int8 ``qweight`` (N, K), ``scale`` (N,)
-    fp32 and its bf16 copy for the kernel; int4 ``packed`` (N, K / 2) in torch's CPU layout and the kernel's bf16
+    fp32 (what mmwb's int8 kernel reads) and its bf16 copy for torch's; int4 ``packed`` (N, K / 2) in torch's CPU layout and the kernel's bf16
     (groups, N, 2) scale-and-zero table, stored as ``qweight`` (portable order), ``scale`` and ``zero`` (N, groups).
     """
 
@@ -283,7 +283,7 @@ class QuantizedLinear(nn.Module):
         return out
 
     def dequantize(self) -> torch.Tensor:
-        """The (N, K) fp32 weight this layer applies (int8: up to the bf16 rounding of the kernel's scale)."""
+        """The (N, K) fp32 weight this layer applies (int8: torch's kernel applies the scale rounded to bf16)."""
         if self.mode == "int8":
             return self.qweight.float() * self.scale[:, None]
         levels = from_torch_int4(self.packed).float().view(self.out_features, -1, self.group_size)
@@ -324,9 +324,10 @@ class QuantizedLinear(nn.Module):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scale_zero)
 
     def kernel_bytes(self) -> int:
-        """Bytes the kernel reads for one product: the weight (1 or 1/2 byte each) and its bf16 scales (and zeros)."""
+        """Bytes a decode product reads: the weight (1 or 1/2 byte each) and its scales (int8: mmwb's kernel, fp32;
+        int4: torch's, bf16 scales and zeros)."""
         int8 = self.mode == "int8"
-        weight, scales = (self.qweight, self.scale_compute) if int8 else (self.packed, self.scale_zero)
+        weight, scales = (self.qweight, self.scale) if int8 else (self.packed, self.scale_zero)
         return weight.numel() * weight.element_size() + scales.numel() * scales.element_size()
 
     def extra_repr(self) -> str:
@@ -354,6 +355,10 @@ class QuantizedEmbedding(nn.Module):
         return layer
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise IndexError(
+                f"token id out of range for a table of {self.num_embeddings} rows"
+            )  # as nn.Embedding
         return (self.qweight[ids].float() * self.scale[ids, None]).to(self.dtype)
 
     def _load_from_state_dict(  # noqa: PLR0913 (nn.Module's signature)
@@ -540,15 +545,17 @@ def check_request(mode: str, group_size: int, device: torch.device | str | None)
     if mode == "int4" and group_size not in GROUP_SIZES:
         raise MmwbConfigError(f"quantize int4: group_size {group_size} is not one of {GROUP_SIZES}")
     if device is not None and torch.device(device).type != "cpu":
-        raise MmwbConfigError(f"quantize {mode}: runs on the CPU (torch's packed kernels), not on {device}")
+        raise MmwbConfigError(
+            f"quantize {mode}: runs on the CPU (mmwb's and torch's CPU kernels), not on {device}"
+        )
 
 
 def quantize_model(model: nn.Module, mode: str, group_size: int = 64, empty: bool = False) -> nn.Module:
     """Replace every float layer of ``quantization_targets`` by its quantized form, in place, one at a time (each
     float layer is freed as its quantized form takes its place); ``empty``: by empty quantized layers of the same
     shapes, for a stored quantized state dict to fill (the model may then be on the meta device: materialise it
-    with ``to_empty(device="cpu")`` before loading, as loaders copy into the layers' buffers). CPU only (torch's
-    packed-weight kernels); returns ``model``."""
+    with ``to_empty(device="cpu")`` before loading, as loaders copy into the layers' buffers). CPU only (the
+    kernels are CPU kernels); returns ``model``."""
     device = next((p.device for p in model.parameters()), None)
     check_request(mode, group_size, None if empty and device == torch.device("meta") else device)
     targets = quantization_targets(model)

@@ -242,7 +242,8 @@ class VisionLanguageModel(nn.Module):
             "labels": labels,
         }
 
-    def input_embeddings(self) -> nn.Embedding:
+    def input_embeddings(self) -> nn.Module:
+        """The text model's token table: an ``nn.Embedding``, or mmwb's int8 ``QuantizedEmbedding``."""
         lm = self.language_model
         return lm.model.embed_tokens if isinstance(lm, DecoderForCausalLM) else lm.get_input_embeddings()
 
@@ -391,7 +392,7 @@ def _pad(rows: list[torch.Tensor], value: int, side: str) -> torch.Tensor:
 
 
 def splice_embeddings(
-    embed: nn.Embedding, input_ids: torch.Tensor, image_token_id: int, blocks: Sequence[torch.Tensor]
+    embed: nn.Module, input_ids: torch.Tensor, image_token_id: int, blocks: Sequence[torch.Tensor]
 ) -> torch.Tensor:
     """Token embeddings ``(B, T, D)`` with the image positions (row-major) replaced by the image blocks.
 

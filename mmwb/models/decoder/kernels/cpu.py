@@ -14,11 +14,13 @@ memory, and with the caches cold from that streaming each of the step's ~1400 sm
 - int8 weights (mmwb.models.quantize): ``int8_linear`` (a few rows times an int8 weight) and ``int8_experts`` (one
   token's chosen int8 experts), from ``int8.c`` (AVX-512 VNNI; see its header).
 
-The C source (``cpu.c`` beside this module) is compiled with the machine's C compiler on first use (about 0.2 s,
+The C sources (``cpu.c`` and ``int8.c`` beside this module) are compiled into one library with the machine's C
+compiler on first use (about 0.5 s,
 cached per source, compiler and CPU). Without a compiler or the source file, or with ``MMWB_CPU_KERNELS=0`` (read
 once, at the first use in a process), ``linear`` and ``rms_norm`` are their torch equivalents and the others
 return None so that their callers run their torch code; the same happens outside each kernel's case (more
-rows, not fp32, autograd or autocast on, other strides, shapes that do not fit: torch then raises its own
+rows, another dtype (fp32; bf16 too for latent_attention and the int8 kernels), autograd or autocast on, other
+strides, shapes that do not fit: torch then raises its own
 error). What they bought was measured
 when they came in (`git log -p BENCHMARKS.md`, "CPU decode kernels"); `mmwb bench decoder` measures it now.
 """
@@ -332,6 +334,9 @@ def int8_experts(
     """sum_i coefs[i] * down_i(silu(gate) * up), [gate; up] = gate_up_i(x), for one token x (1, C) fp32 or bf16,
     in one call; each weight an int8 (qweight, fp32 row scales) pair: gate_up_i (2I, C), down_i (C, I). None where
     it does not apply."""
+    count = len(coefs)
+    if not (count and len(gate_up) == len(down) == count):
+        return None
     hidden, inter = x.shape[-1], down[0][0].shape[-1]
     if not (
         _int8_applies(x, hidden)
@@ -342,7 +347,6 @@ def int8_experts(
         and all(_int8_weight(q, s, (hidden, inter)) for q, s in down)
     ):
         return None
-    count = len(coefs)
     pointers = [
         (ctypes.c_void_p * count)(*(t.data_ptr() for t in column)) for column in (*zip(*gate_up), *zip(*down))
     ]

@@ -73,7 +73,7 @@ static int quantize_row(const void *x, int bf16, int64_t k, QuantizedRow *row) {
 
 /* y[i, o] = scale[o] * (w[o] . x_i) for the m input rows and the weight rows o in [r0, r1) (y rows ldy apart), four
    weight rows a pass so that each block of x is loaded once for four weight rows and four accumulators hide the
-   instructions' latency; a pass's 4 rows come from memory for the first input row and from L1 for the others. */
+   instructions' latency; a pass's 4 rows come from memory for the first input row and from cache for the others. */
 static void rows_dot(const int8_t *w, const float *scale, int64_t k, const QuantizedRow *rows, int64_t m, float *y,
                      int64_t ldy, int64_t r0, int64_t r1) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
