@@ -188,19 +188,23 @@ def test_kimi_vl_folder_loads_quantized_and_refuses_what_it_cannot_read(kimi_vl,
         mmwb.from_pretrained(broken)
 
 
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-    torch.manual_seed(0)
+def _llava_config(text: LlamaConfig) -> LlavaConfig:
+    """A LLaVA of a tiny CLIP tower and ``text``."""
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2, image_size=16,
         patch_size=4, projection_dim=16,
     )  # fmt: skip
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID)
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    torch.manual_seed(0)
     text = LlamaConfig(
         vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128,
     )  # fmt: skip
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID)
-    reference = _perturb(LlavaForConditionalGeneration(config))
+    reference = _perturb(LlavaForConditionalGeneration(_llava_config(text)))
     path = tmp_path_factory.mktemp("llava")
     reference.save_pretrained(path)
     return reference, path
@@ -349,23 +353,17 @@ def test_llava_text_model_quantized_while_loading_equals_quantizing_the_loaded_m
 
 @pytest.mark.slow
 def test_llava_quantized_while_loading_never_holds_the_float_text_model(tmp_path):
-    """Peak private memory of a fresh process loading a LLaVA whose Llama text model is 268 MB in fp32, int8: the
+    """Peak private memory of a fresh process loading a LLaVA whose Llama text model is 258 MB in fp32, int8: the
     final model plus about one float tensor (the embeddings, which stay float), where loading the float model
     first peaks above the whole float size."""
     from decoder_fixtures import measure_load
 
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=16,
-        patch_size=4, projection_dim=16,
-    )  # fmt: skip
     text = LlamaConfig(
         vocab_size=16000, hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=12,
         num_key_value_heads=12, max_position_embeddings=128,
     )  # fmt: skip
-    model = LlavaForConditionalGeneration(
-        LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID)
-    )
+    model = LlavaForConditionalGeneration(_llava_config(text))
     float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     largest = max(p.numel() * p.element_size() for p in model.parameters())  # embeddings / head, 49 MB
     model.save_pretrained(tmp_path)

@@ -152,12 +152,31 @@ def from_torch_int4(packed: torch.Tensor) -> torch.Tensor:
 # --- modules ---
 
 
-class QuantizedLinear(nn.Module):
+class _QuantizedBuffers(nn.Module):
+    """A module whose buffers hold a quantized form: a move (``_apply``) takes them along, a cast
+    (``model.to(torch.float16)``) leaves them as they are; ``_applied(fn)`` then does what a subclass needs."""
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        kept = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if old is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        self._applied(fn)
+        return self
+
+    def _applied(self, fn) -> None:  # noqa: ANN001 (_apply's fn)
+        pass
+
+
+class QuantizedLinear(_QuantizedBuffers):
     """``nn.Linear`` with an int8 or int4 weight (bias kept in float); ``dequantize()`` gives the weight it applies.
 
     Made empty (for a state dict to fill) or by ``from_float``. Buffers: int8 ``qweight`` (N, K), ``scale`` (N,)
-    fp32 (what mmwb's int8 kernel reads) and its bf16 copy for torch's; int4 ``packed`` (N, K / 2) in torch's CPU layout and the kernel's bf16
-    (groups, N, 2) scale-and-zero table, stored as ``qweight`` (portable order), ``scale`` and ``zero`` (N, groups).
+    fp32 (what mmwb's int8 kernel reads) and its bf16 copy for torch's; int4 ``packed`` (N, K / 2) in torch's CPU
+    layout and the kernel's bf16 (groups, N, 2) scale-and-zero table, stored as ``qweight`` (portable order),
+    ``scale`` and ``zero`` (N, groups).
     """
 
     def __init__(
@@ -264,16 +283,9 @@ class QuantizedLinear(nn.Module):
         table = torch.stack([state_dict[prefix + "scale"].t(), state_dict[prefix + "zero"].t()], dim=-1)
         self.scale_zero.copy_(table)
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
-        """Moves follow ``fn``; dtype changes (``model.to(torch.float16)``) leave the quantized form as it is."""
-        kept = dict(self._buffers)
-        super()._apply(fn, recurse)
+    def _applied(self, fn) -> None:  # noqa: ANN001 (_apply's fn)
+        """What was derived from the weight is made again from the moved one."""
         self._derived.clear()
-        for name, old in kept.items():
-            new = self._buffers[name]
-            if old is not None and new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
-        return self
 
     def portable_qweight(self) -> torch.Tensor:
         """int4: the stored (N, K / 2) bytes in ``pack_int4``'s order, made from the kernel's layout."""
@@ -335,7 +347,7 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{group}"
 
 
-class QuantizedEmbedding(nn.Module):
+class QuantizedEmbedding(_QuantizedBuffers):
     """A decoder's token table (``TokenEmbedding``) in int8, one symmetric scale a row (``quantize_int8``'s rows): a
     lookup widens the rows it reads to ``dtype``, the table's float dtype. Half the bytes of a bf16 table (Kimi-VL's
     163840 x 2048: 0.34 GB less), in any mode: the table is read a row a token, so int4 would save little time and
@@ -377,16 +389,9 @@ class QuantizedEmbedding(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scale[:, None]
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
-        """Moves follow ``fn``; a dtype change (``model.to(torch.bfloat16)``) changes what lookups return, not the
-        int8 rows and their fp32 scales."""
-        kept = dict(self._buffers)
-        super()._apply(fn, recurse)
+    def _applied(self, fn) -> None:  # noqa: ANN001 (_apply's fn)
+        """A cast (``model.to(torch.bfloat16)``) changes what lookups return."""
         self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
-        for name, old in kept.items():
-            if old is not None and self._buffers[name].dtype != old.dtype:
-                self._buffers[name] = old.to(self._buffers[name].device)
-        return self
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, mode=int8, dtype={self.dtype}"
@@ -497,7 +502,8 @@ def empty_quantized(module: nn.Module, mode: str, group_size: int = 64) -> nn.Mo
 def quantization_targets(model: nn.Module) -> dict[str, nn.Module]:
     """The float layers ``quantize_model`` replaces, by their names in ``model``: every ``nn.Linear`` (mmwb's,
     transformers', towers', projectors'), mmwb's stacked experts and mmwb decoders' token tables
-    (``TokenEmbedding``, into ``QuantizedEmbedding``), not those inside a peft adapter (merge adapters before quantizing)."""
+    (``TokenEmbedding``, into ``QuantizedEmbedding``), not those inside a peft adapter (merge adapters before
+    quantizing)."""
     return {
         name: module
         for name, module in model.named_modules()

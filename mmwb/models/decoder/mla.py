@@ -61,9 +61,8 @@ class MultiHeadLatentAttention(nn.Module):
         """``queries`` > 0: outputs for the last ``queries`` positions only (the latent from all of ``x``)."""
         batch, length, _ = x.shape
         decoding = cache is not None and length == 1 <= self.decode_max_tokens
-        if decoding and applies(
-            x, self.kv_a_layernorm.weight, LATENT_DTYPES
-        ):  # the kernel checks kv_b itself
+        # the kernel checks kv_b itself
+        if decoding and applies(x, self.kv_a_layernorm.weight, LATENT_DTYPES):
             out = self._decode_on_cpu(x, rope, mask, cache, cache_position)
             if out is not None:
                 return self.o_proj(out.view(batch, 1, -1))

@@ -128,14 +128,16 @@ static const float *as_float(const void *a, int64_t offset, int64_t n, int bf16,
     return scratch;
 }
 
-static void store_row(const float *row, void *dst, int64_t n, int bf16) {
+/* n floats into dst as floats, or as bf16 (rounded to nearest even, as torch's cast) when bf16 is set; int8.c
+   stores its outputs with it too. */
+void mmwb_store_floats(const float *x, void *dst, int64_t n, int bf16) {
     if (!bf16) {
-        memcpy(dst, row, sizeof(float) * n);
+        memcpy(dst, x, sizeof(float) * n);
         return;
     }
-    for (int64_t j = 0; j < n; j++) { /* round to nearest even, as torch's cast */
+    for (int64_t j = 0; j < n; j++) {
         uint32_t bits;
-        memcpy(&bits, row + j, sizeof bits);
+        memcpy(&bits, x + j, sizeof bits);
         ((uint16_t *)dst)[j] = (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
     }
 }
@@ -182,7 +184,7 @@ int mmwb_latent_attention(const float *q, const float *kv, const float *norm_w, 
         mmwb_rms_norm(kvb, norm_w, latent, 1, rank, eps);
         const float *cb = cos + b * dr / 2, *sb = sin + b * dr / 2;
         rope(kvb + rank, cb, sb, dr, latent + rank);
-        store_row(latent, (char *)cache + (b * slots + pos) * width * item, width, bf16);
+        mmwb_store_floats(latent, (char *)cache + (b * slots + pos) * width * item, width, bf16);
         for (int64_t h = 0; h < heads; h++)
             rope(q + (b * heads + h) * qw + dn, cb, sb, dr, query + (b * heads + h) * width + rank);
     }

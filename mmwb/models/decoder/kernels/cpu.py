@@ -15,14 +15,12 @@ memory, and with the caches cold from that streaming each of the step's ~1400 sm
   token's chosen int8 experts), from ``int8.c`` (AVX-512 VNNI; see its header).
 
 The C sources (``cpu.c`` and ``int8.c`` beside this module) are compiled into one library with the machine's C
-compiler on first use (about 0.5 s,
-cached per source, compiler and CPU). Without a compiler or the source file, or with ``MMWB_CPU_KERNELS=0`` (read
-once, at the first use in a process), ``linear`` and ``rms_norm`` are their torch equivalents and the others
-return None so that their callers run their torch code; the same happens outside each kernel's case (more
-rows, another dtype (fp32; bf16 too for latent_attention and the int8 kernels), autograd or autocast on, other
-strides, shapes that do not fit: torch then raises its own
-error). What they bought was measured
-when they came in (`git log -p BENCHMARKS.md`, "CPU decode kernels"); `mmwb bench decoder` measures it now.
+compiler on first use (about 0.5 s, cached per source, compiler and CPU). Without a compiler or the source files,
+or with ``MMWB_CPU_KERNELS=0`` (read once, at the first use in a process), ``linear`` and ``rms_norm`` are their
+torch equivalents and the others return None so that their callers run their torch code; the same happens outside
+each kernel's case (more rows, another dtype (fp32; bf16 too for latent_attention and the int8 kernels), autograd
+or autocast on, other strides, shapes that do not fit: torch then raises its own error). What they bought was
+measured when they came in (`git log -p BENCHMARKS.md`, "CPU decode kernels"); `mmwb bench decoder` measures it now.
 """
 
 from __future__ import annotations
@@ -198,7 +196,7 @@ def latent_attention(
         or cache.dtype != kv_b_weight.dtype
         or not all(t.is_cpu for t in (kv, norm_weight, cache, *rope))
         or not cache.is_contiguous()
-        or not _kv_b_layout(kv_b_weight)
+        or _kv_b_row_major(kv_b_weight) is None
         or q.shape != (batch, heads * (nope_dim + rope_dim))
         or kv.shape != (batch, rank + rope_dim)
         or cache.shape != (batch, 1, slots, rank + rope_dim)
@@ -211,21 +209,22 @@ def latent_attention(
     q, kv, norm_weight, cos, sin = (t.float().contiguous() for t in (q, kv, norm_weight, *rope))
     mask = None if mask is None else mask.contiguous()
     out = q.new_empty(batch, heads * v_dim)
-    row_major = kv_b_weight.stride(1) == 1 and rank > 1
     status = _kernels().latent_attention(
         q.data_ptr(), kv.data_ptr(), norm_weight.data_ptr(), eps, cos.data_ptr(), sin.data_ptr(),
         cache.data_ptr(), slots, position, None if mask is None else mask.data_ptr(), batch,
         kv_b_weight.data_ptr(), max(kv_b_weight.stride()), heads, nope_dim, rope_dim, v_dim, rank, scale,
-        out.data_ptr(), cache.dtype == torch.bfloat16, row_major, torch.get_num_threads(),
+        out.data_ptr(), cache.dtype == torch.bfloat16, _kv_b_row_major(kv_b_weight), torch.get_num_threads(),
     )  # fmt: skip
     return out.to(cache.dtype) if status == 0 else None
 
 
-def _kv_b_layout(weight: torch.Tensor) -> bool:
-    """kv_b (out, r) row-major or column-major, its rows (columns) apart by at least their length."""
+def _kv_b_row_major(weight: torch.Tensor) -> bool | None:
+    """kv_b (out, r): True row-major, False column-major (its rows, or columns, apart by at least their length),
+    None another layout the kernel does not read."""
     out_features, rank = weight.shape
-    row_major = weight.stride(1) == 1 and weight.stride(0) >= rank and rank > 1
-    return row_major or (weight.stride(0) == 1 and weight.stride(1) >= out_features)
+    if weight.stride(1) == 1 and weight.stride(0) >= rank and rank > 1:
+        return True
+    return False if weight.stride(0) == 1 and weight.stride(1) >= out_features else None
 
 
 def gqa_attention(
@@ -298,10 +297,8 @@ def route(
     return (logits, indices, weights) if status == 0 else None
 
 
-LATENT_DTYPES = (
-    torch.float32,
-    torch.bfloat16,
-)  # latent_attention's cache and kv_b: fp32, or bf16 in a bf16 model
+# latent_attention's cache and kv_b: fp32, or bf16 in a bf16 model
+LATENT_DTYPES = (torch.float32, torch.bfloat16)
 INT8_BLOCK = 128  # int8.c quantizes the input in blocks of this many values: input widths must be multiples
 INT8_MAX_INPUTS = 16384
 

@@ -25,6 +25,8 @@
 #define PREFETCH_ROWS 4 /* rows ahead that a pass asks the memory for */
 #define MAX_ROWS 4      /* input rows of mmwb_int8_rows (cpu.py's MAX_ROWS) */
 
+void mmwb_store_floats(const float *x, void *dst, int64_t n, int bf16); /* cpu.c */
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 
@@ -113,19 +115,6 @@ static void share(int64_t n, int t, int nt, int64_t *r0, int64_t *r1) {
     if (*r1 > n) *r1 = n;
 }
 
-static void store(const float *y, void *out, int bf16, int64_t n) {
-    if (!bf16) {
-        memcpy(out, y, sizeof(float) * n);
-        return;
-    }
-    uint16_t *o = out;
-    for (int64_t j = 0; j < n; j++) { /* round to nearest even, as torch's cast */
-        uint32_t bits;
-        memcpy(&bits, y + j, 4);
-        o[j] = (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-    }
-}
-
 int mmwb_int8_supported(void) { return 1; }
 
 /* out (m, n) = x (m, k) w^T, m <= MAX_ROWS. */
@@ -146,7 +135,7 @@ int mmwb_int8_rows(const void *x, int bf16, int64_t m, int64_t k, const int8_t *
 #endif
             rows_dot(w, scale, k, rows, m, y, n, r0, r1);
         }
-        store(y, out, bf16, m * n);
+        mmwb_store_floats(y, out, m * n, bf16);
     }
     free(rows);
     free(y);
@@ -195,7 +184,7 @@ int mmwb_int8_experts(const void *x, int bf16, int64_t c, int64_t inter, int64_t
 #pragma omp barrier
         }
     }
-    if (!failed) store(y, out, bf16, c);
+    if (!failed) mmwb_store_floats(y, out, c, bf16);
     free(rows);
     free(h);
     return failed;
