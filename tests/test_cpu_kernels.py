@@ -23,7 +23,9 @@ def calls(monkeypatch):
     kernels = cpu_kernels._kernels()
     if kernels is None:
         pytest.skip("kernels unavailable")
-    names = ("rows_times_matrix", "rms_norm", "swiglu_sum", "latent_attention", "gqa_attention", "route")
+    names = (
+        "rows_times_matrix", "rms_norm", "rms_norm_bf16", "swiglu_sum", "latent_attention", "gqa_attention", "route"
+    )  # fmt: skip
     counts = dict.fromkeys(names, 0)
     for name in counts:
         function = getattr(kernels, name)
@@ -116,6 +118,20 @@ def test_rms_norm_equals_torch(calls, rows):
         got = cpu_kernels.rms_norm(x, weight, 1e-6)
     assert torch.allclose(got, weight * F.rms_norm(x, (48,), eps=1e-6), rtol=1e-5, atol=1e-6)
     assert calls["rms_norm"] == 1
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_rms_norm_of_a_bf16_model_equals_torch_bit_for_bit(calls, rows):
+    """bf16 rows and weight: rounded where the torch path (w * rms_norm(x.float()).bf16()) rounds."""
+    x, weight = (torch.randn(rows, 1, 2048) * 3).bfloat16(), (torch.rand(2048) + 0.5).bfloat16()
+    with torch.no_grad():
+        got = cpu_kernels.rms_norm(x, weight, 1e-5)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, weight * F.rms_norm(x.float(), (2048,), eps=1e-5).to(torch.bfloat16))
+    assert calls["rms_norm_bf16"] == 1 and calls["rms_norm"] == 0
+    with torch.no_grad():  # a weight of another dtype: torch's path
+        cpu_kernels.rms_norm(x, weight.float(), 1e-5)
+    assert calls["rms_norm_bf16"] == 1
 
 
 def _swiglu(x, gate, up, down):
@@ -286,20 +302,23 @@ def test_library_is_built_once_into_the_cache(monkeypatch, tmp_path, rebuilt):
         dict(scoring_func="sigmoid", expert_bias=True, n_group=4, topk_group=2, routed_scaling_factor=2.5),
     ],
 )
-def test_router_through_the_kernel_equals_the_torch_path(calls, monkeypatch, router):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_through_the_kernel_equals_the_torch_path(calls, monkeypatch, router, dtype):
+    """fp32 and bf16 models: a bf16 model's router widens x and its weight to fp32 (exactly), as the torch path."""
     config = DecoderConfig(hidden_size=32, n_routed_experts=8, num_experts_per_tok=3, **router)
-    block = moe.MoEBlock(config)
+    block = moe.MoEBlock(config).to(dtype)
     with torch.no_grad():
         block.gate.weight.normal_(0, 0.3)
         if block.gate.e_score_correction_bias is not None:
             block.gate.e_score_correction_bias.normal_(0, 0.1)
-        x = torch.randn(4, 32)
+        x = torch.randn(4, 32).to(dtype)
         got = block.gate(x)
         with monkeypatch.context() as torch_path:
             torch_path.setattr(moe, "route", lambda *args: None)
             want = block.gate(x)
     assert calls["route"] == 1
     assert torch.equal(got[1], want[1])
+    assert got[0].dtype == got[2].dtype == want[0].dtype == want[2].dtype == torch.float32
     for g, w in zip(got[::2], want[::2]):
         assert torch.allclose(g, w, rtol=1e-5, atol=1e-6)
 

@@ -65,6 +65,34 @@ void mmwb_rms_norm(const float *x, const float *w, float *y, int64_t m, int64_t 
     }
 }
 
+static inline float widen(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t narrow(float f) { /* to bf16, rounded to nearest even as torch's cast */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+/* mmwb_rms_norm for bf16 rows and weight, rounded where a bf16 model's torch ops round: the normalised row is
+   computed in fp32 and rounded to bf16, then times the weight and rounded again (w * rms_norm(x.float()).bf16()). */
+void mmwb_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t m, int64_t n, float eps) {
+    for (int64_t i = 0; i < m; i++) {
+        const uint16_t *xi = x + i * n;
+        uint16_t *yi = y + i * n;
+        float sum = 0.0f;
+        #pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < n; j++) sum += widen(xi[j]) * widen(xi[j]);
+        const float r = 1.0f / sqrtf(sum / (float)n + eps);
+        #pragma omp simd
+        for (int64_t j = 0; j < n; j++) yi[j] = narrow(widen(w[j]) * widen(narrow(widen(xi[j]) * r)));
+    }
+}
+
 /* y (m, c) = sum over e of coef[e] * (silu(x gate_e) * (x up_e)) down_e: a SwiGLU MLP, or a token's chosen experts,
    in one call. gate_e, up_e: (c, inter) rows ld_in apart (one pass over both when up_e directly follows gate_e in
    each row, as in stacked experts); down_e: (inter, c) rows ld_down apart. */
@@ -154,6 +182,67 @@ static void axpy(float *y, float a, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+/* y[:n] += a[0] w[0, :n] + ... + a[3] w[3, :n] for four bf16 rows ld apart, and out[r] = x[:n] . w[r, :n] for
+   four: each pass over y (x) serves four rows, widened in registers (AVX-512 where the compiler has it). */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+static inline __m512 widen16(const uint16_t *p) {
+    const __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static void axpy4_bf16(float *y, const float *a, const uint16_t *w, int64_t ld, int64_t n) {
+    const __m512 a0 = _mm512_set1_ps(a[0]), a1 = _mm512_set1_ps(a[1]);
+    const __m512 a2 = _mm512_set1_ps(a[2]), a3 = _mm512_set1_ps(a[3]);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        if (i % 32 == 0) /* the next four rows, a cache line each: one thread's stream stalls without it */
+            for (int r = 4; r < 8; r++) _mm_prefetch((const char *)(w + r * ld + i), _MM_HINT_T0);
+        __m512 acc = _mm512_loadu_ps(y + i);
+        acc = _mm512_fmadd_ps(a0, widen16(w + i), acc);
+        acc = _mm512_fmadd_ps(a1, widen16(w + ld + i), acc);
+        acc = _mm512_fmadd_ps(a2, widen16(w + 2 * ld + i), acc);
+        acc = _mm512_fmadd_ps(a3, widen16(w + 3 * ld + i), acc);
+        _mm512_storeu_ps(y + i, acc);
+    }
+    for (; i < n; i++)
+        y[i] += a[0] * widen(w[i]) + a[1] * widen(w[ld + i]) + a[2] * widen(w[2 * ld + i]) + a[3] * widen(w[3 * ld + i]);
+}
+
+static void dot4_bf16(const float *x, const uint16_t *w, int64_t ld, int64_t n, float *out) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        if (i % 32 == 0)
+            for (int r = 4; r < 8; r++) _mm_prefetch((const char *)(w + r * ld + i), _MM_HINT_T0);
+        const __m512 xv = _mm512_loadu_ps(x + i);
+        s0 = _mm512_fmadd_ps(xv, widen16(w + i), s0);
+        s1 = _mm512_fmadd_ps(xv, widen16(w + ld + i), s1);
+        s2 = _mm512_fmadd_ps(xv, widen16(w + 2 * ld + i), s2);
+        s3 = _mm512_fmadd_ps(xv, widen16(w + 3 * ld + i), s3);
+    }
+    float sums[4] = {_mm512_reduce_add_ps(s0), _mm512_reduce_add_ps(s1), _mm512_reduce_add_ps(s2),
+                     _mm512_reduce_add_ps(s3)};
+    for (; i < n; i++)
+        for (int r = 0; r < 4; r++) sums[r] += x[i] * widen(w[r * ld + i]);
+    memcpy(out, sums, sizeof sums);
+}
+#else
+static void axpy4_bf16(float *y, const float *a, const uint16_t *w, int64_t ld, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        y[i] += a[0] * widen(w[i]) + a[1] * widen(w[ld + i]) + a[2] * widen(w[2 * ld + i]) + a[3] * widen(w[3 * ld + i]);
+}
+
+static void dot4_bf16(const float *x, const uint16_t *w, int64_t ld, int64_t n, float *out) {
+    for (int r = 0; r < 4; r++) {
+        float acc = 0.0f;
+        for (int64_t i = 0; i < n; i++) acc += x[i] * widen(w[r * ld + i]);
+        out[r] = acc;
+    }
+}
+#endif
+
 /* One decode token per sequence of multi-head latent attention (DeepSeek-V2/V3 MLA) on the latent cache.
    For each of the batch sequences b: q[b] (heads, dn + dr) and kv[b] (rank + dr) are its token's projections and
    cos[b], sin[b] (dr / 2) its rotary angles. Here: rope on both rope parts, RMSNorm on the latent, the latent row
@@ -200,12 +289,19 @@ int mmwb_latent_attention(const float *q, const float *kv, const float *norm_w, 
 #endif
         if (row_major) { /* query[b, h, :rank] = q_nope[b, h] W_uk[h]: each head's rows streamed once */
             #pragma omp for schedule(static)
-            for (int64_t h = 0; h < heads; h++)
-                for (int64_t d = 0; d < dn; d++) {
+            for (int64_t h = 0; h < heads; h++) {
+                int64_t d = 0;
+                if (bf16) /* four rows a pass, widened in registers */
+                    for (; d + 4 <= dn; d += 4)
+                        for (int64_t b = 0; b < batch; b++)
+                            axpy4_bf16(query + (b * heads + h) * width, q + (b * heads + h) * qw + d,
+                                       (const uint16_t *)wkvb + (h * stride + d) * ld_kvb, ld_kvb, rank);
+                for (; d < dn; d++) {
                     const float *w = as_float(wkvb, (h * stride + d) * ld_kvb, rank, bf16, row);
                     for (int64_t b = 0; b < batch; b++)
                         axpy(query + (b * heads + h) * width, q[(b * heads + h) * qw + d], w, rank);
                 }
+            }
         } else {
             #pragma omp for schedule(static)
             for (int64_t j = 0; j < rank; j++) {
@@ -239,15 +335,23 @@ int mmwb_latent_attention(const float *q, const float *kv, const float *norm_w, 
                 }
         #pragma omp for schedule(static)
         for (int64_t h = 0; h < heads; h++) { /* out[b, h] = attended[b, h] W_uv[h]^T */
-            if (row_major)
-                for (int64_t e = 0; e < dv; e++) {
+            if (row_major) {
+                int64_t e = 0;
+                if (bf16)
+                    for (; e + 4 <= dv; e += 4)
+                        for (int64_t b = 0; b < batch; b++) {
+                            const int64_t i = b * heads + h;
+                            dot4_bf16(attended + i * rank, (const uint16_t *)wkvb + (h * stride + dn + e) * ld_kvb,
+                                      ld_kvb, rank, out + i * dv + e);
+                        }
+                for (; e < dv; e++) {
                     const float *w = as_float(wkvb, (h * stride + dn + e) * ld_kvb, rank, bf16, row);
                     for (int64_t b = 0; b < batch; b++) {
                         const int64_t i = b * heads + h;
                         out[i * dv + e] = dot(attended + i * rank, w, rank);
                     }
                 }
-            else
+            } else
                 for (int64_t j = 0; j < rank; j++) {
                     const float *w = as_float(wkvb, j * ld_kvb + h * stride + dn, dv, bf16, row);
                     for (int64_t b = 0; b < batch; b++)
@@ -308,20 +412,24 @@ static int64_t argmax(const float *left, int64_t n) {
 /* Top-k routing of m tokens over e experts (Mixtral, Qwen3-MoE, DeepSeek-V3 routers): logits = x W^T (W (e, c)
    row-major); scores = softmax or sigmoid of them; choice = scores + bias when bias is given, restricted to the
    topk_group best of n_group groups (a group's best two choices summed) when n_group > 1; the k best choices give
-   indices, and weights are the scores there, normalised to sum 1 when norm, times scaling. */
-int mmwb_route(const float *x, const float *w, const float *bias, int64_t m, int64_t c, int64_t e, int64_t k,
+   indices, and weights are the scores there, normalised to sum 1 when norm, times scaling. x and W are fp32, or
+   both bf16 when bf16 is set (a bf16 model's: widened to fp32, where its logits are computed as well). */
+int mmwb_route(const void *x, const void *w, const float *bias, int64_t m, int64_t c, int64_t e, int64_t k,
                int sigmoid, int64_t n_group, int64_t topk_group, int norm, float scaling, float *logits,
-               int64_t *indices, float *weights) {
-    float *scores = malloc(sizeof(float) * (3 * e + n_group));
+               int64_t *indices, float *weights, int bf16) {
+    float *scores = malloc(sizeof(float) * (3 * e + n_group + 2 * c));
     if (!scores) return 1;
     float *choice = scores + e, *left = choice + e, *group_score = left + e;
+    float *x_row = group_score + n_group, *w_row = x_row + c; /* scratch for widened bf16 rows */
     const int64_t size = e / n_group;
     for (int64_t i = 0; i < m; i++) {
         float *li = logits + i * e;
+        const float *xi = as_float(x, i * c, c, bf16, x_row);
         for (int64_t j = 0; j < e; j++) {
+            const float *wj = as_float(w, j * c, c, bf16, w_row);
             float acc = 0.0f;
             #pragma omp simd reduction(+ : acc)
-            for (int64_t d = 0; d < c; d++) acc += x[i * c + d] * w[j * c + d];
+            for (int64_t d = 0; d < c; d++) acc += xi[d] * wj[d];
             li[j] = acc;
             scores[j] = sigmoid ? 1.0f / (1.0f + expf(-acc)) : acc;
         }

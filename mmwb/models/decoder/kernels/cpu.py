@@ -18,9 +18,9 @@ The C sources (``cpu.c`` and ``int8.c`` beside this module) are compiled into on
 compiler on first use (about 0.5 s, cached per source, compiler and CPU). Without a compiler or the source files,
 or with ``MMWB_CPU_KERNELS=0`` (read once, at the first use in a process), ``linear`` and ``rms_norm`` are their
 torch equivalents and the others return None so that their callers run their torch code; the same happens outside
-each kernel's case (more rows, another dtype (fp32; bf16 too for latent_attention and the int8 kernels), autograd
-or autocast on, other strides, shapes that do not fit: torch then raises its own error). What they bought was
-measured when they came in (`git log -p BENCHMARKS.md`, "CPU decode kernels"); `mmwb bench decoder` measures it now.
+each kernel's case (more rows, another dtype (fp32; bf16 too for rms_norm, route, latent_attention and the int8
+kernels), autograd or autocast on, other strides, shapes that do not fit: torch then raises its own error). What
+they bought was measured when they came in (`git log -p BENCHMARKS.md`, "CPU decode kernels"); `mmwb bench decoder` measures it now.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ MAX_ROWS = 4  # rows of x handled per call; more rows is prefill, where BLAS win
 MAX_COLS = 4096  # output width whose accumulator still sits in cache; wider weights go to BLAS
 # Rows of an rms_norm call: a decode step's heads; longer inputs go to torch's threaded kernel.
 NORM_MAX_ROWS = 64
+NORM_DTYPES = (torch.float32, torch.bfloat16)  # rms_norm's and route's: x and weight of one of them
 
 logger = logging.getLogger(__name__)
 
@@ -86,18 +87,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``weight * F.rms_norm(x, (C,), eps=eps)`` over the last dimension C, in one pass for a few fp32 rows."""
+    """``weight * F.rms_norm(x, (C,), eps=eps)`` over the last dimension C, in one pass for a few fp32 rows, or bf16
+    rows with a bf16 weight (rounded where torch's ops round)."""
     if (
-        not applies(x, weight)
+        not applies(x, weight, NORM_DTYPES)
+        or x.dtype != weight.dtype
         or weight.shape != x.shape[-1:]
         or x.numel() > NORM_MAX_ROWS * x.shape[-1]
         or not (x.is_contiguous() and weight.is_contiguous())
     ):
         return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
     y = x.new_empty(x.shape)
-    _kernels().rms_norm(
-        x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps
-    )
+    norm = _kernels().rms_norm_bf16 if x.dtype == torch.bfloat16 else _kernels().rms_norm
+    norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
     return y
 
 
@@ -275,10 +277,12 @@ def route(
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """A top-k MoE router for a few tokens x (N, C) in one call: logits (N, E), indices (N, k), weights (N, k),
-    as mmwb.models.decoder.moe.Router computes them. groups = (n_group, topk_group). None where it does not apply."""
+    as mmwb.models.decoder.moe.Router computes them (x and weight fp32, or both bf16: logits and weights are fp32
+    either way). groups = (n_group, topk_group). None where it does not apply."""
     experts = weight.shape[0]
     if (
-        not applies(x, weight)
+        not applies(x, weight, NORM_DTYPES)
+        or x.dtype != weight.dtype
         or x.dim() != 2
         or x.shape[1] != weight.shape[1]
         or x.shape[0] > MAX_ROWS
@@ -287,12 +291,13 @@ def route(
         or experts % groups[0]
     ):
         return None
-    logits = x.new_empty(x.shape[0], experts)
+    logits = x.new_empty(x.shape[0], experts, dtype=torch.float32)
     indices = torch.empty(x.shape[0], top_k, dtype=torch.long)
-    weights = x.new_empty(x.shape[0], top_k)
+    weights = x.new_empty(x.shape[0], top_k, dtype=torch.float32)
     status = _kernels().route(
         x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), x.shape[0], x.shape[1], experts,
         top_k, scoring == "sigmoid", *groups, norm, scaling, logits.data_ptr(), indices.data_ptr(), weights.data_ptr(),
+        x.dtype == torch.bfloat16,
     )  # fmt: skip
     return (logits, indices, weights) if status == 0 else None
 
@@ -407,6 +412,7 @@ _I32, _I64, _F32, _PTR = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_
 _SIGNATURES = {
     "rows_times_matrix": (_I32, [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I32]),
     "rms_norm": (None, [_PTR, _PTR, _PTR, _I64, _I64, _F32]),
+    "rms_norm_bf16": (None, [_PTR, _PTR, _PTR, _I64, _I64, _F32]),
     "swiglu_sum": (_I32, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I32]),
     "latent_attention": (
         _I32,
@@ -435,7 +441,7 @@ _SIGNATURES = {
     "gqa_attention": (_I32, [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, *[_I64] * 5, _F32, _PTR]),
     "route": (
         _I32,
-        [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I32, _I64, _I64, _I32, _F32, _PTR, _PTR, _PTR],
+        [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I32, _I64, _I64, _I32, _F32, _PTR, _PTR, _PTR, _I32],
     ),
     "int8_supported": (_I32, []),
     "int8_rows": (_I32, [_PTR, _I32, _I64, _I64, _PTR, _PTR, _I64, _PTR, _I32]),
