@@ -149,6 +149,10 @@ def from_torch_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+# torch's weight-only kernels, resolved once (a decode token calls them ~500 times)
+_INT8_MM = torch.ops.aten._weight_int8pack_mm.default
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+
 # --- modules ---
 
 
@@ -332,8 +336,8 @@ class QuantizedLinear(_QuantizedBuffers):
             # other widths (small latent ranks) multiply the levels, exact in bf16, and scale the result
             return (flat @ self.qweight.to(_COMPUTE).t()) * self.scale_compute
         if self.mode == "int8":
-            return torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale_compute)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scale_zero)
+            return _INT8_MM(flat, self.qweight, self.scale_compute)
+        return _INT4_MM(flat, self.packed, self.group_size, self.scale_zero)
 
     def kernel_bytes(self) -> int:
         """Bytes a decode product reads: the weight (1 or 1/2 byte each) and its scales (int8: mmwb's kernel, fp32;
@@ -464,11 +468,10 @@ class QuantizedExperts(nn.Module):
             rows = []
         flat = x.to(_COMPUTE)
         for n, experts in enumerate(chosen):
-            xn, total = flat[n : n + 1], None
+            xn, total = flat[n : n + 1], x.new_zeros(1, x.shape[-1], dtype=torch.float32)
             for expert, coef in zip(experts, coefs[n], strict=True):
-                gate, up = self.gate_up[expert].product(xn).chunk(2, dim=-1)
-                y = self.down[expert].product((F.silu(gate) * up).contiguous()).float() * coef
-                total = y if total is None else total + y
+                gate, up = self.gate_up[expert].product(xn).chunk(2, dim=-1)  # one row: each half contiguous
+                total.add_(self.down[expert].product(F.silu(gate) * up), alpha=coef)  # bf16 into fp32
             rows.append(total)
         return torch.cat(rows).to(x.dtype)
 
