@@ -120,18 +120,22 @@ def test_rms_norm_equals_torch(calls, rows):
     assert calls["rms_norm"] == 1
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_rms_norm_of_a_bf16_model_equals_torch_bit_for_bit(calls, rows):
-    """bf16 rows and weight: rounded where the torch path (w * rms_norm(x.float()).bf16()) rounds."""
-    x, weight = (torch.randn(rows, 1, 2048) * 3).bfloat16(), (torch.rand(2048) + 0.5).bfloat16()
+@pytest.mark.parametrize("width", [2048, 4096, 7168])  # Kimi-VL-A3B's hidden size, ..., DeepSeek-V3's
+def test_rms_norm_of_a_bf16_model_equals_torch(calls, width):
+    """bf16 rows and weight, rounded where the torch path (w * rms_norm(x.float()).bf16()) rounds: equal to it but
+    for the order of the sum of squares, which can move an element by a bf16 step before and after the weight."""
+    torch.manual_seed(0)
+    x, weight = (torch.randn(64, 1, width) * 3).bfloat16(), (torch.rand(width) + 0.5).bfloat16()
     with torch.no_grad():
         got = cpu_kernels.rms_norm(x, weight, 1e-5)
+    want = weight * F.rms_norm(x.float(), (width,), eps=1e-5).to(torch.bfloat16)
     assert got.dtype == torch.bfloat16
-    assert torch.equal(got, weight * F.rms_norm(x.float(), (2048,), eps=1e-5).to(torch.bfloat16))
+    assert (got != want).float().mean() < 1e-3  # measured: none at 2048 and 7168, 1.1e-4 of them at 4096
+    assert ((got.float() - want.float()).abs() <= 2**-6 * want.float().abs()).all()  # two bf16 steps at most
     assert calls["rms_norm_bf16"] == 1 and calls["rms_norm"] == 0
-    with torch.no_grad():  # a weight of another dtype: torch's path
+    with torch.no_grad():  # a weight of another dtype: torch's path, neither kernel
         cpu_kernels.rms_norm(x, weight.float(), 1e-5)
-    assert calls["rms_norm_bf16"] == 1
+    assert calls["rms_norm_bf16"] == 1 and calls["rms_norm"] == 0
 
 
 def _swiglu(x, gate, up, down):
@@ -324,13 +328,16 @@ def test_router_through_the_kernel_equals_the_torch_path(calls, monkeypatch, rou
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_latent_attention_reads_kv_b_in_either_layout(dtype):
+@pytest.mark.parametrize(
+    "dims", [(16, 12, 32), (14, 10, 40)]
+)  # (nope, v_dim, rank); the second leaves rows and columns over from bf16's four-row, 16-wide passes
+def test_latent_attention_reads_kv_b_in_either_layout(dtype, dims):
     """Column-major kv_b (the fp32 decode layout) and row-major (a quantized kv_b's dequantized copy) give the
     same attention and the same cache row."""
     if cpu_kernels._kernels() is None:
         pytest.skip("kernels unavailable")
     torch.manual_seed(0)
-    batch, heads, nope, rope_dim, v_dim, rank, slots, position = 2, 4, 16, 8, 12, 32, 10, 6
+    (nope, v_dim, rank), (batch, heads, rope_dim, slots, position) = dims, (2, 4, 8, 10, 6)
     weight = torch.randn(heads * (nope + v_dim), rank).to(dtype)
     q = torch.randn(batch, heads * (nope + rope_dim)).to(dtype)
     kv = torch.randn(batch, rank + rope_dim).to(dtype)

@@ -25,6 +25,7 @@ tensor by tensor while it reads a checkpoint (mmwb.models.decoder.checkpoint).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -149,9 +150,12 @@ def from_torch_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-# torch's weight-only kernels, resolved once (a decode token calls them ~500 times)
-_INT8_MM = torch.ops.aten._weight_int8pack_mm.default
-_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+@functools.cache
+def _torch_kernel(name: str):  # noqa: ANN202 (an OpOverload)
+    """torch's weight-only kernel ``name``, resolved once (a decode token calls them ~500 times), and only when used:
+    older torch releases lack the CPU int4 one."""
+    return getattr(torch.ops.aten, name).default
+
 
 # --- modules ---
 
@@ -336,8 +340,10 @@ class QuantizedLinear(_QuantizedBuffers):
             # other widths (small latent ranks) multiply the levels, exact in bf16, and scale the result
             return (flat @ self.qweight.to(_COMPUTE).t()) * self.scale_compute
         if self.mode == "int8":
-            return _INT8_MM(flat, self.qweight, self.scale_compute)
-        return _INT4_MM(flat, self.packed, self.group_size, self.scale_zero)
+            return _torch_kernel("_weight_int8pack_mm")(flat, self.qweight, self.scale_compute)
+        return _torch_kernel("_weight_int4pack_mm_for_cpu")(
+            flat, self.packed, self.group_size, self.scale_zero
+        )
 
     def kernel_bytes(self) -> int:
         """Bytes a decode product reads: the weight (1 or 1/2 byte each) and its scales (int8: mmwb's kernel, fp32;

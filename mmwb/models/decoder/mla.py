@@ -16,7 +16,7 @@ from torch import nn
 from mmwb.models.decoder.attention import grouped_attention
 from mmwb.models.decoder.cache import LatentCache
 from mmwb.models.decoder.config import DecoderConfig
-from mmwb.models.decoder.kernels.cpu import LATENT_DTYPES, applies, latent_attention
+from mmwb.models.decoder.kernels.cpu import FP32_OR_BF16, applies, latent_attention
 from mmwb.models.decoder.linear import Linear
 from mmwb.models.decoder.norm import RMSNorm
 from mmwb.models.decoder.rope import apply_rope, last_positions
@@ -62,7 +62,7 @@ class MultiHeadLatentAttention(nn.Module):
         batch, length, _ = x.shape
         decoding = cache is not None and length == 1 <= self.decode_max_tokens
         # the kernel checks kv_b itself
-        if decoding and applies(x, self.kv_a_layernorm.weight, LATENT_DTYPES):
+        if decoding and applies(x, self.kv_a_layernorm.weight, FP32_OR_BF16):
             out = self._decode_on_cpu(x, rope, mask, cache, cache_position)
             if out is not None:
                 return self.o_proj(out.view(batch, 1, -1))

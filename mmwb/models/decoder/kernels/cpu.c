@@ -79,7 +79,8 @@ static inline uint16_t narrow(float f) { /* to bf16, rounded to nearest even as 
 }
 
 /* mmwb_rms_norm for bf16 rows and weight, rounded where a bf16 model's torch ops round: the normalised row is
-   computed in fp32 and rounded to bf16, then times the weight and rounded again (w * rms_norm(x.float()).bf16()). */
+   computed in fp32 and rounded to bf16, then times the weight and rounded again (w * rms_norm(x.float()).bf16());
+   the sum of squares goes in another order than torch's, so a few elements of wide rows differ by an ulp. */
 void mmwb_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t m, int64_t n, float eps) {
     for (int64_t i = 0; i < m; i++) {
         const uint16_t *xi = x + i * n;
@@ -197,7 +198,7 @@ static void axpy4_bf16(float *y, const float *a, const uint16_t *w, int64_t ld, 
     const __m512 a2 = _mm512_set1_ps(a[2]), a3 = _mm512_set1_ps(a[3]);
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-        if (i % 32 == 0) /* the next four rows, a cache line each: one thread's stream stalls without it */
+        if (i % 32 == 0) /* the next four rows, a cache line each (a prefetch past the buffer's end never faults) */
             for (int r = 4; r < 8; r++) _mm_prefetch((const char *)(w + r * ld + i), _MM_HINT_T0);
         __m512 acc = _mm512_loadu_ps(y + i);
         acc = _mm512_fmadd_ps(a0, widen16(w + i), acc);
@@ -230,6 +231,7 @@ static void dot4_bf16(const float *x, const uint16_t *w, int64_t ld, int64_t n, 
 }
 #else
 static void axpy4_bf16(float *y, const float *a, const uint16_t *w, int64_t ld, int64_t n) {
+    #pragma omp simd
     for (int64_t i = 0; i < n; i++)
         y[i] += a[0] * widen(w[i]) + a[1] * widen(w[ld + i]) + a[2] * widen(w[2 * ld + i]) + a[3] * widen(w[3 * ld + i]);
 }
@@ -237,6 +239,7 @@ static void axpy4_bf16(float *y, const float *a, const uint16_t *w, int64_t ld, 
 static void dot4_bf16(const float *x, const uint16_t *w, int64_t ld, int64_t n, float *out) {
     for (int r = 0; r < 4; r++) {
         float acc = 0.0f;
+        #pragma omp simd reduction(+ : acc)
         for (int64_t i = 0; i < n; i++) acc += x[i] * widen(w[r * ld + i]);
         out[r] = acc;
     }
@@ -252,8 +255,8 @@ static void dot4_bf16(const float *x, const uint16_t *w, int64_t ld, int64_t n, 
    half, the attended latent through the value half (each read once for the whole batch), so the cache is never
    expanded. kv_b is stored column-major (the fp32 decode layout), its columns ld_kvb apart, or row_major (a
    quantized kv_b's dequantized copy: each head's rows read front to back, twice as fast from memory here),
-   rows ld_kvb apart. The cache and kv_b are fp32, or bf16 when bf16 is set (a
-   bf16 model's), read a row at a time into fp32; everything else is fp32. The threads split kv_b's rows, the
+   rows ld_kvb apart. The cache and kv_b are fp32, or bf16 when bf16 is set (a bf16 model's), widened to fp32 as
+   they are read (a row-major bf16 kv_b four rows a pass, axpy4_bf16 / dot4_bf16); everything else is fp32. The threads split kv_b's rows, the
    heads, and the slots. */
 int mmwb_latent_attention(const float *q, const float *kv, const float *norm_w, float eps, const float *cos,
                           const float *sin, void *cache, int64_t slots, int64_t pos, const uint8_t *mask,

@@ -20,7 +20,8 @@ or with ``MMWB_CPU_KERNELS=0`` (read once, at the first use in a process), ``lin
 torch equivalents and the others return None so that their callers run their torch code; the same happens outside
 each kernel's case (more rows, another dtype (fp32; bf16 too for rms_norm, route, latent_attention and the int8
 kernels), autograd or autocast on, other strides, shapes that do not fit: torch then raises its own error). What
-they bought was measured when they came in (`git log -p BENCHMARKS.md`, "CPU decode kernels"); `mmwb bench decoder` measures it now.
+they bought was measured when they came in (`git log -p BENCHMARKS.md`, "CPU decode kernels"); `mmwb bench
+decoder` measures it now.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ MAX_ROWS = 4  # rows of x handled per call; more rows is prefill, where BLAS win
 MAX_COLS = 4096  # output width whose accumulator still sits in cache; wider weights go to BLAS
 # Rows of an rms_norm call: a decode step's heads; longer inputs go to torch's threaded kernel.
 NORM_MAX_ROWS = 64
-NORM_DTYPES = (torch.float32, torch.bfloat16)  # rms_norm's and route's: x and weight of one of them
+# rms_norm's, route's and latent_attention's inputs: fp32, or a bf16 model's bf16
+FP32_OR_BF16 = (torch.float32, torch.bfloat16)
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +90,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * F.rms_norm(x, (C,), eps=eps)`` over the last dimension C, in one pass for a few fp32 rows, or bf16
-    rows with a bf16 weight (rounded where torch's ops round)."""
+    rows with a bf16 weight (rounded where torch's path rounds; equal to it up to the order of the sum of squares)."""
     if (
-        not applies(x, weight, NORM_DTYPES)
+        not applies(x, weight, FP32_OR_BF16)
         or x.dtype != weight.dtype
         or weight.shape != x.shape[-1:]
         or x.numel() > NORM_MAX_ROWS * x.shape[-1]
@@ -194,7 +196,7 @@ def latent_attention(
     batch, rank = q.shape[0], kv_b_weight.shape[1]
     slots = cache.shape[2]
     if (
-        not applies(q, kv_b_weight, LATENT_DTYPES)
+        not applies(q, kv_b_weight, FP32_OR_BF16)
         or cache.dtype != kv_b_weight.dtype
         or not all(t.is_cpu for t in (kv, norm_weight, cache, *rope))
         or not cache.is_contiguous()
@@ -281,7 +283,7 @@ def route(
     either way). groups = (n_group, topk_group). None where it does not apply."""
     experts = weight.shape[0]
     if (
-        not applies(x, weight, NORM_DTYPES)
+        not applies(x, weight, FP32_OR_BF16)
         or x.dtype != weight.dtype
         or x.dim() != 2
         or x.shape[1] != weight.shape[1]
@@ -302,8 +304,6 @@ def route(
     return (logits, indices, weights) if status == 0 else None
 
 
-# latent_attention's cache and kv_b: fp32, or bf16 in a bf16 model
-LATENT_DTYPES = (torch.float32, torch.bfloat16)
 INT8_BLOCK = 128  # int8.c quantizes the input in blocks of this many values: input widths must be multiples
 INT8_MAX_INPUTS = 16384
 
@@ -393,7 +393,7 @@ def applies(
     x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
 ) -> bool:
     """Whether the kernels can take a product of x and weight: they are built, both are CPU tensors of one of
-    ``dtypes`` (fp32; latent_attention: LATENT_DTYPES), autograd has nothing to record, and neither autocast nor
+    ``dtypes`` (fp32; rms_norm, route and latent_attention: FP32_OR_BF16), autograd has nothing to record, and neither autocast nor
     torch.compile is on."""
     return (
         _kernels() is not None
