@@ -164,11 +164,7 @@ void mmwb_store_floats(const float *x, void *dst, int64_t n, int bf16) {
         memcpy(dst, x, sizeof(float) * n);
         return;
     }
-    for (int64_t j = 0; j < n; j++) {
-        uint32_t bits;
-        memcpy(&bits, x + j, sizeof bits);
-        ((uint16_t *)dst)[j] = (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-    }
+    for (int64_t j = 0; j < n; j++) ((uint16_t *)dst)[j] = narrow(x[j]);
 }
 
 static float dot(const float *a, const float *b, int64_t n) {
@@ -256,8 +252,8 @@ static void dot4_bf16(const float *x, const uint16_t *w, int64_t ld, int64_t n, 
    expanded. kv_b is stored column-major (the fp32 decode layout), its columns ld_kvb apart, or row_major (a
    quantized kv_b's dequantized copy: each head's rows read front to back, twice as fast from memory here),
    rows ld_kvb apart. The cache and kv_b are fp32, or bf16 when bf16 is set (a bf16 model's), widened to fp32 as
-   they are read (a row-major bf16 kv_b four rows a pass, axpy4_bf16 / dot4_bf16); everything else is fp32. The threads split kv_b's rows, the
-   heads, and the slots. */
+   they are read (a row-major bf16 kv_b four rows a pass, axpy4_bf16 / dot4_bf16); everything else is fp32. The
+   threads split kv_b's rows, the heads, and the slots. */
 int mmwb_latent_attention(const float *q, const float *kv, const float *norm_w, float eps, const float *cos,
                           const float *sin, void *cache, int64_t slots, int64_t pos, const uint8_t *mask,
                           int64_t batch, const void *wkvb, int64_t ld_kvb, int64_t heads, int64_t dn, int64_t dr,

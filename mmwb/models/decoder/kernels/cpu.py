@@ -47,7 +47,7 @@ MAX_ROWS = 4  # rows of x handled per call; more rows is prefill, where BLAS win
 MAX_COLS = 4096  # output width whose accumulator still sits in cache; wider weights go to BLAS
 # Rows of an rms_norm call: a decode step's heads; longer inputs go to torch's threaded kernel.
 NORM_MAX_ROWS = 64
-# rms_norm's, route's and latent_attention's inputs: fp32, or a bf16 model's bf16
+# rms_norm's, route's, latent_attention's and the int8 kernels' inputs: fp32, or a bf16 model's bf16
 FP32_OR_BF16 = (torch.float32, torch.bfloat16)
 
 logger = logging.getLogger(__name__)
@@ -195,12 +195,13 @@ def latent_attention(
     heads, nope_dim, rope_dim, v_dim = dims
     batch, rank = q.shape[0], kv_b_weight.shape[1]
     slots = cache.shape[2]
+    row_major = _kv_b_row_major(kv_b_weight)
     if (
         not applies(q, kv_b_weight, FP32_OR_BF16)
         or cache.dtype != kv_b_weight.dtype
         or not all(t.is_cpu for t in (kv, norm_weight, cache, *rope))
         or not cache.is_contiguous()
-        or _kv_b_row_major(kv_b_weight) is None
+        or row_major is None
         or q.shape != (batch, heads * (nope_dim + rope_dim))
         or kv.shape != (batch, rank + rope_dim)
         or cache.shape != (batch, 1, slots, rank + rope_dim)
@@ -217,7 +218,7 @@ def latent_attention(
         q.data_ptr(), kv.data_ptr(), norm_weight.data_ptr(), eps, cos.data_ptr(), sin.data_ptr(),
         cache.data_ptr(), slots, position, None if mask is None else mask.data_ptr(), batch,
         kv_b_weight.data_ptr(), max(kv_b_weight.stride()), heads, nope_dim, rope_dim, v_dim, rank, scale,
-        out.data_ptr(), cache.dtype == torch.bfloat16, _kv_b_row_major(kv_b_weight), torch.get_num_threads(),
+        out.data_ptr(), cache.dtype == torch.bfloat16, row_major, torch.get_num_threads(),
     )  # fmt: skip
     return out.to(cache.dtype) if status == 0 else None
 
@@ -366,7 +367,7 @@ def _int8_applies(x: torch.Tensor, inputs: int) -> bool:
         kernels is not None
         and kernels.has_int8
         and x.is_cpu
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.dtype in FP32_OR_BF16
         and x.is_contiguous()
         and inputs % INT8_BLOCK == 0
         and inputs <= INT8_MAX_INPUTS
@@ -393,8 +394,8 @@ def applies(
     x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
 ) -> bool:
     """Whether the kernels can take a product of x and weight: they are built, both are CPU tensors of one of
-    ``dtypes`` (fp32; rms_norm, route and latent_attention: FP32_OR_BF16), autograd has nothing to record, and neither autocast nor
-    torch.compile is on."""
+    ``dtypes`` (fp32; rms_norm, route and latent_attention: FP32_OR_BF16), autograd has nothing to record, and
+    neither autocast nor torch.compile is on."""
     return (
         _kernels() is not None
         and x.is_cpu
