@@ -17,7 +17,7 @@ BLOCK = cpu.INT8_BLOCK
 
 
 pytestmark = pytest.mark.skipif(
-    cpu._kernels() is None or not cpu._kernels().has_int8,
+    not cpu.vnni(),
     reason="the int8 kernel needs a C compiler and AVX-512 VNNI",
 )
 

@@ -8,16 +8,18 @@ range mapped onto the 16 levels, rounded to nearest), applied as ``w ≈ (q - 8)
 mmwb decoders' token tables are int8 rows in both modes (``QuantizedEmbedding``); towers' embeddings, norms,
 convolutions and routers stay as they are.
 
-Products. int8, up to 4 rows (decode): mmwb's kernel (kernels/int8.c: AVX-512 VNNI on the int8 bytes, the input
-quantized to int8 in blocks of 128; a token's chosen experts in one call), 25 GB/s on a cold 2816 x 2048 expert
-here where torch's ``_weight_int8pack_mm`` reached 13-17. int4, and int8 where that kernel does not apply: torch's
-own kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``), which read the packed weights directly
-and take bf16 activations (with fp32 ones the int8 kernel runs at 0.4x an fp32 GEMV, measured in issue 20), so
-activations are cast to bf16 for the product and the result back to the input's dtype. An int4 kernel of ours on
-the same VNNI plan read at the same 16-18 GB/s as torch's and was dropped (issue 20's notes).
+Products, on CPUs with AVX-512 VNNI: mmwb's kernels (kernels/quantized.c: the input quantized to int8 per block,
+VNNI dot products on the weight bytes; a token's chosen experts in one call). int8 up to 4 rows (decode): 25 GB/s
+on a cold 2816 x 2048 expert here where torch's ``_weight_int8pack_mm`` reached 13-17; int4 up to 127 rows, its
+weight laid out in panels of 16 rows (``to_panels``) so that a product streams each panel once with no horizontal
+sums: 25 GB/s on a token's six cold Kimi-VL-sized experts where torch's ``_weight_int4pack_mm_for_cpu`` (torch's
+CPU packing, a call per product) reached 13. Elsewhere torch's own kernels (``_weight_int8pack_mm``, and for int4
+on CPUs without VNNI, where int4 weights take torch's layout, ``_weight_int4pack_mm_for_cpu``), which read the
+packed weights directly and take bf16 activations (with fp32 ones the int8 kernel runs at 0.4x an fp32 GEMV,
+measured in issue 20), so activations are cast to bf16 for the product and the result back to the input's dtype.
 
-Memory: a layer holds one copy of its weight, in the kernel's layout (int4: torch's CPU packing, half a byte a
-weight). Its state dict is the portable form (int4: ``pack_int4``'s order), made when saved and turned back into
+Memory: a layer holds one copy of its weight, in the layout of the kernel that runs it (int4: panels, or torch's
+CPU packing, half a byte a weight). Its state dict is the portable form (int4: ``pack_int4``'s order), made when saved and turned back into
 the kernel's layout when loaded. Weights are quantized a few million at a time, so quantizing never needs more
 than a few MB beyond the float weight it reads (``from_float``), which is what lets a loader quantize
 tensor by tensor while it reads a checkpoint (mmwb.models.decoder.checkpoint).
@@ -35,17 +37,29 @@ from torch import nn
 
 from mmwb.errors import MmwbConfigError
 from mmwb.models.decoder.embedding import TokenEmbedding
-from mmwb.models.decoder.kernels.cpu import int8_experts, int8_linear
+from mmwb.models.decoder.kernels.cpu import (
+    INT4_MAX_ROWS,
+    INT4_PANEL,
+    int4_experts,
+    int4_linear,
+    int8_experts,
+    int8_linear,
+    vnni,
+)
 from mmwb.models.decoder.linear import Linear
 from mmwb.models.decoder.moe import Experts
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
-GEMM_ROWS = {"int8": 32, "int4": 128}  # from this many rows on, product() dequantizes and runs a bf16 GEMM
+GEMM_ROWS = {
+    "int8": 32,
+    "int4": INT4_MAX_ROWS + 1,
+}  # from this many rows on, product() dequantizes: a bf16 GEMM
 INT8_KERNEL_INPUTS = 16  # _weight_int8pack_mm is right only for input widths that are a multiple of this
 FEW_TOKENS = 4  # QuantizedExperts: up to this many tokens (decode) take the host-side path
 CHUNK_WEIGHTS = 1 << 20  # weights quantized (or re-laid out) per step: a 4 MB fp32 temporary
 _BLOCK = 64  # torch's CPU int4 packing lays out the outputs in blocks of 64 (see to_torch_int4)
+PANELS, TORCH = "panels", "torch"  # int4 layouts: mmwb's kernel's (to_panels), torch's (to_torch_int4)
 _COMPUTE = torch.bfloat16
 _FLOAT_LINEARS = (nn.Linear, Linear)  # exactly these: MultiheadAttention reads its out_proj, peft its factors
 
@@ -150,6 +164,31 @@ def from_torch_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def to_panels(levels: torch.Tensor) -> torch.Tensor:
+    """(N, K) levels -> (N, K / 2) bytes in the panels of mmwb's int4 kernel (kernels/quantized.c): 16 outputs a
+    panel, each panel stored input by input, 64 bytes for every 8 inputs: output r's 4 bytes hold inputs 0-3 in
+    their low nibbles and 4-7 in the high ones. Rows of a range starting at a multiple of 16 map onto the same rows
+    of the result."""
+    rows, cols = levels.shape
+    octets = levels.view(rows // INT4_PANEL, INT4_PANEL, cols // 8, 2, 4)
+    return (octets[..., 0, :] | (octets[..., 1, :] << 4)).transpose(1, 2).reshape(rows, cols // 2)
+
+
+def from_panels(packed: torch.Tensor) -> torch.Tensor:
+    """``to_panels``' bytes (N, K / 2) back to (N, K) levels."""
+    rows, cols = packed.shape[0], packed.shape[1] * 2
+    loads = packed.reshape(rows // INT4_PANEL, cols // 8, INT4_PANEL, 4)
+    return torch.stack([loads & 15, loads >> 4], dim=-2).transpose(1, 2).reshape(rows, cols)
+
+
+def to_panel_table(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """scale and zero (N, groups) -> the kernel's (N / 16, groups, 2, 16) table: a panel's 16 scales, then its 16
+    zeros, group by group."""
+    rows, groups = scale.shape
+    table = torch.stack([scale, zero], dim=-1).view(rows // INT4_PANEL, INT4_PANEL, groups, 2)
+    return table.permute(0, 2, 3, 1)
+
+
 @functools.cache
 def _torch_kernel(name: str):  # noqa: ANN202 (an OpOverload)
     """torch's weight-only kernel ``name``, resolved once (a decode token calls them ~500 times), and only when used:
@@ -182,9 +221,10 @@ class QuantizedLinear(_QuantizedBuffers):
     """``nn.Linear`` with an int8 or int4 weight (bias kept in float); ``dequantize()`` gives the weight it applies.
 
     Made empty (for a state dict to fill) or by ``from_float``. Buffers: int8 ``qweight`` (N, K), ``scale`` (N,)
-    fp32 (what mmwb's int8 kernel reads) and its bf16 copy for torch's; int4 ``packed`` (N, K / 2) in torch's CPU
-    layout and the kernel's bf16 (groups, N, 2) scale-and-zero table, stored as ``qweight`` (portable order),
-    ``scale`` and ``zero`` (N, groups).
+    fp32 (what mmwb's int8 kernel reads) and its bf16 copy for torch's; int4 ``packed`` (N, K / 2) and a bf16
+    scale-and-zero table in the ``layout`` of the kernel that runs it (``PANELS``: mmwb's, with a (N / 16, groups,
+    2, 16) table; ``TORCH``: torch's CPU packing, a (groups, N, 2) table), stored as ``qweight`` (portable order),
+    ``scale`` and ``zero`` (N, groups) whatever the layout.
     """
 
     def __init__(
@@ -207,12 +247,16 @@ class QuantizedLinear(_QuantizedBuffers):
             self.register_buffer("scale_compute", torch.empty(out_features, dtype=_COMPUTE), persistent=False)
         else:
             groups = in_features // group_size
+            self.layout = PANELS if vnni() else TORCH
+            table = (
+                (out_features // INT4_PANEL, groups, 2, INT4_PANEL)
+                if self.layout == PANELS
+                else (groups, out_features, 2)
+            )
             self.register_buffer(
                 "packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8), persistent=False
             )
-            self.register_buffer(
-                "scale_zero", torch.empty(groups, out_features, 2, dtype=_COMPUTE), persistent=False
-            )
+            self.register_buffer("scale_zero", torch.empty(table, dtype=_COMPUTE), persistent=False)
 
     @classmethod
     def from_float(
@@ -231,9 +275,32 @@ class QuantizedLinear(_QuantizedBuffers):
             return layer
         for a, b in _row_chunks(rows, cols):
             levels, scale, low = quantize_int4(weight[a:b], group_size)
-            layer.packed[a:b] = to_torch_int4(levels)
-            layer.scale_zero[:, a:b] = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1).to(_COMPUTE)
+            layer.packed[a:b] = layer._lay_out(levels)
+            layer._put_table(a, b, scale, low + 8 * scale)
         return layer
+
+    def _lay_out(self, levels: torch.Tensor) -> torch.Tensor:
+        """int4 levels (rows, K) -> those rows' bytes in this layer's layout."""
+        return to_panels(levels) if self.layout == PANELS else to_torch_int4(levels)
+
+    def _levels(self, packed: torch.Tensor) -> torch.Tensor:
+        """Rows of ``packed`` back to their (rows, K) levels."""
+        return from_panels(packed) if self.layout == PANELS else from_torch_int4(packed)
+
+    def _put_table(self, start: int, stop: int, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Rows [start, stop)'s scales and zeros (rows, groups) into the table, rounded to bf16."""
+        scale, zero = scale.to(_COMPUTE), zero.to(_COMPUTE)
+        if self.layout == PANELS:
+            self.scale_zero[start // INT4_PANEL : stop // INT4_PANEL] = to_panel_table(scale, zero)
+        else:
+            self.scale_zero[:, start:stop] = torch.stack([scale.t(), zero.t()], dim=-1)
+
+    def _table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bf16 scales and zeros, (N, groups) each (views of the table)."""
+        if self.layout == PANELS:
+            table = self.scale_zero.permute(0, 3, 1, 2).reshape(self.out_features, -1, 2)
+            return table[..., 0], table[..., 1]
+        return self.scale_zero[..., 0].t(), self.scale_zero[..., 1].t()
 
     def derived(self, key: object, make: Callable[[], torch.Tensor | tuple]) -> torch.Tensor | tuple:
         """``make()``'s result, made once per ``key`` and kept until this layer's weight is loaded again or cast
@@ -246,8 +313,11 @@ class QuantizedLinear(_QuantizedBuffers):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.mode == "int4":
             destination[prefix + "qweight"] = self.portable_qweight()
-            destination[prefix + "scale"] = self.scale_zero[..., 0].t().contiguous()
-            destination[prefix + "zero"] = self.scale_zero[..., 1].t().contiguous()
+            scale, zero = self._table()
+            destination[prefix + "scale"], destination[prefix + "zero"] = (
+                scale.contiguous(),
+                zero.contiguous(),
+            )
 
     def _load_from_state_dict(  # noqa: PLR0913 (nn.Module's signature)
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -265,8 +335,12 @@ class QuantizedLinear(_QuantizedBuffers):
             )
             unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(prefix)]
             return
-        stored = {"qweight": self.packed.shape, "scale": self.scale_zero.shape[1::-1]}
-        stored["zero"] = stored["scale"]
+        groups = self.in_features // self.group_size
+        stored = {
+            "qweight": self.packed.shape,
+            "scale": (self.out_features, groups),
+            "zero": (self.out_features, groups),
+        }
         for name in stored:  # nn.Module does not know these names: they are this method's
             if prefix + name in unexpected_keys:
                 unexpected_keys.remove(prefix + name)
@@ -285,11 +359,10 @@ class QuantizedLinear(_QuantizedBuffers):
             return
         qweight = state_dict[prefix + "qweight"]
         for a, b in _row_chunks(self.out_features, self.in_features):
-            self.packed[a:b] = to_torch_int4(
+            self.packed[a:b] = self._lay_out(
                 unpack_int4(qweight[a:b].to(self.packed.device), self.group_size)
             )
-        table = torch.stack([state_dict[prefix + "scale"].t(), state_dict[prefix + "zero"].t()], dim=-1)
-        self.scale_zero.copy_(table)
+        self._put_table(0, self.out_features, state_dict[prefix + "scale"], state_dict[prefix + "zero"])
 
     def _applied(self, fn) -> None:  # noqa: ANN001 (_apply's fn)
         """What was derived from the weight is made again from the moved one."""
@@ -299,15 +372,15 @@ class QuantizedLinear(_QuantizedBuffers):
         """int4: the stored (N, K / 2) bytes in ``pack_int4``'s order, made from the kernel's layout."""
         out = torch.empty_like(self.packed)
         for a, b in _row_chunks(self.out_features, self.in_features):
-            out[a:b] = pack_int4(from_torch_int4(self.packed[a:b]), self.group_size)
+            out[a:b] = pack_int4(self._levels(self.packed[a:b]), self.group_size)
         return out
 
     def dequantize(self) -> torch.Tensor:
         """The (N, K) fp32 weight this layer applies (int8: torch's kernel applies the scale rounded to bf16)."""
         if self.mode == "int8":
             return self.qweight.float() * self.scale[:, None]
-        levels = from_torch_int4(self.packed).float().view(self.out_features, -1, self.group_size)
-        scale, zero = self.scale_zero.float().permute(2, 1, 0)  # (N, groups) each
+        levels = self._levels(self.packed).float().view(self.out_features, -1, self.group_size)
+        scale, zero = (t.float() for t in self._table())  # (N, groups) each
         return ((levels - 8) * scale[..., None] + zero[..., None]).view(self.out_features, self.in_features)
 
     def bf16_weight(self) -> torch.Tensor:
@@ -315,17 +388,26 @@ class QuantizedLinear(_QuantizedBuffers):
         each rounded to bf16)."""
         if self.mode == "int8":
             return self.qweight.to(_COMPUTE).mul_(self.scale_compute[:, None])
-        levels = from_torch_int4(self.packed).to(_COMPUTE).view(self.out_features, -1, self.group_size)
-        table = self.scale_zero.transpose(0, 1)  # (N, groups, 2)
-        return levels.sub_(8).mul_(table[..., :1]).add_(table[..., 1:]).view(self.out_features, -1)
+        levels = self._levels(self.packed).to(_COMPUTE).view(self.out_features, -1, self.group_size)
+        scale, zero = self._table()
+        return levels.sub_(8).mul_(scale[..., None]).add_(zero[..., None]).view(self.out_features, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        out = int8_linear(flat, self.qweight, self.scale) if self.mode == "int8" else None
+        out = self._vnni_product(flat)
         if out is None:
             out = self.product(flat.to(_COMPUTE).contiguous()).to(x.dtype)
         out = out.view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias.to(x.dtype)
+
+    def _vnni_product(self, flat: torch.Tensor) -> torch.Tensor | None:
+        """flat (M, K) fp32 or bf16 -> (M, N) in its dtype from mmwb's kernels, or None where they do not apply
+        (more rows, no VNNI, a NaN in the input)."""
+        if self.mode == "int8":
+            return int8_linear(flat, self.qweight, self.scale)
+        if self.layout == PANELS and flat.shape[0] <= INT4_MAX_ROWS:
+            return int4_linear(flat, self.packed, self.scale_zero, self.group_size)
+        return None
 
     def product(self, flat: torch.Tensor) -> torch.Tensor:
         """flat (M, K) contiguous bf16 -> (M, N) bf16, without the bias: the kernel call alone, or for many rows
@@ -335,6 +417,9 @@ class QuantizedLinear(_QuantizedBuffers):
         position's logits: 2 bytes a weight, for a moment)."""
         if flat.shape[0] >= GEMM_ROWS[self.mode]:
             return flat @ self.bf16_weight().t()
+        if self.mode == "int4" and self.layout == PANELS:  # no torch kernel reads panels
+            out = self._vnni_product(flat)
+            return out if out is not None else flat @ self.bf16_weight().t()
         if self.mode == "int8" and self.in_features % INT8_KERNEL_INPUTS:
             # torch's kernel reads inputs 16 at a time (other widths give wrong sums, or crash): the few layers of
             # other widths (small latent ranks) multiply the levels, exact in bf16, and scale the result
@@ -353,7 +438,7 @@ class QuantizedLinear(_QuantizedBuffers):
         return weight.numel() * weight.element_size() + scales.numel() * scales.element_size()
 
     def extra_repr(self) -> str:
-        group = f", group_size={self.group_size}" if self.mode == "int4" else ""
+        group = f", group_size={self.group_size}, layout={self.layout}" if self.mode == "int4" else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{group}"
 
 
@@ -460,18 +545,16 @@ class QuantizedExperts(nn.Module):
         return out.to(x.dtype), counts
 
     def _few_tokens(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Decode: each token's chosen experts read from the host (free on a CPU): int8 in one kernel call a token
-        (int8.c), else in bf16 from kernel to kernel; a handful of ops per expert instead of the grouped path's
-        bookkeeping."""
-        chosen, coefs, rows = indices.tolist(), weights.tolist(), []
-        if self.gate_up[0].mode == "int8":
-            for n, experts in enumerate(chosen):
-                gate_up = [(self.gate_up[e].qweight, self.gate_up[e].scale) for e in experts]
-                down = [(self.down[e].qweight, self.down[e].scale) for e in experts]
-                rows.append(int8_experts(x[n : n + 1].contiguous(), gate_up, down, coefs[n]))
-            if all(row is not None for row in rows):
-                return torch.cat(rows)
-            rows = []
+        """Decode: each token's chosen experts read from the host (free on a CPU): in one call a token of mmwb's
+        kernels (quantized.c) where they apply, else in bf16 from kernel to kernel; a handful of ops per expert
+        instead of the grouped path's bookkeeping."""
+        chosen, coefs = indices.tolist(), weights.tolist()
+        rows = [
+            self._one_call(x[n : n + 1].contiguous(), experts, coefs[n]) for n, experts in enumerate(chosen)
+        ]
+        if all(row is not None for row in rows):
+            return torch.cat(rows)
+        rows = []
         flat = x.to(_COMPUTE)
         for n, experts in enumerate(chosen):
             xn, total = flat[n : n + 1], x.new_zeros(1, x.shape[-1], dtype=torch.float32)
@@ -480,6 +563,19 @@ class QuantizedExperts(nn.Module):
                 total.add_(self.down[expert].product(F.silu(gate) * up), alpha=coef)  # bf16 into fp32
             rows.append(total)
         return torch.cat(rows).to(x.dtype)
+
+    def _one_call(self, x: torch.Tensor, experts: list[int], coefs: list[float]) -> torch.Tensor | None:
+        """One token's chosen experts in one call of mmwb's kernels, or None where they do not apply."""
+        first = self.gate_up[0]
+        if first.mode == "int8":
+            gate_up = [(self.gate_up[e].qweight, self.gate_up[e].scale) for e in experts]
+            down = [(self.down[e].qweight, self.down[e].scale) for e in experts]
+            return int8_experts(x, gate_up, down, coefs)
+        if first.layout == PANELS:
+            gate_up = [(self.gate_up[e].packed, self.gate_up[e].scale_zero) for e in experts]
+            down = [(self.down[e].packed, self.down[e].scale_zero) for e in experts]
+            return int4_experts(x, gate_up, down, coefs, first.group_size)
+        return None
 
 
 def quantize_module(module: nn.Module, mode: str, group_size: int = 64) -> nn.Module:

@@ -11,10 +11,11 @@ memory, and with the caches cold from that streaming each of the step's ~1400 sm
   chosen experts, read in place from the stacked tensors); ``route`` (a top-k MoE router); ``latent_attention``
   (one MLA decode token per sequence on the latent cache, an fp32 or a bf16 model's) and ``gqa_attention`` (one
   batch-1 GQA decode token).
-- int8 weights (mmwb.models.quantize): ``int8_linear`` (a few rows times an int8 weight) and ``int8_experts`` (one
-  token's chosen int8 experts), from ``int8.c`` (AVX-512 VNNI; see its header).
+- int8 and int4 weights (mmwb.models.quantize): ``int8_linear`` / ``int4_linear`` (a few rows times a quantized
+  weight) and ``int8_experts`` / ``int4_experts`` (one token's chosen experts), from ``quantized.c`` (AVX-512 VNNI;
+  see its header).
 
-The C sources (``cpu.c`` and ``int8.c`` beside this module) are compiled into one library with the machine's C
+The C sources (``cpu.c`` and ``quantized.c`` beside this module) are compiled into one library with the machine's C
 compiler on first use (about 0.5 s, cached per source, compiler and CPU). Without a compiler or the source files,
 or with ``MMWB_CPU_KERNELS=0`` (read once, at the first use in a process), ``linear`` and ``rms_norm`` are their
 torch equivalents and the others return None so that their callers run their torch code; the same happens outside
@@ -52,8 +53,9 @@ FP32_OR_BF16 = (torch.float32, torch.bfloat16)
 
 logger = logging.getLogger(__name__)
 
-# shipped as package data beside this binding, compiled into one library; int8.c: products with int8 weights
-SOURCES = (Path(__file__).with_name("cpu.c"), Path(__file__).with_name("int8.c"))
+# shipped as package data beside this binding, compiled into one library; quantized.c: products with int8 and int4
+# weights
+SOURCES = (Path(__file__).with_name("cpu.c"), Path(__file__).with_name("quantized.c"))
 
 # Tried in order: the fastest build this compiler accepts. OpenMP's simd pragmas let the dot products vectorise
 # (a float sum may then be reassociated, as BLAS does).
@@ -305,17 +307,19 @@ def route(
     return (logits, indices, weights) if status == 0 else None
 
 
-INT8_BLOCK = 128  # int8.c quantizes the input in blocks of this many values: input widths must be multiples
-INT8_MAX_INPUTS = 16384
+INT8_BLOCK = 128  # quantized.c's int8 products quantize the input in blocks of this many values
+QUANTIZED_MAX_INPUTS = 16384
+INT4_PANEL = 16  # output rows of a panel of quantized.c's int4 layout (mmwb.models.quantize.to_panels)
+INT4_MAX_ROWS = 127  # rows of an int4_linear call (more is a prefill: a bf16 GEMM is faster)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     """x (M, K) fp32 or bf16, M <= MAX_ROWS, times an int8 weight qweight (N, K) with row scales ``scale`` (N,)
-    fp32 -> (M, N) in x's dtype, read straight from the int8 bytes (int8.c: the input quantized to int8 in blocks
+    fp32 -> (M, N) in x's dtype, read straight from the int8 bytes (quantized.c: the input quantized to int8 in blocks
     of INT8_BLOCK, AVX-512 VNNI dot products). None where it does not apply (the caller runs torch's kernel)."""
     rows, inputs = x.shape
     if not (
-        _int8_applies(x, inputs)
+        _vnni_applies(x, inputs, INT8_BLOCK)
         and rows <= MAX_ROWS
         and _int8_weight(qweight, scale, (qweight.shape[0], inputs))
     ):
@@ -342,10 +346,10 @@ def int8_experts(
         return None
     hidden, inter = x.shape[-1], down[0][0].shape[-1]
     if not (
-        _int8_applies(x, hidden)
+        _vnni_applies(x, hidden, INT8_BLOCK)
         and x.shape[0] == 1
         and inter % INT8_BLOCK == 0
-        and inter <= INT8_MAX_INPUTS
+        and inter <= QUANTIZED_MAX_INPUTS
         and all(_int8_weight(q, s, (2 * inter, hidden)) for q, s in gate_up)
         and all(_int8_weight(q, s, (hidden, inter)) for q, s in down)
     ):
@@ -361,16 +365,76 @@ def int8_experts(
     return y if status == 0 else None
 
 
-def _int8_applies(x: torch.Tensor, inputs: int) -> bool:
+def int4_linear(
+    x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, group: int
+) -> torch.Tensor | None:
+    """x (M, K) fp32 or bf16, M <= INT4_MAX_ROWS, times an int4 weight in quantized.c's panels: ``packed`` (N, K / 2)
+    uint8 and ``table`` (N / 16, K / group, 2, 16) bf16 scales and zeros -> (M, N) in x's dtype (the input quantized
+    to int8 per group, AVX-512 VNNI dot products). None where it does not apply (the caller runs a bf16 GEMM)."""
+    rows, inputs = x.shape
+    if not (
+        _vnni_applies(x, inputs, group)
+        and rows <= INT4_MAX_ROWS
+        and _int4_weight(packed, table, inputs, group)
+    ):
+        return None
+    y = x.new_empty(rows, packed.shape[0])
+    status = _kernels().int4_rows(
+        x.data_ptr(), x.dtype == torch.bfloat16, rows, inputs, group, packed.data_ptr(), table.data_ptr(),
+        packed.shape[0], y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return y if status == 0 else None
+
+
+def int4_experts(
+    x: torch.Tensor,
+    gate_up: list[tuple[torch.Tensor, torch.Tensor]],
+    down: list[tuple[torch.Tensor, torch.Tensor]],
+    coefs: list[float],
+    group: int,
+) -> torch.Tensor | None:
+    """``int8_experts`` for int4 experts, each weight a (packed, table) pair in panels (``int4_linear``): one call
+    a token, in two sweeps over all the chosen experts (their gate_up products, then their down products). None
+    where it does not apply."""
+    count = len(coefs)
+    if not (count and len(gate_up) == len(down) == count):
+        return None
+    hidden, inter = x.shape[-1], down[0][0].shape[-1] * 2
+    if not (
+        _vnni_applies(x, hidden, group)
+        and x.shape[0] == 1
+        and inter % group == 0
+        and inter <= QUANTIZED_MAX_INPUTS
+        and all(_int4_weight(p, t, hidden, group) and p.shape[0] == 2 * inter for p, t in gate_up)
+        and all(_int4_weight(p, t, inter, group) and p.shape[0] == hidden for p, t in down)
+    ):
+        return None
+    pointers = [
+        (ctypes.c_void_p * count)(*(t.data_ptr() for t in column)) for column in (*zip(*gate_up), *zip(*down))
+    ]
+    y = x.new_empty(x.shape)
+    status = _kernels().int4_experts(
+        x.data_ptr(), x.dtype == torch.bfloat16, hidden, inter, group, count, *pointers,
+        (ctypes.c_float * count)(*coefs), y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return y if status == 0 else None
+
+
+def vnni() -> bool:
+    """Whether the quantized products of quantized.c are built (AVX-512 VNNI): mmwb.models.quantize lays out int4
+    weights for them, else for torch's kernel."""
     kernels = _kernels()
+    return kernels is not None and kernels.has_vnni
+
+
+def _vnni_applies(x: torch.Tensor, inputs: int, block: int) -> bool:
     return (
-        kernels is not None
-        and kernels.has_int8
+        vnni()
         and x.is_cpu
         and x.dtype in FP32_OR_BF16
         and x.is_contiguous()
-        and inputs % INT8_BLOCK == 0
-        and inputs <= INT8_MAX_INPUTS
+        and inputs % block == 0
+        and inputs <= QUANTIZED_MAX_INPUTS
         and not (torch.is_grad_enabled() and x.requires_grad)
         and not torch.compiler.is_compiling()
     )
@@ -387,6 +451,23 @@ def _int8_weight(qweight: torch.Tensor, scale: torch.Tensor, shape: tuple[int, i
         and scale.is_cpu
         and qweight.is_contiguous()
         and scale.is_contiguous()
+    )
+
+
+def _int4_weight(packed: torch.Tensor, table: torch.Tensor, inputs: int, group: int) -> bool:
+    """An int4 weight of ``inputs`` inputs in panels: packed (N, inputs / 2) uint8, table (N / 16, groups, 2, 16)
+    bf16, contiguous CPU tensors."""
+    rows = packed.shape[0]
+    return (
+        packed.shape == (rows, inputs // 2)
+        and rows % INT4_PANEL == 0
+        and packed.dtype == torch.uint8
+        and table.shape == (rows // INT4_PANEL, inputs // group, 2, INT4_PANEL)
+        and table.dtype == torch.bfloat16
+        and packed.is_cpu
+        and table.is_cpu
+        and packed.is_contiguous()
+        and table.is_contiguous()
     )
 
 
@@ -444,9 +525,11 @@ _SIGNATURES = {
         _I32,
         [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I32, _I64, _I64, _I32, _F32, _PTR, _PTR, _PTR, _I32],
     ),
-    "int8_supported": (_I32, []),
+    "vnni_supported": (_I32, []),
     "int8_rows": (_I32, [_PTR, _I32, _I64, _I64, _PTR, _PTR, _I64, _PTR, _I32]),
     "int8_experts": (_I32, [_PTR, _I32, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I32]),
+    "int4_rows": (_I32, [_PTR, _I32, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _I32]),
+    "int4_experts": (_I32, [_PTR, _I32, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I32]),
 }
 
 
@@ -458,7 +541,7 @@ class _Kernels:
             function = getattr(library, f"mmwb_{name}")
             function.restype, function.argtypes = restype, argtypes
             setattr(self, name, function)
-        self.has_int8 = bool(self.int8_supported())  # built with AVX-512 VNNI
+        self.has_vnni = bool(self.vnni_supported())  # built with AVX-512 VNNI: the int8 and int4 products
 
 
 @functools.cache
