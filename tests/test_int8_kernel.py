@@ -1,4 +1,4 @@
-"""mmwb's int8 decode kernels (kernels/int8.c through cpu.int8_linear / cpu.int8_experts): equal to the product
+"""mmwb's int8 decode kernels (kernels/quantized.c through cpu.int8_linear / cpu.int8_experts): equal to the product
 they define (the input quantized to int8 in blocks of 128, integer dot products, fp32 across blocks) up to fp32
 summation order, within the stated error of the exact product, and taken by the quantized layers where they
 apply."""
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _as_the_kernel_reads(x: torch.Tensor) -> torch.Tensor:
-    """x (M, K) as int8.c quantizes it, back in float64: per block of 128 the scale amax / 127 and each value
+    """x (M, K) as quantized.c quantizes it, back in float64: per block of 128 the scale amax / 127 and each value
     times 1 / scale rounded to nearest (even)."""
     blocks = x.float().view(x.shape[0], -1, BLOCK)
     scale = blocks.abs().amax(-1, keepdim=True) / 127
@@ -83,7 +83,7 @@ def test_quantized_layers_take_the_kernel_where_it_applies():
     layer = quantize_module(nn.Linear(256, 96, bias=True), "int8")
     assert isinstance(layer, QuantizedLinear)
     with torch.no_grad():
-        for rows in (1, 4):  # decode: int8.c
+        for rows in (1, 4):  # decode: quantized.c
             x = torch.randn(rows, 256)
             assert torch.equal(layer(x), cpu.int8_linear(x, layer.qweight, layer.scale) + layer.bias)
         x = torch.randn(5, 256)  # more rows: torch's kernel on bf16 activations

@@ -19,8 +19,8 @@ packed weights directly and take bf16 activations (with fp32 ones the int8 kerne
 measured in issue 20), so activations are cast to bf16 for the product and the result back to the input's dtype.
 
 Memory: a layer holds one copy of its weight, in the layout of the kernel that runs it (int4: panels, or torch's
-CPU packing, half a byte a weight). Its state dict is the portable form (int4: ``pack_int4``'s order), made when saved and turned back into
-the kernel's layout when loaded. Weights are quantized a few million at a time, so quantizing never needs more
+CPU packing, half a byte a weight). Its state dict is the portable form (int4: ``pack_int4``'s order), made when
+saved and turned back into the kernel's layout when loaded. Weights are quantized a few million at a time, so quantizing never needs more
 than a few MB beyond the float weight it reads (``from_float``), which is what lets a loader quantize
 tensor by tensor while it reads a checkpoint (mmwb.models.decoder.checkpoint).
 """

@@ -36,6 +36,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -354,15 +355,7 @@ def int8_experts(
         and all(_int8_weight(q, s, (hidden, inter)) for q, s in down)
     ):
         return None
-    pointers = [
-        (ctypes.c_void_p * count)(*(t.data_ptr() for t in column)) for column in (*zip(*gate_up), *zip(*down))
-    ]
-    y = x.new_empty(x.shape)
-    status = _kernels().int8_experts(
-        x.data_ptr(), x.dtype == torch.bfloat16, hidden, inter, count, *pointers,
-        (ctypes.c_float * count)(*coefs), y.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
-    return y if status == 0 else None
+    return _experts_call(_kernels().int8_experts, x, (hidden, inter), gate_up, down, coefs)
 
 
 def int4_linear(
@@ -409,13 +402,27 @@ def int4_experts(
         and all(_int4_weight(p, t, inter, group) and p.shape[0] == hidden for p, t in down)
     ):
         return None
+    return _experts_call(_kernels().int4_experts, x, (hidden, inter, group), gate_up, down, coefs)
+
+
+def _experts_call(
+    kernel: Callable[..., int],
+    x: torch.Tensor,
+    shape: tuple[int, ...],
+    gate_up: list[tuple[torch.Tensor, torch.Tensor]],
+    down: list[tuple[torch.Tensor, torch.Tensor]],
+    coefs: list[float],
+) -> torch.Tensor | None:
+    """One call of a quantized experts kernel: x, its ``shape`` arguments, the count, then each column of the
+    (weight, scales) pairs as an array of pointers, the coefficients, the output and the threads."""
+    count = len(coefs)
     pointers = [
         (ctypes.c_void_p * count)(*(t.data_ptr() for t in column)) for column in (*zip(*gate_up), *zip(*down))
     ]
     y = x.new_empty(x.shape)
-    status = _kernels().int4_experts(
-        x.data_ptr(), x.dtype == torch.bfloat16, hidden, inter, group, count, *pointers,
-        (ctypes.c_float * count)(*coefs), y.data_ptr(), torch.get_num_threads(),
+    status = kernel(
+        x.data_ptr(), x.dtype == torch.bfloat16, *shape, count, *pointers, (ctypes.c_float * count)(*coefs),
+        y.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return y if status == 0 else None
 

@@ -88,6 +88,18 @@ static int quantize_row(const void *x, int bf16, int64_t k, int64_t block, Quant
     return 0;
 }
 
+/* m rows of x (k each) quantized in blocks of `block`, or NULL (no memory, or a NaN or an infinity in x). */
+static QuantizedRow *quantize_rows(const void *x, int bf16, int64_t m, int64_t k, int64_t block) {
+    QuantizedRow *rows = malloc(m * sizeof(QuantizedRow));
+    const size_t item = bf16 ? 2 : 4;
+    for (int64_t i = 0; i < m && rows; i++)
+        if (quantize_row((const char *)x + i * k * item, bf16, k, block, rows + i)) {
+            free(rows);
+            rows = NULL;
+        }
+    return rows;
+}
+
 /* y[i, o] = scale[o] * (w[o] . x_i) for the m input rows and the weight rows o in [r0, r1) (y rows ldy apart), four
    weight rows a pass so that each block of x is loaded once for four weight rows and four accumulators hide the
    instructions' latency; a pass's 4 rows come from memory for the first input row and from cache for the others. */
@@ -136,12 +148,9 @@ int mmwb_vnni_supported(void) { return 1; }
 int mmwb_int8_rows(const void *x, int bf16, int64_t m, int64_t k, const int8_t *w, const float *scale, int64_t n,
                    void *out, int threads) {
     if (k % INT8_BLOCK || k > MAX_K || m > MAX_ROWS) return 1;
-    QuantizedRow *rows = malloc(m * sizeof(QuantizedRow));
+    QuantizedRow *rows = quantize_rows(x, bf16, m, k, INT8_BLOCK);
     float *y = malloc(sizeof(float) * m * n);
-    const size_t item = bf16 ? 2 : 4;
-    int status = !rows || !y;
-    for (int64_t i = 0; i < m && !status; i++)
-        status = quantize_row((const char *)x + i * k * item, bf16, k, INT8_BLOCK, rows + i);
+    const int status = !rows || !y;
     if (!status) {
 #pragma omp parallel num_threads(threads)
         {
@@ -263,12 +272,9 @@ static void panel_share(int64_t count, int t, int nt, int64_t *p0, int64_t *p1) 
 int mmwb_int4_rows(const void *x, int bf16, int64_t m, int64_t k, int64_t group, const uint8_t *w,
                    const uint16_t *table, int64_t n, void *out, int threads) {
     if (k % group || group % MIN_BLOCK || group > 128 || k > MAX_K || n % PANEL) return 2;
-    QuantizedRow *rows = malloc(m * sizeof(QuantizedRow));
+    QuantizedRow *rows = quantize_rows(x, bf16, m, k, group);
     float *y = malloc(sizeof(float) * m * n);
-    const size_t item = bf16 ? 2 : 4;
-    int status = !rows || !y;
-    for (int64_t i = 0; i < m && !status; i++)
-        status = quantize_row((const char *)x + i * k * item, bf16, k, group, rows + i);
+    const int status = !rows || !y;
     if (!status) {
 #pragma omp parallel num_threads(threads)
         {
