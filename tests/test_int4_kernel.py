@@ -171,3 +171,32 @@ def test_inputs_with_nan_or_infinity_take_a_float_product():
         assert cpu.int4_linear(x, layer.packed, layer.scale_zero, 64) is None
         with torch.no_grad():
             assert not torch.isfinite(layer(x)).all()
+
+
+def test_layers_wider_than_the_kernel_keep_torchs_layout_and_kernel():
+    """The kernel takes at most QUANTIZED_MAX_INPUTS inputs: a wider layer (DeepSeek-V3's 18432-input dense MLP)
+    is laid out for torch's kernel, not dequantized on every call."""
+    torch.manual_seed(0)
+    wide = cpu.QUANTIZED_MAX_INPUTS + 64
+    layer = QuantizedLinear.from_float(torch.randn(16, wide), None, "int4", 64)
+    assert layer.layout == TORCH and layer.scale_zero.shape == (wide // 64, 16, 2)
+    x = torch.randn(1, wide)
+    with torch.no_grad():
+        torch_kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.bfloat16(), layer.packed, 64, layer.scale_zero
+        )
+        assert torch.equal(layer(x), torch_kernel.float())
+
+
+def test_experts_in_torchs_layout_decode_as_in_panels(monkeypatch):
+    torch.manual_seed(0)
+    weights = [(torch.randn(2 * 128, 256) * 0.05, torch.randn(256, 128) * 0.05) for _ in range(4)]
+    panels = QuantizedExperts.from_weights(4, lambda j: weights[j], "int4", 64)
+    monkeypatch.setattr(quantize, "vnni", lambda: False)
+    torch_layout = QuantizedExperts.from_weights(4, lambda j: weights[j], "int4", 64)
+    assert torch_layout.gate_up[0].layout == TORCH
+    x, indices, weights_ = torch.randn(2, 256), torch.tensor([[3, 1], [0, 3]]), torch.rand(2, 2)
+    with torch.no_grad():  # bf16 activations (torch's kernel) against int8 ones (mmwb's): within 2 %
+        ours, _ = panels(x, indices, weights_)
+        theirs, _ = torch_layout(x, indices, weights_)
+    assert (ours - theirs).norm() / theirs.norm() < 0.02

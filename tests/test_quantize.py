@@ -44,9 +44,10 @@ def _bf16(t: torch.Tensor) -> torch.Tensor:
 
 
 def _kernel_reference(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
-    """What torch's kernels compute: bf16 activations times the dequantized weight with bf16-rounded scales (and
-    zero points), accumulated in fp32. int8 decode rows of whole blocks of 128 inputs run mmwb's kernel instead,
-    which rounds the input to int8 per block (tests/test_int8_kernel.py): within the same tolerance here."""
+    """bf16 activations times the dequantized weight with bf16-rounded scales (and zero points), accumulated in
+    fp32: what torch's kernels compute. Decode rows on a CPU with AVX-512 VNNI run mmwb's kernels instead, which
+    round the input to int8 per block (tests/test_int8_kernel.py, tests/test_int4_kernel.py): within the same
+    tolerance here."""
     if layer.mode == "int8":
         weight = layer.qweight.float() * _bf16(layer.scale)[:, None]
     else:  # the stored (portable) form, read independently of the kernel's layout
@@ -62,7 +63,7 @@ def _kernel_reference(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("rows", [1, 3, 40, 160])  # 40: int8 runs a bf16 GEMM, 160: int4 too
 def test_quantized_linear_equals_its_dequantized_weights(mode, group, rows):
     torch.manual_seed(0)
-    # 208 outputs: three blocks of 64 and a last one of 16 in torch's int4 layout
+    # 208 outputs: three blocks of 64 and a last one of 16 in torch's int4 layout, 13 panels in mmwb's
     linear = nn.Linear(256, 208)
     layer = quantize_module(linear, mode, group)
     x = torch.randn(rows, 256)

@@ -19,10 +19,11 @@ packed weights directly and take bf16 activations (with fp32 ones the int8 kerne
 measured in issue 20), so activations are cast to bf16 for the product and the result back to the input's dtype.
 
 Memory: a layer holds one copy of its weight, in the layout of the kernel that runs it (int4: panels, or torch's
-CPU packing, half a byte a weight). Its state dict is the portable form (int4: ``pack_int4``'s order), made when
-saved and turned back into the kernel's layout when loaded. Weights are quantized a few million at a time, so quantizing never needs more
-than a few MB beyond the float weight it reads (``from_float``), which is what lets a loader quantize
-tensor by tensor while it reads a checkpoint (mmwb.models.decoder.checkpoint).
+CPU packing, half a byte a weight; panels for layers of at most 16384 inputs, the kernel's widest). Its state dict
+is the portable form (int4: ``pack_int4``'s order), made when saved and turned back into the kernel's layout when
+loaded. Weights are quantized a few million at a time, so quantizing never needs more than a few MB beyond the
+float weight it reads (``from_float``), which is what lets a loader quantize tensor by tensor while it reads a
+checkpoint (mmwb.models.decoder.checkpoint).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from mmwb.models.decoder.embedding import TokenEmbedding
 from mmwb.models.decoder.kernels.cpu import (
     INT4_MAX_ROWS,
     INT4_PANEL,
+    QUANTIZED_MAX_INPUTS,
     int4_experts,
     int4_linear,
     int8_experts,
@@ -247,7 +249,8 @@ class QuantizedLinear(_QuantizedBuffers):
             self.register_buffer("scale_compute", torch.empty(out_features, dtype=_COMPUTE), persistent=False)
         else:
             groups = in_features // group_size
-            self.layout = PANELS if vnni() else TORCH
+            # panels where mmwb's kernel runs them; wider layers (a 18432-input MLP) keep torch's kernel
+            self.layout = PANELS if vnni() and in_features <= QUANTIZED_MAX_INPUTS else TORCH
             table = (
                 (out_features // INT4_PANEL, groups, 2, INT4_PANEL)
                 if self.layout == PANELS
@@ -296,7 +299,7 @@ class QuantizedLinear(_QuantizedBuffers):
             self.scale_zero[:, start:stop] = torch.stack([scale.t(), zero.t()], dim=-1)
 
     def _table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The bf16 scales and zeros, (N, groups) each (views of the table)."""
+        """The bf16 scales and zeros, (N, groups) each."""
         if self.layout == PANELS:
             table = self.scale_zero.permute(0, 3, 1, 2).reshape(self.out_features, -1, 2)
             return table[..., 0], table[..., 1]
@@ -395,8 +398,8 @@ class QuantizedLinear(_QuantizedBuffers):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         out = self._vnni_product(flat)
-        if out is None:
-            out = self.product(flat.to(_COMPUTE).contiguous()).to(x.dtype)
+        if out is None:  # the kernel declined: not again in product()
+            out = self.product(flat.to(_COMPUTE).contiguous(), kernel=False).to(x.dtype)
         out = out.view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
@@ -409,7 +412,7 @@ class QuantizedLinear(_QuantizedBuffers):
             return int4_linear(flat, self.packed, self.scale_zero, self.group_size)
         return None
 
-    def product(self, flat: torch.Tensor) -> torch.Tensor:
+    def product(self, flat: torch.Tensor, kernel: bool = True) -> torch.Tensor:
         """flat (M, K) contiguous bf16 -> (M, N) bf16, without the bias: the kernel call alone, or for many rows
         (a prefill) a bf16 GEMM on the weight dequantized for the call (torch's kernels take one row at a time:
         ~73 us a row on a 2816 x 2048 expert, where dequantizing costs 0.9 ms (int8) / 5.8 ms (int4) once and
@@ -418,7 +421,7 @@ class QuantizedLinear(_QuantizedBuffers):
         if flat.shape[0] >= GEMM_ROWS[self.mode]:
             return flat @ self.bf16_weight().t()
         if self.mode == "int4" and self.layout == PANELS:  # no torch kernel reads panels
-            out = self._vnni_product(flat)
+            out = self._vnni_product(flat) if kernel else None
             return out if out is not None else flat @ self.bf16_weight().t()
         if self.mode == "int8" and self.in_features % INT8_KERNEL_INPUTS:
             # torch's kernel reads inputs 16 at a time (other widths give wrong sums, or crash): the few layers of
@@ -432,7 +435,7 @@ class QuantizedLinear(_QuantizedBuffers):
 
     def kernel_bytes(self) -> int:
         """Bytes a decode product reads: the weight (1 or 1/2 byte each) and its scales (int8: mmwb's kernel, fp32;
-        int4: torch's, bf16 scales and zeros)."""
+        int4: bf16 scales and zeros, in either layout)."""
         int8 = self.mode == "int8"
         weight, scales = (self.qweight, self.scale) if int8 else (self.packed, self.scale_zero)
         return weight.numel() * weight.element_size() + scales.numel() * scales.element_size()

@@ -157,7 +157,7 @@ static const float *as_float(const void *a, int64_t offset, int64_t n, int bf16,
     return scratch;
 }
 
-/* n floats into dst as floats, or as bf16 (rounded to nearest even, as torch's cast) when bf16 is set; int8.c
+/* n floats into dst as floats, or as bf16 (rounded to nearest even, as torch's cast) when bf16 is set; quantized.c
    stores its outputs with it too. */
 void mmwb_store_floats(const float *x, void *dst, int64_t n, int bf16) {
     if (!bf16) {

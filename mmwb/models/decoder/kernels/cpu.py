@@ -20,9 +20,9 @@ compiler on first use (about 0.5 s, cached per source, compiler and CPU). Withou
 or with ``MMWB_CPU_KERNELS=0`` (read once, at the first use in a process), ``linear`` and ``rms_norm`` are their
 torch equivalents and the others return None so that their callers run their torch code; the same happens outside
 each kernel's case (more rows, another dtype (fp32; bf16 too for rms_norm, route, latent_attention and the int8
-kernels), autograd or autocast on, other strides, shapes that do not fit: torch then raises its own error). What
-they bought was measured when they came in (`git log -p BENCHMARKS.md`, "CPU decode kernels"); `mmwb bench
-decoder` measures it now.
+and int4 kernels), autograd or autocast on, other strides, shapes that do not fit: torch then raises its own
+error). What they bought was measured when they came in (`git log -p BENCHMARKS.md`, "CPU decode kernels"); `mmwb
+bench decoder` measures it now.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@
  * 8 inputs (lane r = output row r: 4 bytes, inputs 0-3 in the low nibbles and 4-7 in the high ones), and beside
  * them a table of each panel's bf16 scales and zeros per group (16 each). Each 64-byte load is two VNNI products
  * into 16 rows' sums with no horizontal reduction, and a panel is one stream front to back: 25 GB/s on a token's
- * six cold Kimi-sized experts here where torch's _weight_int4pack_mm_for_cpu read 13 (issue 20). The input's blocks are the weight's groups:
- * per group sum(w x) = scale * (sx * sum(q xq) - 8 xsum) + zero * xsum, xsum the block's sum as quantized.
+ * six cold Kimi-sized experts here where torch's _weight_int4pack_mm_for_cpu read 13 (issue 20). The input's
+ * blocks are the weight's groups: per group sum(w x) = scale * (sx * sum(q xq) - 8 xsum) + zero * xsum, xsum the
+ * block's sum as quantized.
  *
  * An input holding a NaN or an infinity returns 1 (the caller then runs a float product, which carries them
  * through). Without AVX-512 VNNI (another CPU, or a compiler without it) mmwb_vnni_supported() is 0: int8 layers
@@ -244,7 +245,8 @@ static void panels_dot(const uint8_t *w, const uint16_t *table, int64_t k, int64
                 const __m512i q[4] = {_mm512_and_si512(v0, nibble), _mm512_and_si512(_mm512_srli_epi16(v0, 4), nibble),
                                       _mm512_and_si512(v1, nibble), _mm512_and_si512(_mm512_srli_epi16(v1, 4), nibble)};
                 for (int64_t i = 0; i < m; i++) {
-                    const int32_t *xq = (const int32_t *)(rows[i].xq + g * group + j * 8); /* 4 inputs each */
+                    int32_t xq[4]; /* inputs 4u to 4u + 3 of these 16, as VNNI's four-byte operand */
+                    memcpy(xq, rows[i].xq + g * group + j * 8, sizeof xq);
                     for (int u = 0; u < 4; u++) d[i][u] = _mm512_dpbusd_epi32(d[i][u], q[u], _mm512_set1_epi32(xq[u]));
                 }
             }
