@@ -53,10 +53,8 @@ from mmwb.models.decoder.moe import Experts
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
-GEMM_ROWS = {
-    "int8": 32,
-    "int4": INT4_MAX_ROWS + 1,
-}  # from this many rows on, product() dequantizes: a bf16 GEMM
+# from this many rows on, product() dequantizes the weight for a bf16 GEMM
+GEMM_ROWS = {"int8": 32, "int4": INT4_MAX_ROWS + 1}
 INT8_KERNEL_INPUTS = 16  # _weight_int8pack_mm is right only for input widths that are a multiple of this
 FEW_TOKENS = 4  # QuantizedExperts: up to this many tokens (decode) take the host-side path
 CHUNK_WEIGHTS = 1 << 20  # weights quantized (or re-laid out) per step: a 4 MB fp32 temporary
@@ -317,10 +315,8 @@ class QuantizedLinear(_QuantizedBuffers):
         if self.mode == "int4":
             destination[prefix + "qweight"] = self.portable_qweight()
             scale, zero = self._table()
-            destination[prefix + "scale"], destination[prefix + "zero"] = (
-                scale.contiguous(),
-                zero.contiguous(),
-            )
+            destination[prefix + "scale"] = scale.contiguous()
+            destination[prefix + "zero"] = zero.contiguous()
 
     def _load_from_state_dict(  # noqa: PLR0913 (nn.Module's signature)
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -417,7 +413,8 @@ class QuantizedLinear(_QuantizedBuffers):
         (a prefill) a bf16 GEMM on the weight dequantized for the call (torch's kernels take one row at a time:
         ~73 us a row on a 2816 x 2048 expert, where dequantizing costs 0.9 ms (int8) / 5.8 ms (int4) once and
         the GEMM ~30 us a row). That bf16 weight exists for the call only (for an LM head asked for every
-        position's logits: 2 bytes a weight, for a moment)."""
+        position's logits: 2 bytes a weight, for a moment). int4 panels: mmwb's kernel (``kernel=False``: the
+        caller already saw it decline), else the GEMM, whatever the rows."""
         if flat.shape[0] >= GEMM_ROWS[self.mode]:
             return flat @ self.bf16_weight().t()
         if self.mode == "int4" and self.layout == PANELS:  # no torch kernel reads panels
