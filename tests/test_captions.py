@@ -196,6 +196,27 @@ def test_question_weights_draw_the_named_types_more_often_and_zero_never(tmp_pat
         draw_questions(records, 2, seed=0, weights={"position": -1.0})
 
 
+def test_several_questions_per_record_are_different_pairs_of_the_same_image(tmp_path):
+    from mmwb.data.captions import draw_questions, split_turns
+    from mmwb.data.shapes import write_dataset
+
+    write_dataset(tmp_path, 40, seed=0, size=32, n_eval=0, progress=False)
+    records = read_records(tmp_path / "train.jsonl", prefer="qa")
+    drawn = draw_questions(records, draws=3, seed=0, weights={"position": 4.0}, per_record=3)
+    assert len(drawn) == 3 * len(records)
+    for i, record in enumerate(records):
+        own = {(p.turns[0], p.turns[1]) for p in split_turns([record])}
+        for got in drawn[3 * i : 3 * i + 3]:
+            pairs = [(p.turns[0], p.turns[1]) for p in split_turns([got])]
+            assert got.image == record.image and len(got.turns) == 2 * len(pairs)
+            assert len(set(pairs)) == len(pairs) == min(3, len(own)) and set(pairs) <= own
+    assert draw_questions(records, 3, seed=0, weights={"position": 4.0}, per_record=3) == drawn
+    never = draw_questions(records, 3, seed=0, weights={"position": 0.0}, per_record=3)
+    assert not any(t.kind == "position" for r in never for t in r.turns)
+    with pytest.raises(MmwbInputError, match="at least 1"):
+        draw_questions(records, 2, seed=0, per_record=0)
+
+
 def test_question_first_template_puts_the_image_after_the_first_question_only():
     from mmwb.models.vlm.prompt import build_prompt
 

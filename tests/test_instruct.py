@@ -159,6 +159,8 @@ def test_cell_loss_settings_that_cannot_work_are_config_errors(tmp_path):
         train_instruct(frozen)
     with pytest.raises(MmwbConfigError, match="set question_draws too"):
         train_instruct(InstructConfig(question_weights={"position": 2.0}))
+    with pytest.raises(MmwbConfigError, match="questions_per_record .* set question_draws too"):
+        train_instruct(InstructConfig(questions_per_record=4))
 
 
 def test_records_chosen_two_ways_is_a_config_error():

@@ -101,7 +101,11 @@ def split_turns(records: list[ImageTextRecord]) -> list[ImageTextRecord]:
 
 
 def draw_questions(
-    records: list[ImageTextRecord], draws: int, seed: int, weights: dict[str, float] | None = None
+    records: list[ImageTextRecord],
+    draws: int,
+    seed: int,
+    weights: dict[str, float] | None = None,
+    per_record: int = 1,
 ) -> list[ImageTextRecord]:
     """Each conversation as ``draws`` one-turn records, each of one question drawn at random (seeded) from its
     pairs; a one-turn record (a caption) is repeated ``draws`` times. So every image weighs the same, and its
@@ -109,22 +113,39 @@ def draw_questions(
     VLM learn to caption several objects (caption exact match 0.31 -> 0.69 at 1800 steps, issue 19).
 
     ``weights`` makes some question types (``Turn.kind``) likelier to be drawn, e.g. ``{"position": 4}`` for a
-    question that is rare but needs its own skill; unnamed types weigh 1."""
+    question that is rare but needs its own skill; unnamed types weigh 1. ``per_record`` > 1 puts that many
+    different questions (or all, where fewer) in each drawn record, as turns in the order drawn: an image's
+    tokens, the bulk of a short record's cost, then pay for several answers."""
     if any(not w >= 0 for w in (weights or {}).values()):
         raise MmwbInputError(f"question weights must be >= 0, got {weights}")
+    if per_record < 1:
+        raise MmwbInputError(f"questions per record must be at least 1, got {per_record}")
     rng = random.Random(seed)
     drawn = []
     for record in records:
         pairs = split_turns([record])
         if len(pairs) <= 1:
             drawn += [record] * draws
+            continue
+        odds = [(weights or {}).get(pair.turns[0].kind or "", 1.0) for pair in pairs]
+        if per_record > 1:
+            for _ in range(draws):
+                chosen = _weighted_sample(rng, odds, per_record)
+                if chosen:
+                    drawn.append(ImageTextRecord(record.image, sum((pairs[i].turns for i in chosen), ())))
         elif weights:
-            odds = [weights.get(pair.turns[0].kind or "", 1.0) for pair in pairs]
             if sum(odds) > 0:  # an image whose every question weighs 0 gives no question records
                 drawn += rng.choices(pairs, weights=odds, k=draws)
         else:
             drawn += [rng.choice(pairs) for _ in range(draws)]
     return drawn
+
+
+def _weighted_sample(rng: random.Random, weights: list[float], k: int) -> list[int]:
+    """Up to ``k`` different indices drawn with probability proportional to ``weights`` (Efraimidis-Spirakis: the
+    largest ``u ** (1 / w)``); weight 0 is never drawn."""
+    keys = [(rng.random() ** (1 / w), i) for i, w in enumerate(weights) if w > 0]
+    return [i for _, i in sorted(keys, reverse=True)[:k]]
 
 
 def _record(where: str, item: Any, prefer: str) -> ImageTextRecord:

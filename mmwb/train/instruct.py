@@ -108,6 +108,7 @@ class InstructConfig:
     question_draws: int = 0
     # with question_draws: how much likelier each question type (shapes QA "type") is drawn; others weigh 1
     question_weights: dict[str, float] = field(default_factory=dict)
+    questions_per_record: int = 1  # with question_draws: different questions (turns) in each drawn record
     # weight of the tower's dense auxiliary loss (mmwb.train.cell_loss; shapes data, a tower with a fixed grid)
     cell_loss: float = 0.0
     train_tower: bool = False  # also fine-tune the vision tower fully (Kimi-VL style); no feature cache then
@@ -201,10 +202,9 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path | None]:
     returns the result and the adapter folder (None without LoRA)."""
     if config.single_turn and config.question_draws:
         raise MmwbConfigError("single_turn and question_draws choose the records two ways: set one of them")
-    if config.question_weights and not config.question_draws:
-        raise MmwbConfigError(
-            "question_weights weigh the questions of question_draws: set question_draws too"
-        )
+    for key in ("question_weights", "questions_per_record"):
+        if getattr(config, key) not in ({}, 1) and not config.question_draws:
+            raise MmwbConfigError(f"{key} shapes the records of question_draws: set question_draws too")
     seed_everything(config.train.seed)
     vlm, peft_model, module = _trainable(config)
     cache = config.feature_cache
@@ -215,7 +215,13 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path | None]:
     if config.single_turn:
         records = split_turns(records)
     if config.question_draws:
-        records = draw_questions(records, config.question_draws, config.train.seed, config.question_weights)
+        records = draw_questions(
+            records,
+            config.question_draws,
+            config.train.seed,
+            config.question_weights,
+            config.questions_per_record,
+        )
     tokens = model_tokens(vlm.tokenizer, vlm.config.image_token_id)
     encode = make_encoder(vlm.tokenizer, config.template, config.max_length, **tokens)
     if config.cell_loss:
