@@ -28,12 +28,11 @@ parser.add_argument("--sample", type=int, default=100, help="test images of the 
 args = parser.parse_args()
 
 args.out.mkdir(parents=True, exist_ok=True)
-final = RECIPES["tiny-shapes"][-1].name
+shipped_stages = [s for s in RECIPES["tiny-shapes"] if not s.optional]  # the default model's, not stage3_dpo
+final = shipped_stages[-1].name
 for name in SHIPPED:
     shutil.copy2(args.recipe / final / name, args.out / name)
-stages = {
-    s.name: json.loads((args.recipe / s.name / "metrics.json").read_text()) for s in RECIPES["tiny-shapes"]
-}
+stages = {s.name: json.loads((args.recipe / s.name / "metrics.json").read_text()) for s in shipped_stages}
 data = json.loads((args.recipe / "data" / "meta.json").read_text())
 with tempfile.TemporaryDirectory() as tmp:
     write_dataset(Path(tmp), 0, seed=data["seed"], size=data["size"], n_eval=args.sample, progress=False)
