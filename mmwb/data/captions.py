@@ -128,7 +128,7 @@ def draw_questions(
             drawn += [record] * draws
             continue
         odds = [(weights or {}).get(pair.turns[0].kind or "", 1.0) for pair in pairs]
-        if per_record > 1:
+        if per_record > 1:  # one a record keeps the draws below, so seeded runs made before stay the same
             for _ in range(draws):
                 chosen = _weighted_sample(rng, odds, per_record)
                 if chosen:
