@@ -11,6 +11,7 @@ from mmwb.errors import MmwbConfigError
 
 ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn")
 SCORING_FUNCS = ("softmax", "sigmoid")
+INITS = ("normal", "fan_in")
 
 
 @dataclass
@@ -69,6 +70,11 @@ class DecoderConfig:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # Init of a decoder trained from scratch (DecoderForCausalLM.init_weights): "normal", every matrix and the
+    # embedding table N(0, initializer_range) (GPT-2, transformers); "fan_in", U(+-1 / sqrt(fan_in)) as PyTorch's
+    # nn.Linear starts, which a narrow decoder needs to learn lookups in a short run
+    init: str = "normal"
+    initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
         self.validate()
@@ -80,6 +86,8 @@ class DecoderConfig:
             (self.rope_type in ROPE_TYPES, "rope_type", f"must be one of {ROPE_TYPES}"),
             (self.scoring_func in SCORING_FUNCS, "scoring_func", f"must be one of {SCORING_FUNCS}"),
             (self.hidden_size > 0 and self.num_layers > 0, "hidden_size/num_layers", "must be positive"),
+            (self.init in INITS, "init", f"must be one of {INITS}"),
+            (self.initializer_range > 0, "initializer_range", "must be positive"),
         ]
         if self.attention == "gqa":
             checks.append(

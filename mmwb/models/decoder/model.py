@@ -102,22 +102,38 @@ class DecoderForCausalLM(nn.Module):
         self.use_decode_layout()
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
-        """Random init for training from scratch (normal(0, std) matrices, unit norms, zero biases)."""
+    def init_weights(self, std: float | None = None) -> None:
+        """Random init for training from scratch (the config's ``init``; N(0, ``std``) when given), unit norms,
+        zero biases.
+
+        "normal" draws every matrix from N(0, ``initializer_range``), GPT-2's 0.02 by default: about
+        0.55 / sqrt(width) at width 768 but 0.23 / sqrt(width) at width 128, where the attention logits (q . k, a
+        product of two such matrices) start ~6x flatter than with PyTorch's own init. "fan_in" draws each matrix
+        from U(+-1 / sqrt(fan_in)) as nn.Linear does (the embedding table like a tied LM head: fan_in = width).
+        Issue 19, a 4 x 128 decoder after 300 steps on shapes captions and questions: validation perplexity 2.01
+        with "normal", 1.81 with "fan_in" (the tiny-shapes model card has the runs)."""
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
-                module.weight.normal_(0.0, std)
+                self._init_matrix(module.weight, std)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
             elif isinstance(module, Experts):
-                module.gate_up_proj.normal_(0.0, std)
-                module.down_proj.normal_(0.0, std)
+                self._init_matrix(module.gate_up_proj, std)
+                self._init_matrix(module.down_proj, std)
             elif isinstance(module, Router):
-                module.weight.normal_(0.0, std)
+                self._init_matrix(module.weight, std)
                 if module.e_score_correction_bias is not None:
                     module.e_score_correction_bias.zero_()
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
+
+    def _init_matrix(self, weight: torch.Tensor, std: float | None) -> None:
+        """``weight (..., out, in)`` in place, by the config's scheme (N(0, ``std``) when given)."""
+        if std is None and self.config.init == "fan_in":
+            bound = weight.shape[-1] ** -0.5
+            weight.uniform_(-bound, bound)
+        else:
+            weight.normal_(0.0, self.config.initializer_range if std is None else std)
 
     @torch.no_grad()
     def use_decode_layout(self) -> DecoderForCausalLM:
