@@ -72,7 +72,7 @@ class DecoderConfig:
     eos_token_id: int | list[int] | None = None
     # Init of a decoder trained from scratch (DecoderForCausalLM.init_weights): "normal", every matrix and the
     # embedding table N(0, initializer_range) (GPT-2, transformers); "fan_in", U(+-1 / sqrt(fan_in)) as PyTorch's
-    # nn.Linear starts, which a narrow decoder needs to learn lookups in a short run
+    # nn.Linear starts, from which a narrow decoder learns faster (issue 19: perplexity 2.01 -> 1.81 in 300 steps)
     init: str = "normal"
     initializer_range: float = 0.02
 
