@@ -34,6 +34,8 @@ class Turn:
     role: Literal["user", "assistant"]
     text: str  # without the ``<image>`` placeholder: where the image goes is the chat format's business
     kind: str | None = None  # a question's type where the data names it (shapes QA: colour, position, ...)
+    refers: tuple[int, ...] = ()  # the image's objects the question names, in order (shapes QA "refers")
+    anchors: tuple[int, ...] = ()  # where in the question the words naming each of them end (shapes QA)
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,7 @@ def _record(where: str, item: Any, prefer: str) -> ImageTextRecord:
         turns = tuple(_turn(where, turn) for turn in item["conversations"])
     elif prefer == "qa" and "qa" in item:
         turns = tuple(
-            Turn(role, qa[key], qa.get("type"))
+            Turn(role, qa[key], qa.get("type"), tuple(qa.get("refers", ())), tuple(qa.get("anchors", ())))
             for qa in item["qa"]
             for role, key in (("user", "question"), ("assistant", "answer"))
         )

@@ -16,6 +16,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -183,18 +184,29 @@ def swapped_scene(record: dict, background: tuple[int, int, int], rng: np.random
     )
 
 
-def questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
-    """Question-answer pairs about colour, shape, count, relative position, and yes/no presence."""
+def questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Question-answer pairs about colour, shape, count, relative position, and yes/no presence; ``refers`` lists
+    the objects (indices into ``scene.objects``) a question names, in the order it names them."""
     objs = scene.objects
     qa = [{"question": "how many shapes are there?", "answer": NUMBERS[len(objs)], "type": "count"}]
-    for obj in objs:
+    for i, obj in enumerate(objs):
         if sum(o.shape == obj.shape for o in objs) == 1:
             qa.append(
-                {"question": f"what colour is the {obj.shape}?", "answer": obj.colour, "type": "colour"}
+                {
+                    "question": f"what colour is the {obj.shape}?",
+                    "answer": obj.colour,
+                    "type": "colour",
+                    "refers": [i],
+                }
             )
         if sum(o.colour == obj.colour for o in objs) == 1:
             qa.append(
-                {"question": f"what shape is the {obj.colour} object?", "answer": obj.shape, "type": "shape"}
+                {
+                    "question": f"what shape is the {obj.colour} object?",
+                    "answer": obj.shape,
+                    "type": "shape",
+                    "refers": [i],
+                }
             )
     if scene.relation is not None:
         first, second = objs  # in caption order: first is left of / above second
@@ -214,12 +226,18 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
                     "question": f"is the {first.colour} {first.shape} {asked} the {second.colour} {second.shape}?",
                     "answer": "yes" if asked == truth else "no",
                     "type": "position",
+                    "refers": [1, 0] if swapped else [0, 1],
                 }
             )
     colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
-    present = any(o.colour == colour and o.shape == shape for o in objs)
+    present = [i for i, o in enumerate(objs) if o.colour == colour and o.shape == shape]
     qa.append(
-        {"question": f"is there a {colour} {shape}?", "answer": "yes" if present else "no", "type": "yesno"}
+        {
+            "question": f"is there a {colour} {shape}?",
+            "answer": "yes" if present else "no",
+            "type": "yesno",
+            "refers": present,
+        }
     )
     return qa
 
@@ -227,47 +245,65 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
 CELL_ATTRIBUTES = (("colour", tuple(COLOURS)), ("shape", SHAPES), ("size", tuple(SIZES)))
 
 
+def object_cells(objects: list[dict], grid: int) -> np.ndarray:
+    """``(len(objects), grid * grid)`` bool: which cells of the ``grid`` x ``grid`` cut (row by row) each object's
+    disc covers at the cell's centre."""
+    centres = (np.arange(grid) + 0.5) / grid
+    covered = [
+        np.hypot(centres[None, :] - shape.x, centres[:, None] - shape.y) < shape.radius  # (row, col)
+        for shape in (Shape(**obj) for obj in objects)
+    ]
+    return (
+        np.stack(covered).reshape(len(objects), grid * grid) if covered else np.zeros((0, grid * grid), bool)
+    )
+
+
 def cell_labels(objects: list[dict], grid: int) -> np.ndarray:
     """``(grid * grid, 3)`` int64 dense targets of a record's image cut into ``grid`` x ``grid`` cells, row by row:
     for each cell, 1 + the index of the colour, shape and size (``CELL_ATTRIBUTES``) of the object whose disc
     covers the cell's centre, 0 for background. A tower trained to predict these from its own tokens learns what
     is where in a few hundred steps, instead of waiting for the language model's loss to reach it."""
-    centres = (np.arange(grid) + 0.5) / grid
-    labels = np.zeros((grid, grid, len(CELL_ATTRIBUTES)), dtype=np.int64)
-    for obj in objects:
+    labels = np.zeros((grid * grid, len(CELL_ATTRIBUTES)), dtype=np.int64)
+    for obj, covered in zip(objects, object_cells(objects, grid), strict=True):
         shape = Shape(**obj)
-        covered = (
-            np.hypot(centres[None, :] - shape.x, centres[:, None] - shape.y) < shape.radius
-        )  # (row, col)
         labels[covered] = [1 + names.index(getattr(shape, key)) for key, names in CELL_ATTRIBUTES]
-    return labels.reshape(grid * grid, len(CELL_ATTRIBUTES))
+    return labels
 
 
-def read_cell_labels(path: Path, grid: int) -> dict[str, np.ndarray]:
-    """``cell_labels`` of every image of a shapes JSONL file, by the image's path as the file names it."""
-    labels = {}
+def read_objects(path: Path) -> dict[str, list[dict]]:
+    """The ``objects`` of every image of a shapes JSONL file, by the image's path as the file names it."""
+    objects = {}
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         item = json.loads(line)
         if not isinstance(item.get("objects"), list):
             raise MmwbInputError(
-                f"{path}:{n}: no 'objects' list; cell labels need shapes data ('mmwb data shapes')"
+                f"{path}:{n}: no 'objects' list; cell targets need shapes data ('mmwb data shapes')"
             )
-        labels[item["image"]] = cell_labels(item["objects"], grid)
-    return labels
+        objects[item["image"]] = item["objects"]
+    return objects
 
 
-def practice_questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
+def read_cell_labels(path: Path, grid: int) -> dict[str, np.ndarray]:
+    """``cell_labels`` of every image of a shapes JSONL file, by the image's path as the file names it."""
+    return {image: cell_labels(objects, grid) for image, objects in read_objects(path).items()}
+
+
+def practice_questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, Any]]:
     """Training-only questions for the skills the standard mix leaves rare: a presence question about each object
     (answer yes: the standard one asks about a random look, present ~7 % of the time, so saying "no" scores 93 %
     and teaches nothing) and, in a three-object scene, whether one object is left or right of another (the
     standard position question exists only in two-object scenes, ~6 % of all questions). Issue 19: with them,
     yes/no accuracy 0.927 (always "no") -> 0.977 after 12 minutes of training."""
     objs = scene.objects
-    qa = [{"question": f"is there a {o.colour} {o.shape}?", "answer": "yes", "type": "yesno"} for o in objs]
+    qa = [
+        {"question": f"is there a {o.colour} {o.shape}?", "answer": "yes", "type": "yesno", "refers": [i]}
+        for i, o in enumerate(objs)
+    ]
     if len(objs) == 3:  # told apart left to right (sample_scene keeps their x at least 0.08 apart)
-        first, second = (objs[int(i)] for i in rng.permutation(3)[:2])
+        named = [int(i) for i in rng.permutation(3)[:2]]
+        first, second = (objs[i] for i in named)
         looks = [(o.colour, o.shape) for o in objs]
         asked = str(rng.choice(["left of", "right of"]))
         if looks.count((first.colour, first.shape)) == looks.count((second.colour, second.shape)) == 1:
@@ -277,6 +313,7 @@ def practice_questions(scene: Scene, rng: np.random.Generator) -> list[dict[str,
                     "question": f"is the {first.colour} {first.shape} {asked} the {second.colour} {second.shape}?",
                     "answer": "yes" if asked == truth else "no",
                     "type": "position",
+                    "refers": named,
                 }
             )
     return qa
@@ -303,7 +340,31 @@ def make_example(
     if practice:
         extra = np.random.default_rng([seed, SPLITS.index(split), index, 1])
         record["qa"] += practice_questions(scene, extra)
+    for qa in record["qa"]:
+        if qa.get("refers"):
+            qa["anchors"] = naming_ends(qa["question"], [scene.objects[i] for i in qa["refers"]])
     return image, record
+
+
+def naming_ends(question: str, named: list[Shape]) -> list[int]:
+    """Where, in ``question``, the words naming each of ``named`` (in naming order) end: "red circle", else
+    "circle", else "red" (as in "what shape is the red object?"), each looked for after the previous one; objects
+    that look alike ("is there a red circle?" with two red circles) share one. The answer's attention supervision
+    (``mmwb.train.grounding``) anchors each object's lookup at that word."""
+    ends, start = [], 0
+    for n, obj in enumerate(named):
+        if n and (obj.colour, obj.shape) == (named[n - 1].colour, named[n - 1].shape):
+            ends.append(ends[-1])
+            continue
+        for words in (f" {obj.colour} {obj.shape}", f" {obj.shape}", f" {obj.colour}"):
+            at = question.find(words, start)
+            if at >= 0:
+                start = at + len(words)
+                ends.append(start)
+                break
+        else:
+            raise ValueError(f"{question!r} does not name the {obj.colour} {obj.shape}")
+    return ends
 
 
 def iter_split(seed: int, split: str, n: int, size: int = 64) -> Iterator[tuple[Image.Image, dict]]:

@@ -20,6 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,10 +32,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmwb.data.captions import ImageTextRecord, draw_questions, read_records, split_turns
-from mmwb.data.shapes import CELL_ATTRIBUTES, read_cell_labels
+from mmwb.data.shapes import CELL_ATTRIBUTES, object_cells, read_cell_labels, read_objects
 from mmwb.errors import MmwbCheckpointError, MmwbConfigError, MmwbInputError
 from mmwb.models.projectors.qformer import QFormerSize
-from mmwb.models.vision.base import PixelInputs
 from mmwb.models.vlm import VisionLanguageModel
 from mmwb.models.vlm.prompt import caption_question, make_encoder, model_tokens
 from mmwb.pipelines.vlm_eval import EvaluationConfig
@@ -44,7 +44,15 @@ from mmwb.train.cell_loss import CellHead
 from mmwb.train.checkpoint import save_model_folder
 from mmwb.train.config import TrainConfig
 from mmwb.train.engine import TrainResult, load_run_weights
-from mmwb.train.image_features import FeatureCacheConfig
+from mmwb.train.grounding import (
+    AttentionTap,
+    GroundingConfig,
+    collate_grounding,
+    grounding_loss,
+    with_grounding,
+)
+from mmwb.train.image_features import FeatureCacheConfig, batch_features
+from mmwb.train.multimodal import collate
 from mmwb.train.recipes import write_metrics
 from mmwb.train.vlm_loss import multimodal_loss
 from mmwb.train.vlm_setup import freeze_all_but_projector, place, starting_vlm
@@ -111,6 +119,9 @@ class InstructConfig:
     questions_per_record: int = 1  # with question_draws: different questions (turns) in each drawn record
     # weight of the tower's dense auxiliary loss (mmwb.train.cell_loss; shapes data, a tower with a fixed grid)
     cell_loss: float = 0.0
+    # attention supervision: chosen heads look at the objects each question names (mmwb.train.grounding; shapes
+    # data with "refers", a tower with a fixed grid)
+    grounding: GroundingConfig | None = None
     train_tower: bool = False  # also fine-tune the vision tower fully (Kimi-VL style); no feature cache then
     # or a new tower built from this spec and trained from scratch with the rest ({"type": "conv", "config": ...})
     tower: dict[str, Any] | None = None
@@ -141,10 +152,14 @@ class InstructTraining(nn.Module):
         loss_average: str = "sequence",
         cell_head: CellHead | None = None,
         cell_weight: float = 0.0,
+        grounding: GroundingConfig | None = None,
     ) -> None:
         super().__init__()
         self.loss_average = loss_average
         self.cell_head, self.cell_weight = cell_head, cell_weight  # training only: not part of the saved VLM
+        self.grounding = grounding
+        if grounding is not None:
+            self.tap = AttentionTap(vlm.language_model, [*grounding.heads, *grounding.answer_heads])
         self.projector = vlm.projector  # the same modules the VLM runs
         self.language_model = vlm.language_model
         self.trains_tower = train_tower
@@ -152,14 +167,30 @@ class InstructTraining(nn.Module):
             self.vision_tower = vlm.vision_tower
         self.held = Unregistered(vlm)
 
-    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The language model's loss, plus the weighted auxiliary losses (each also logged on its own)."""
         cells = batch.pop("cell_labels", None)
+        ground = (
+            batch.pop("ground_pos", None),
+            batch.pop("ground_role", None),
+            batch.pop("ground_cells", None),
+        )
         vlm = self.held.vlm
-        if self.cell_head is None or cells is None:
+        if (self.cell_head is None or cells is None) and self.grounding is None:
             return multimodal_loss(vlm, batch, self.loss_average)
-        features = vlm.encode_images(PixelInputs(batch["pixel_values"], batch.get("grid_hw")))  # (B, N, C)
-        loss = multimodal_loss(vlm, batch, self.loss_average, features)
-        return loss + self.cell_weight * self.cell_head.loss(features.features, cells)
+        features = batch_features(vlm, batch)  # (B, N, C)
+        parts = {}
+        with self.tap if self.grounding is not None else nullcontext():
+            loss = multimodal_loss(vlm, batch, self.loss_average, features)
+        if self.grounding is not None:
+            image_start = (batch["input_ids"] == vlm.config.image_token_id).int().argmax(1)  # (B,)
+            tokens = features.features.shape[1]
+            parts["grounding_loss"] = grounding_loss(self.tap, self.grounding, image_start, tokens, *ground)
+            loss = loss + self.grounding.weight * parts["grounding_loss"]
+        if self.cell_head is not None and cells is not None:
+            parts["cell_loss"] = self.cell_head.loss(features.features, cells)
+            loss = loss + self.cell_weight * parts["cell_loss"]
+        return loss, {key: value.detach() for key, value in parts.items()}
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         full = super().state_dict(*args, **kwargs)
@@ -224,10 +255,19 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path | None]:
         )
     tokens = model_tokens(vlm.tokenizer, vlm.config.image_token_id)
     encode = make_encoder(vlm.tokenizer, config.template, config.max_length, **tokens)
+    train_file = Path(config.data_dir) / config.train_file
     if config.cell_loss:
-        grid = tower_grid(vlm)
-        encode = with_cell_labels(encode, read_cell_labels(Path(config.data_dir) / config.train_file, grid))
-    trainer = vlm_trainer(module, vlm, records, config.data_dir, encode, config.train, cache, shardable=True)
+        encode = with_cell_labels(encode, read_cell_labels(train_file, tower_grid(vlm)))
+    collate_fn = None
+    if config.grounding is not None:
+        grid = tower_grid(vlm, "grounding")
+        cells = {image: object_cells(objects, grid) for image, objects in read_objects(train_file).items()}
+        encode = with_grounding(encode, cells, vlm.tokenizer, config.template, **tokens)
+        pad = vlm.tokenizer.pad_token_id
+        collate_fn = lambda items: collate(items, pad) | collate_grounding(items)  # noqa: E731
+    trainer = vlm_trainer(
+        module, vlm, records, config.data_dir, encode, config.train, cache, collate_fn, shardable=True
+    )
     result = trainer.run()
     adapter = Path(config.train.out_dir) / ADAPTER_DIR if peft_model is not None else None
     if trainer.accelerator.is_main_process:
@@ -267,16 +307,18 @@ def _trainable(config: InstructConfig) -> tuple[VisionLanguageModel, PeftModel |
         if not train_tower:
             raise MmwbConfigError("cell_loss trains the vision tower: set tower (a new one) or train_tower")
         cell_head = CellHead(vlm.vision_tower.hidden_size, [len(names) + 1 for _, names in CELL_ATTRIBUTES])
-    module = InstructTraining(vlm, train_tower, config.loss_average, cell_head, config.cell_loss)
+    module = InstructTraining(
+        vlm, train_tower, config.loss_average, cell_head, config.cell_loss, config.grounding
+    )
     return vlm, peft_model, module
 
 
-def tower_grid(vlm: VisionLanguageModel) -> int:
-    """The side of a tower's fixed square token grid (the conv tower's), which cell labels are drawn on."""
+def tower_grid(vlm: VisionLanguageModel, needed_by: str = "cell_loss") -> int:
+    """The side of a tower's fixed square token grid (the conv tower's), which cell targets are drawn on."""
     grid = getattr(getattr(vlm.vision_tower, "config", None), "grid", None)
     if not isinstance(grid, int):
         raise MmwbConfigError(
-            "cell_loss needs a tower with a fixed square token grid (type 'conv'), "
+            f"{needed_by} needs a tower with a fixed square token grid (type 'conv'), "
             f"not {type(vlm.vision_tower).__name__}"
         )
     return grid

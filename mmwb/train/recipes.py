@@ -3,7 +3,7 @@
 ``tiny-shapes`` makes mmwb's default VLM on the synthetic shapes set, Kimi-VL style in miniature: (1) a BPE
 tokenizer and LM pretraining of a small decoder on the captions and QA text, (2) one end-to-end stage in which a
 new convolutional tower, the projector and the whole decoder train together on captions and questions, with a
-dense auxiliary loss on the tower's tokens. ``tiny-shapes-llava`` is the classic LLaVA recipe in miniature: (1)
+dense auxiliary loss on the tower's tokens and attention supervision of the lookups (``mmwb.train.grounding``). ``tiny-shapes-llava`` is the classic LLaVA recipe in miniature: (1)
 the tokenizer and contrastive pretraining of a tiny open_clip model, (2) LM pretraining of a tiny MoE decoder, (3)
 projector alignment with both towers frozen, (4) LoRA instruction tuning; it stays as the comparison (issue 19:
 caption exact match 0.30, VQA 0.67, against the end-to-end recipe's figures in the model card). Stage ``X``

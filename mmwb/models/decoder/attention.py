@@ -74,6 +74,28 @@ class GroupedQueryAttention(nn.Module):
         )
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
+    def probabilities(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], queries: torch.Tensor
+    ) -> torch.Tensor:
+        """The attention probabilities of the query positions ``queries (B, K)`` over the causal keys of a
+        whole-sequence forward of ``x (B, T, C)`` (this layer's input, as ``forward`` gets it, no cache):
+        ``(B, H, K, T)`` in fp32. What attention supervision reads; it repeats the q and k projections."""
+        batch, length, _ = x.shape
+        rows = torch.arange(batch, device=x.device)[:, None]
+        q = self.q_proj(x[rows, queries]).view(batch, -1, self.num_heads, self.head_dim)  # (B, K, H, D)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope  # (B | 1, 1, T, D/2)
+        at = queries[:, None, :].expand(-1, cos.shape[1], -1)  # (B, 1, K)
+        picked = [part.expand(batch, -1, -1, -1).gather(2, at[..., None].expand(-1, -1, -1, part.shape[-1]))
+                  for part in (cos, sin)]  # fmt: skip
+        q = apply_rope(q.transpose(1, 2), *picked)  # (B, H, K, D)
+        k = apply_rope(k.transpose(1, 2), cos, sin).repeat_interleave(self.num_heads // self.num_kv_heads, 1)
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale  # (B, H, K, T)
+        causal = torch.arange(length, device=x.device)[None, None, :] <= queries[:, None, :, None]
+        return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+
     def _decode_on_cpu(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, position: int
     ) -> torch.Tensor | None:

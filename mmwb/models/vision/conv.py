@@ -6,6 +6,11 @@ such a small model needs. The tower keeps the 2-D layout to the end: each stage 
 BatchNorm and GELU, and the last feature map is read out as one token per cell, row by row, with learned row and
 column embeddings added, so every token knows where it is (a CLS-pooled tower loses that, and with it "left of").
 64 px in, strides 2, 2, 2, 1: an 8x8 grid = 64 tokens of ``channels[-1]`` features.
+
+``coordinates`` also adds a learned linear map of each cell's centre (x, y in [-1, 1]) to its token, as CoordConv
+(Liu et al., 2018) adds coordinate channels: a table gives each place an arbitrary vector, so "which of two objects
+lies further left" is something the decoder must learn per pair of places; with the linear term, place is a
+direction in the token whose value attention can carry and the decoder can compare.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class ConvTowerConfig:
     strides: tuple[int, ...] = (2, 2, 2, 1)
     mean: tuple[float, float, float] = SHAPES_MEAN
     std: tuple[float, float, float] = SHAPES_STD
+    coordinates: bool = False  # add a learned linear map of each cell's (x, y) centre to its token
 
     def __post_init__(self) -> None:
         self.channels, self.strides = tuple(self.channels), tuple(self.strides)
@@ -76,17 +82,33 @@ class ConvTower(VisionTower):
         self.col_embed = nn.Parameter(torch.zeros(config.grid, self.hidden_size))
         nn.init.normal_(self.row_embed, std=0.02)
         nn.init.normal_(self.col_embed, std=0.02)
+        # (C, 2): a table computed from fixed centres, like the row and column tables (not a layer that
+        # quantization would touch); drawn as nn.Linear(2, C) draws its weight
+        self.register_parameter(
+            "coord_embed", nn.Parameter(torch.empty(self.hidden_size, 2)) if config.coordinates else None
+        )
+        if self.coord_embed is not None:
+            nn.init.kaiming_uniform_(self.coord_embed, a=math.sqrt(5))
 
     def encode(self, inputs: PixelInputs) -> VisionFeatures:
         maps = self.stages(inputs.pixel_values)  # (B, C, g, g)
         batch, channels, rows, cols = maps.shape
         position = self.row_embed[:rows, None, :] + self.col_embed[None, :cols, :]  # (g, g, C)
+        if self.coord_embed is not None:
+            position = position + cell_centres(rows, cols, maps) @ self.coord_embed.T  # (g, g, C)
         tokens = maps.permute(0, 2, 3, 1) + position  # (B, g, g, C)
         return VisionFeatures(tokens.reshape(batch, rows * cols, channels), [rows * cols] * batch,
                               [(rows, cols)] * batch)  # fmt: skip
 
     def image_processor(self) -> ImageProcessor:
         return FixedSizeImageProcessor(self.config.image_size, self.config.mean, self.config.std, "squash")
+
+
+def cell_centres(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """``(rows, cols, 2)``: each cell's centre as (x, y), both in [-1, 1], left to right and top to bottom."""
+    ys = (torch.arange(rows, device=like.device, dtype=like.dtype) + 0.5) / rows * 2 - 1
+    xs = (torch.arange(cols, device=like.device, dtype=like.dtype) + 0.5) / cols * 2 - 1
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)
 
 
 def _stage(c_in: int, c_out: int, stride: int) -> nn.Sequential:
