@@ -285,11 +285,6 @@ def read_objects(path: Path) -> dict[str, list[dict]]:
     return objects
 
 
-def read_cell_labels(path: Path, grid: int) -> dict[str, np.ndarray]:
-    """``cell_labels`` of every image of a shapes JSONL file, by the image's path as the file names it."""
-    return {image: cell_labels(objects, grid) for image, objects in read_objects(path).items()}
-
-
 def practice_questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, Any]]:
     """Training-only questions for the skills the standard mix leaves rare: a presence question about each object
     (answer yes: the standard one asks about a random look, present ~7 % of the time, so saying "no" scores 93 %

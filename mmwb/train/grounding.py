@@ -96,6 +96,8 @@ def with_grounding(
         # (position, role) -> cells; words naming alike objects share a position
         targets: dict[tuple[int, int], np.ndarray] = {}
         for end, (n, turn) in zip(ends, asked, strict=False):
+            if not turn.refers:
+                continue
             if len(turn.refers) != len(turn.anchors):
                 raise MmwbInputError(f"{record.image}: a question with {len(turn.refers)} objects and "
                                      f"{len(turn.anchors)} anchors")  # fmt: skip

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmwb.data.captions import ImageTextRecord, draw_questions, read_records, split_turns
-from mmwb.data.shapes import CELL_ATTRIBUTES, object_cells, read_cell_labels, read_objects
+from mmwb.data.shapes import CELL_ATTRIBUTES, cell_labels, object_cells, read_objects
 from mmwb.errors import MmwbCheckpointError, MmwbConfigError, MmwbInputError
 from mmwb.models.projectors.qformer import QFormerSize
 from mmwb.models.vlm import VisionLanguageModel
@@ -47,12 +47,10 @@ from mmwb.train.engine import TrainResult, load_run_weights
 from mmwb.train.grounding import (
     AttentionTap,
     GroundingConfig,
-    collate_grounding,
     grounding_loss,
     with_grounding,
 )
 from mmwb.train.image_features import FeatureCacheConfig, batch_features
-from mmwb.train.multimodal import collate
 from mmwb.train.recipes import write_metrics
 from mmwb.train.vlm_loss import multimodal_loss
 from mmwb.train.vlm_setup import freeze_all_but_projector, place, starting_vlm
@@ -255,19 +253,16 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path | None]:
         )
     tokens = model_tokens(vlm.tokenizer, vlm.config.image_token_id)
     encode = make_encoder(vlm.tokenizer, config.template, config.max_length, **tokens)
-    train_file = Path(config.data_dir) / config.train_file
+    if config.cell_loss or config.grounding is not None:  # both are drawn on the objects' cells
+        objects = read_objects(Path(config.data_dir) / config.train_file)
     if config.cell_loss:
-        encode = with_cell_labels(encode, read_cell_labels(train_file, tower_grid(vlm)))
-    collate_fn = None
+        grid = tower_grid(vlm)
+        encode = with_cell_labels(encode, {image: cell_labels(objs, grid) for image, objs in objects.items()})
     if config.grounding is not None:
         grid = tower_grid(vlm, "grounding")
-        cells = {image: object_cells(objects, grid) for image, objects in read_objects(train_file).items()}
+        cells = {image: object_cells(objs, grid) for image, objs in objects.items()}
         encode = with_grounding(encode, cells, vlm.tokenizer, config.template, **tokens)
-        pad = vlm.tokenizer.pad_token_id
-        collate_fn = lambda items: collate(items, pad) | collate_grounding(items)  # noqa: E731
-    trainer = vlm_trainer(
-        module, vlm, records, config.data_dir, encode, config.train, cache, collate_fn, shardable=True
-    )
+    trainer = vlm_trainer(module, vlm, records, config.data_dir, encode, config.train, cache, shardable=True)
     result = trainer.run()
     adapter = Path(config.train.out_dir) / ADAPTER_DIR if peft_model is not None else None
     if trainer.accelerator.is_main_process:

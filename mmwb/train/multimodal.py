@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from mmwb.models.decoder.model import IGNORE_INDEX
+from mmwb.train.grounding import collate_grounding
 
 
 def collate(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -51,6 +52,8 @@ def collate_images(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch["pixel_values"] = torch.cat([it["pixel_values"] for it in items])
     if "cell_labels" in items[0]:  # dense per-token targets of the tower (mmwb.train.cell_loss)
         batch["cell_labels"] = torch.stack([it["cell_labels"] for it in items])  # (B, N, A)
+    if "ground_pos" in items[0]:  # attention targets (mmwb.train.grounding)
+        batch |= collate_grounding(items)
     if "grid_hw" in items[0]:
         batch["grid_hw"] = torch.stack([it["grid_hw"].reshape(2) for it in items])  # (B, 2)
     return batch

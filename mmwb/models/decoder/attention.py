@@ -86,12 +86,11 @@ class GroupedQueryAttention(nn.Module):
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope  # (B | 1, 1, T, D/2)
-        at = queries[:, None, :].expand(-1, cos.shape[1], -1)  # (B, 1, K)
-        picked = [part.expand(batch, -1, -1, -1).gather(2, at[..., None].expand(-1, -1, -1, part.shape[-1]))
-                  for part in (cos, sin)]  # fmt: skip
-        q = apply_rope(q.transpose(1, 2), *picked)  # (B, H, K, D)
-        k = apply_rope(k.transpose(1, 2), cos, sin).repeat_interleave(self.num_heads // self.num_kv_heads, 1)
+        at_queries = [
+            part.expand(batch, -1, -1, -1)[rows, 0, queries][:, None] for part in rope
+        ]  # (B, 1, K, D/2)
+        q = apply_rope(q.transpose(1, 2), *at_queries)  # (B, H, K, D)
+        k = apply_rope(k.transpose(1, 2), *rope).repeat_interleave(self.num_heads // self.num_kv_heads, 1)
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale  # (B, H, K, T)
         causal = torch.arange(length, device=x.device)[None, None, :] <= queries[:, None, :, None]
         return scores.masked_fill(~causal, float("-inf")).softmax(-1)
