@@ -10,12 +10,20 @@ import pytest
 import torch
 
 from mmwb.data.captions import ImageTextRecord, Turn
-from mmwb.data.shapes import Shape, make_example, naming_ends, object_cells, practice_questions, sample_scene
-from mmwb.errors import MmwbConfigError
+from mmwb.data.shapes import (
+    Shape,
+    caption_words,
+    make_example,
+    naming_ends,
+    object_cells,
+    practice_questions,
+    sample_scene,
+)
+from mmwb.errors import MmwbConfigError, MmwbInputError
 from mmwb.models.decoder.config import DecoderConfig
 from mmwb.models.decoder.model import IGNORE_INDEX, DecoderForCausalLM
 from mmwb.models.decoder.rope import apply_rope
-from mmwb.models.vlm.prompt import user_text
+from mmwb.models.vlm.prompt import caption_question, user_text
 from mmwb.train.grounding import (
     NO_POSITION,
     AttentionTap,
@@ -102,14 +110,11 @@ class _WordTokenizer:
     """Splits on spaces, keeping each word's leading space, and on "?": one token per piece, like the BPE."""
 
     def __call__(self, text, add_special_tokens=False):
-        pieces = re.findall(r"<[^>]+>| ?[a-z]+|\?", text)
+        pieces = re.findall(r"<[^>]+>| ?[a-z]+|[?,]", text)
         return type("Encoding", (), {"input_ids": list(range(len(pieces)))})
 
 
-def test_each_naming_word_gets_its_position_and_the_cells_of_its_object():
-    cells = {"a.png": np.eye(3, 6, dtype=bool)}  # three objects, six cells
-    tokenizer = _WordTokenizer()
-
+def _encoder(tokenizer, max_length=None):
     def encode(record):  # as make_encoder: each user turn's text, then " answer" and an end token
         ids, labels = [], []
         for n, turn in enumerate(record.turns):
@@ -117,8 +122,15 @@ def test_each_naming_word_gets_its_position_and_the_cells_of_its_object():
             count = len(tokenizer(text).input_ids)
             ids += [5] * count
             labels += [IGNORE_INDEX] * count if turn.role == "user" else [5] * count
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+        return {"input_ids": torch.tensor(ids[:max_length]), "labels": torch.tensor(labels[:max_length])}
 
+    return encode
+
+
+def test_each_naming_word_gets_its_position_and_the_cells_of_its_object():
+    cells = {"a.png": np.eye(3, 6, dtype=bool)}  # three objects, six cells
+    tokenizer = _WordTokenizer()
+    encode = _encoder(tokenizer)
     q1, q2 = "what colour is the circle?", "is the red circle left of the blue star?"
     record = ImageTextRecord(
         "a.png",
@@ -143,6 +155,39 @@ def test_each_naming_word_gets_its_position_and_the_cells_of_its_object():
     assert batch["ground_pos"].tolist() == [[7, 9, 16, 23, 21, 23], [7] + [NO_POSITION] * 5]
     assert batch["ground_role"][1].tolist() == [0] * 6
     assert batch["ground_cells"].shape == (2, 6, 6) and not batch["ground_cells"][1, 1:].any()
+
+
+def test_each_caption_word_is_predicted_looking_at_the_object_it_describes():
+    cells = {"a.png": np.eye(2, 6, dtype=bool)}
+    tokenizer = _WordTokenizer()
+    caption = "a small red circle, a large blue star"
+    question = Turn("user", caption_question("chat"), kind="caption")
+    record = ImageTextRecord("a.png", (question, Turn("assistant", caption)))
+    grounded = {"template": "chat", "image": "<image>", "bos": "<|bos|>", "captions": True}
+    item = with_grounding(_encoder(tokenizer), cells, tokenizer, **grounded)(record)
+    end = answer_query_positions(item["labels"])[0]
+    # answer tokens " a" " small" " red" " circle" "," " a" " large" ...: each word is predicted one position before
+    assert item["ground_pos"].tolist() == [end + k for k in (0, 1, 2, 3, 5, 6, 7, 8)]
+    assert item["ground_role"].tolist() == [1] * 8  # the first answer head's look
+    rows = cells["a.png"].tolist()
+    assert item["ground_cells"].tolist() == [rows[0]] * 4 + [rows[1]] * 4
+    cut = with_grounding(_encoder(tokenizer, end + 7), cells, tokenizer, **grounded)(record)
+    assert cut["ground_pos"].tolist() == [end + k for k in (0, 1, 2, 3, 5, 6)]  # what max_length kept
+    three = {"a.png": np.eye(3, 6, dtype=bool)}
+    with pytest.raises(MmwbInputError, match="names 2 objects, its image lists 3"):
+        with_grounding(_encoder(tokenizer), three, tokenizer, **grounded)(record)
+    plain = with_grounding(_encoder(tokenizer), cells, tokenizer, **(grounded | {"captions": False}))(record)
+    assert plain["ground_pos"].shape == (0,)  # captions are grounded only when asked
+
+
+def test_caption_words_follow_the_objects_of_every_generated_caption():
+    for index in range(200):
+        _, record = make_example(0, "train", index)
+        caption, words = record["caption"], caption_words(record["caption"])
+        assert len(words) == len(record["objects"])
+        for starts, obj in zip(words, record["objects"], strict=True):
+            said = [caption[start:].split()[0].rstrip(",") for start in starts]
+            assert said == ["a", obj["size"], obj["colour"], obj["shape"]]
 
 
 def _decoder(qk_norm: bool = False) -> DecoderForCausalLM:
@@ -224,3 +269,5 @@ def test_bad_grounding_settings_are_refused():
         GroundingConfig(heads=[], answer_heads=[])
     with pytest.raises(MmwbConfigError, match="weight must be >= 0"):
         GroundingConfig(weight=-1.0)
+    with pytest.raises(MmwbConfigError, match="captions supervises the first of answer_heads"):
+        GroundingConfig(captions=True)

@@ -2,6 +2,7 @@
 the conv tower, projector and whole decoder trained together; the model answers as its metrics say, and the same
 seed gives the same model."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -37,7 +38,10 @@ def test_quick_recipe_runs_both_stages_into_a_conv_tower_vlm(quick_run):
     vlm = mmwb.from_pretrained(out / "stage2_vlm")
     assert isinstance(vlm.vision_tower, ConvTower) and vlm.config.template == "chat"
     saved = load_file(out / "stage2_vlm" / "model.safetensors")
-    assert not any("cell_head" in key for key in saved)  # the auxiliary head stays in the run
+    heads = ("cell_head", "relation_head")  # the auxiliary heads stay in the run
+    assert not any(head in key for key in saved for head in heads)
+    logged = json.loads((out / "runs" / "stage2_vlm" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert all(logged[f"{part}_loss"] > 0 for part in ("cell", "grounding", "relation"))  # each one trained
 
 
 @pytest.mark.slow
@@ -63,8 +67,6 @@ def test_the_same_seed_gives_the_same_model(quick_run, tmp_path):
 @pytest.mark.slow
 def test_the_optional_dpo_stage_tunes_the_stage2_model_on_its_own_pairs(quick_run):
     """``--dpo``: the finished stages are skipped, the pairs are made from the stage 2 model, then DPO runs."""
-    import json
-
     from mmwb.data.preferences import read_preferences
     from mmwb.errors import MmwbConfigError
 

@@ -88,3 +88,4 @@ def test_shapes_records_can_add_a_caption_turn(tmp_path):
         ("user", "describe the image"),
         ("assistant", "a red circle"),
     ]
+    assert caption.turns[0].kind == "caption"  # what caption grounding (mmwb.train.grounding) looks for

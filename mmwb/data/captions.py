@@ -80,7 +80,8 @@ def read_records(
     if prefer == "qa" and caption_question is not None:
         records += [
             ImageTextRecord(
-                item["image"], (Turn("user", caption_question), Turn("assistant", item["caption"]))
+                item["image"],
+                (Turn("user", caption_question, kind="caption"), Turn("assistant", item["caption"])),
             )
             for _, item in items
             if "qa" in item and isinstance(item.get("caption"), str)

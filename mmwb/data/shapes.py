@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
@@ -35,6 +36,8 @@ COLOURS = {
 }
 SIZES = {"small": 0.11, "large": 0.19}  # radius as a fraction of the image side
 NUMBERS = ("zero", "one", "two", "three")
+# the relations position questions ask: (axis, 0 = x and 1 = y; whether the first object lies before the second)
+RELATIONS = {"left of": (0, True), "right of": (0, False), "above": (1, True), "below": (1, False)}
 SPLITS = ("train", "val", "test")
 WRITE_BLOCK = 500  # images per worker task in write_dataset
 SUPERSAMPLE = 4  # draw large and downsample: anti-aliased edges at any output size
@@ -339,6 +342,19 @@ def make_example(
         if qa.get("refers"):
             qa["anchors"] = naming_ends(qa["question"], [scene.objects[i] for i in qa["refers"]])
     return image, record
+
+
+def caption_words(caption: str) -> list[list[int]]:
+    """Where, in a ``caption``, each object's four words ("a", size, colour, shape) start, object by object in the
+    order the caption names them, which is the order of the scene's ``objects``. Attention supervision
+    (``mmwb.train.grounding``) has the positions that predict them look at that object."""
+    sizes = "|".join(SIZES)
+    return [[m.start(k) for k in range(1, 5)] for m in re.finditer(rf"\b(a) ({sizes}) (\w+) (\w+)", caption)]
+
+
+def asked_relation(question: str) -> tuple[int, bool] | None:
+    """The ``RELATIONS`` entry of the relation a question asks about ("is the A left of the B?"), or None."""
+    return next((fact for words, fact in RELATIONS.items() if f" {words} " in question), None)
 
 
 def naming_ends(question: str, named: list[Shape]) -> list[int]:

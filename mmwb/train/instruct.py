@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +52,7 @@ from mmwb.train.grounding import (
 )
 from mmwb.train.image_features import FeatureCacheConfig, batch_features
 from mmwb.train.recipes import write_metrics
+from mmwb.train.relation_loss import RelationHead, RelationLossConfig, with_relations
 from mmwb.train.vlm_loss import multimodal_loss
 from mmwb.train.vlm_setup import freeze_all_but_projector, place, starting_vlm
 from mmwb.train.vlm_trainer import Unregistered, evaluate_saved, trained_state, vlm_trainer
@@ -120,6 +121,9 @@ class InstructConfig:
     # attention supervision: chosen heads look at the objects each question names (mmwb.train.grounding; shapes
     # data with "refers", a tower with a fixed grid)
     grounding: GroundingConfig | None = None
+    # a linear head at the answer of each relative-position question predicts its two facts from one layer's input
+    # (mmwb.train.relation_loss; shapes data)
+    relation_loss: RelationLossConfig | None = None
     train_tower: bool = False  # also fine-tune the vision tower fully (Kimi-VL style); no feature cache then
     # or a new tower built from this spec and trained from scratch with the rest ({"type": "conv", "config": ...})
     tower: dict[str, Any] | None = None
@@ -151,11 +155,14 @@ class InstructTraining(nn.Module):
         cell_head: CellHead | None = None,
         cell_weight: float = 0.0,
         grounding: GroundingConfig | None = None,
+        relation_head: RelationHead | None = None,
+        relation_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.loss_average = loss_average
         self.cell_head, self.cell_weight = cell_head, cell_weight  # training only: not part of the saved VLM
         self.grounding = grounding
+        self.relation_head, self.relation_weight = relation_head, relation_weight  # training only, too
         if grounding is not None:
             self.tap = AttentionTap(vlm.language_model, [*grounding.heads, *grounding.answer_heads])
         self.projector = vlm.projector  # the same modules the VLM runs
@@ -173,16 +180,28 @@ class InstructTraining(nn.Module):
             batch.pop("ground_role", None),
             batch.pop("ground_cells", None),
         )
+        relations = batch.pop("relation_pos", None), batch.pop("relation_facts", None)
         vlm = self.held.vlm
-        if (self.cell_head is None or cells is None) and self.grounding is None:
+        if (
+            (self.cell_head is None or cells is None)
+            and self.grounding is None
+            and self.relation_head is None
+        ):
             return multimodal_loss(vlm, batch, self.loss_average)
         features = batch_features(vlm, batch)  # (B, N, C)
         parts = {}
-        with self.tap if self.grounding is not None else nullcontext():
+        with ExitStack() as taps:  # what the auxiliary losses read inside the forward
+            if self.grounding is not None:
+                taps.enter_context(self.tap)
+            if self.relation_head is not None:
+                taps.enter_context(self.relation_head.watching(self.language_model))
             loss = multimodal_loss(vlm, batch, self.loss_average, features)
+        image_start = (batch["input_ids"] == vlm.config.image_token_id).int().argmax(1)  # (B,)
+        tokens = features.features.shape[1]
+        if self.relation_head is not None:
+            parts["relation_loss"] = self.relation_head.loss(image_start, tokens, *relations)
+            loss = loss + self.relation_weight * parts["relation_loss"]
         if self.grounding is not None:
-            image_start = (batch["input_ids"] == vlm.config.image_token_id).int().argmax(1)  # (B,)
-            tokens = features.features.shape[1]
             parts["grounding_loss"] = grounding_loss(self.tap, self.grounding, image_start, tokens, *ground)
             loss = loss + self.grounding.weight * parts["grounding_loss"]
         if self.cell_head is not None and cells is not None:
@@ -253,7 +272,7 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path | None]:
         )
     tokens = model_tokens(vlm.tokenizer, vlm.config.image_token_id)
     encode = make_encoder(vlm.tokenizer, config.template, config.max_length, **tokens)
-    if config.cell_loss or config.grounding is not None:  # both are drawn on the objects' cells
+    if config.cell_loss or config.grounding is not None or config.relation_loss is not None:
         objects = read_objects(Path(config.data_dir) / config.train_file)
     if config.cell_loss:
         grid = tower_grid(vlm)
@@ -261,7 +280,14 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path | None]:
     if config.grounding is not None:
         grid = tower_grid(vlm, "grounding")
         cells = {image: object_cells(objs, grid) for image, objs in objects.items()}
-        encode = with_grounding(encode, cells, vlm.tokenizer, config.template, **tokens)
+        captions = config.grounding.captions
+        encode = with_grounding(encode, cells, vlm.tokenizer, config.template, **tokens, captions=captions)
+    if config.relation_loss is not None:
+        centres = {
+            image: np.array([[o["x"], o["y"]] for o in objs]).reshape(-1, 2)
+            for image, objs in objects.items()
+        }
+        encode = with_relations(encode, centres)
     trainer = vlm_trainer(module, vlm, records, config.data_dir, encode, config.train, cache, shardable=True)
     result = trainer.run()
     adapter = Path(config.train.out_dir) / ADAPTER_DIR if peft_model is not None else None
@@ -302,8 +328,17 @@ def _trainable(config: InstructConfig) -> tuple[VisionLanguageModel, PeftModel |
         if not train_tower:
             raise MmwbConfigError("cell_loss trains the vision tower: set tower (a new one) or train_tower")
         cell_head = CellHead(vlm.vision_tower.hidden_size, [len(names) + 1 for _, names in CELL_ATTRIBUTES])
+    relation = config.relation_loss
+    relation_head = RelationHead(vlm.language_model, relation.layer) if relation is not None else None
     module = InstructTraining(
-        vlm, train_tower, config.loss_average, cell_head, config.cell_loss, config.grounding
+        vlm,
+        train_tower,
+        config.loss_average,
+        cell_head,
+        config.cell_loss,
+        config.grounding,
+        relation_head,
+        relation.weight if relation is not None else 0.0,
     )
     return vlm, peft_model, module
 

@@ -14,6 +14,7 @@ import torch
 
 from mmwb.models.decoder.model import IGNORE_INDEX
 from mmwb.train.grounding import collate_grounding
+from mmwb.train.relation_loss import collate_relations
 
 
 def collate(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -54,6 +55,8 @@ def collate_images(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch["cell_labels"] = torch.stack([it["cell_labels"] for it in items])  # (B, N, A)
     if "ground_pos" in items[0]:  # attention targets (mmwb.train.grounding)
         batch |= collate_grounding(items)
+    if "relation_pos" in items[0]:  # intermediate targets of position questions (mmwb.train.relation_loss)
+        batch |= collate_relations(items)
     if "grid_hw" in items[0]:
         batch["grid_hw"] = torch.stack([it["grid_hw"].reshape(2) for it in items])  # (B, 2)
     return batch
