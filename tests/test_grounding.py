@@ -246,6 +246,10 @@ def test_grounding_loss_is_minus_log_attention_mass_and_training_raises_the_mass
     # a word before the image cannot look at it: not supervised
     before = torch.tensor([[3, 2], [4, 1]])
     assert grounding_loss(tap, config, torch.tensor([5, 5]), image_tokens, before, roles, cells).item() == 0.0
+    nothing = torch.zeros((2, 0), dtype=torch.long)  # a batch in which no question names an object
+    assert (
+        grounding_loss(tap, config, image_start, image_tokens, nothing, nothing, cells[:, :0]).item() == 0.0
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(30):
         with AttentionTap(model, [(1, 0), (0, 3)]) as tap:

@@ -75,6 +75,8 @@ def test_targets_sit_where_position_answers_are_predicted():
     batch = collate_relations([item, plain])
     assert batch["relation_pos"].tolist() == [[7, 12], [NO_POSITION, NO_POSITION]]
     assert batch["relation_facts"].shape == (2, 2, 2) and not batch["relation_facts"][1].any()
+    neither = collate_relations([plain, plain])  # a batch without position questions
+    assert neither["relation_pos"].shape == (2, 0) and neither["relation_facts"].shape == (2, 0, 2)
     with pytest.raises(MmwbInputError, match="b.png: no objects listed"):
         with_relations(_encode, centres)(ImageTextRecord("b.png", record.turns))
 
@@ -107,9 +109,12 @@ def test_relation_loss_reads_the_layer_input_and_training_lowers_it():
     assert (
         len(model.model.layers[2]._forward_pre_hooks) == 1
     )  # the test's own hook: watching let go of its own
-    none = torch.full((2, 2), NO_POSITION)  # no position question in the batch
-    empty = head.loss(image_start, image_tokens, none, facts)
-    assert empty.item() == 0.0 and empty.requires_grad  # still a term of the head, as DDP needs
+    for none in (
+        torch.full((2, 2), NO_POSITION),
+        torch.zeros((2, 0), dtype=torch.long),
+    ):  # no position question
+        empty = head.loss(image_start, image_tokens, none, facts[:, : none.shape[1]])
+        assert empty.item() == 0.0 and empty.requires_grad  # still a term of the head, as DDP needs
     optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-2)
     for _ in range(40):
         with head.watching(model):

@@ -261,6 +261,11 @@ def object_cells(objects: list[dict], grid: int) -> np.ndarray:
     )
 
 
+def object_centres(objects: list[dict]) -> np.ndarray:
+    """``(len(objects), 2)`` float: each object's centre (x, y), fractions of the image side."""
+    return np.array([[obj["x"], obj["y"]] for obj in objects], dtype=np.float64).reshape(-1, 2)
+
+
 def cell_labels(objects: list[dict], grid: int) -> np.ndarray:
     """``(grid * grid, 3)`` int64 dense targets of a record's image cut into ``grid`` x ``grid`` cells, row by row:
     for each cell, 1 + the index of the colour, shape and size (``CELL_ATTRIBUTES``) of the object whose disc

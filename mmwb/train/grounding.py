@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedTokenizerBase
 
 from mmwb.data.captions import ImageTextRecord
@@ -156,16 +157,17 @@ def caption_targets(
 
 def collate_grounding(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """``ground_pos (B, M)`` padded with NO_POSITION, ``ground_role (B, M)`` with 0 and ``ground_cells (B, M, N)``
-    with False, M the most supervised positions of an item (at least 1)."""
-    most = max(1, *(len(it["ground_pos"]) for it in items))
-    pos = torch.full((len(items), most), NO_POSITION, dtype=torch.long)
-    role = torch.zeros((len(items), most), dtype=torch.long)
-    cells = torch.zeros((len(items), most, items[0]["ground_cells"].shape[-1]), dtype=torch.bool)
-    for b, it in enumerate(items):
-        pos[b, : len(it["ground_pos"])] = it["ground_pos"]
-        role[b, : len(it["ground_role"])] = it["ground_role"]
-        cells[b, : len(it["ground_cells"])] = it["ground_cells"]
-    return {"ground_pos": pos, "ground_role": role, "ground_cells": cells}
+    with False, M the most supervised positions of an item."""
+    return {
+        "ground_pos": pad_targets(items, "ground_pos", NO_POSITION),
+        "ground_role": pad_targets(items, "ground_role", 0),
+        "ground_cells": pad_targets(items, "ground_cells", False),
+    }
+
+
+def pad_targets(items: list[dict[str, torch.Tensor]], key: str, fill: float) -> torch.Tensor:
+    """Each item's ``key`` tensor ``(M_i, ...)`` stacked to ``(B, max M_i, ...)``, padded with ``fill``."""
+    return pad_sequence([it[key] for it in items], batch_first=True, padding_value=fill)
 
 
 class AttentionTap:

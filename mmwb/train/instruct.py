@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmwb.data.captions import ImageTextRecord, draw_questions, read_records, split_turns
-from mmwb.data.shapes import CELL_ATTRIBUTES, cell_labels, object_cells, read_objects
+from mmwb.data.shapes import CELL_ATTRIBUTES, cell_labels, object_cells, object_centres, read_objects
 from mmwb.errors import MmwbCheckpointError, MmwbConfigError, MmwbInputError
 from mmwb.models.projectors.qformer import QFormerSize
 from mmwb.models.vlm import VisionLanguageModel
@@ -283,11 +283,7 @@ def train_instruct(config: InstructConfig) -> tuple[TrainResult, Path | None]:
         captions = config.grounding.captions
         encode = with_grounding(encode, cells, vlm.tokenizer, config.template, **tokens, captions=captions)
     if config.relation_loss is not None:
-        centres = {
-            image: np.array([[o["x"], o["y"]] for o in objs]).reshape(-1, 2)
-            for image, objs in objects.items()
-        }
-        encode = with_relations(encode, centres)
+        encode = with_relations(encode, {image: object_centres(objs) for image, objs in objects.items()})
     trainer = vlm_trainer(module, vlm, records, config.data_dir, encode, config.train, cache, shardable=True)
     result = trainer.run()
     adapter = Path(config.train.out_dir) / ADAPTER_DIR if peft_model is not None else None

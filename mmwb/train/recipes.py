@@ -1,15 +1,16 @@
 """Whole training recipes: make the data, then run each stage from its own YAML config, resumably.
 
 ``tiny-shapes`` makes mmwb's default VLM on the synthetic shapes set, Kimi-VL style in miniature: (1) a BPE
-tokenizer and LM pretraining of a small decoder on the captions and QA text, (2) one end-to-end stage in which a
-new convolutional tower, the projector and the whole decoder train together on captions and questions, with a
-dense auxiliary loss on the tower's tokens and attention supervision of the lookups (``mmwb.train.grounding``). ``tiny-shapes-llava`` is the classic LLaVA recipe in miniature: (1)
-the tokenizer and contrastive pretraining of a tiny open_clip model, (2) LM pretraining of a tiny MoE decoder, (3)
-projector alignment with both towers frozen, (4) LoRA instruction tuning; it stays as the comparison (issue 19:
-caption exact match 0.30, VQA 0.67, against the end-to-end recipe's figures in the model card). Stage ``X``
-reads ``<config_dir>/X.yaml`` (a normal mmwb training config; the recipe only fills in paths), publishes its
-model folder ``OUT/X/`` whole with ``metrics.json`` in it, and keeps its engine run (checkpoints, metrics.jsonl,
-loss.png) in ``OUT/runs/X/``.
+tokenizer and LM pretraining of a small decoder on the captions and QA text, (2) one end-to-end stage in which a new
+convolutional tower, the projector and the whole decoder train together on captions and questions, with a dense
+auxiliary loss on the tower's tokens, attention supervision of the lookups (``mmwb.train.grounding``) and the two
+facts of each position answer as targets (``mmwb.train.relation_loss``). ``tiny-shapes-llava`` is the classic LLaVA
+recipe in miniature: (1) the tokenizer and contrastive pretraining of a tiny open_clip model, (2) LM pretraining of
+a tiny MoE decoder, (3) projector alignment with both towers frozen, (4) LoRA instruction tuning; it stays as the
+comparison (issue 19: caption exact match 0.30, VQA 0.67, against the end-to-end recipe's figures in the model
+card). Stage ``X`` reads ``<config_dir>/X.yaml`` (a normal mmwb training config; the recipe only fills in paths),
+publishes its model folder ``OUT/X/`` whole with ``metrics.json`` in it, and keeps its engine run (checkpoints,
+metrics.jsonl, loss.png) in ``OUT/runs/X/``.
 
 Run again on the same ``OUT``, a recipe skips what is finished (the data, every stage whose ``metrics.json``
 exists) and resumes an interrupted stage from its latest engine checkpoint.

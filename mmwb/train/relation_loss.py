@@ -26,7 +26,7 @@ from torch import nn
 from mmwb.data.captions import ImageTextRecord
 from mmwb.data.shapes import asked_relation
 from mmwb.errors import MmwbConfigError, MmwbInputError
-from mmwb.train.grounding import NO_POSITION, answer_query_positions
+from mmwb.train.grounding import NO_POSITION, answer_query_positions, pad_targets
 
 
 @dataclass
@@ -80,13 +80,10 @@ def with_relations(
 
 def collate_relations(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """``relation_pos (B, K)`` padded with NO_POSITION and ``relation_facts (B, K, 2)`` with 0."""
-    most = max(1, *(len(it["relation_pos"]) for it in items))
-    pos = torch.full((len(items), most), NO_POSITION, dtype=torch.long)
-    facts = torch.zeros((len(items), most, 2))
-    for b, it in enumerate(items):
-        pos[b, : len(it["relation_pos"])] = it["relation_pos"]
-        facts[b, : len(it["relation_facts"])] = it["relation_facts"]
-    return {"relation_pos": pos, "relation_facts": facts}
+    return {
+        "relation_pos": pad_targets(items, "relation_pos", NO_POSITION),
+        "relation_facts": pad_targets(items, "relation_facts", 0.0),
+    }
 
 
 class RelationHead(nn.Module):
