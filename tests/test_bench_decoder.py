@@ -134,3 +134,21 @@ def test_the_llama_cpp_row_has_a_tokenizer_of_the_models_size_and_names_a_missin
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "not a built llama.cpp tree" in err and "llama-bench" in err
+
+
+def test_decode_bytes_count_the_dequantized_kv_b_an_mla_decode_reads():
+    """A quantized MLA layer's absorbed decode reads kv_b dequantized (fp32 here), not its int8 bytes."""
+    from mmwb.bench.machine import active_decode_bytes
+    from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM
+    from mmwb.models.quantize import QuantizedLinear, quantize_model
+
+    config = DecoderConfig(
+        vocab_size=96, hidden_size=128, num_layers=1, num_heads=4, intermediate_size=256, attention="mla",
+        kv_lora_rank=128, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32,
+    )  # fmt: skip
+    model = quantize_model(DecoderForCausalLM(config), "int8")
+    kv_b = model.model.layers[0].self_attn.kv_b_proj
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m is not kv_b]
+    floats = sum(p.numel() * 4 for p in model.parameters())  # the norms (the token table is int8 buffers)
+    want = sum(m.kernel_bytes() for m in layers) + kv_b.out_features * kv_b.in_features * 4 + floats
+    assert active_decode_bytes(model, 0) == want

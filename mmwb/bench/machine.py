@@ -50,7 +50,9 @@ def copy_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 5)
 def active_decode_bytes(ours: Any, context: int) -> int:
     """Bytes one batch-1 decode step must read: every weight except the embedding table and unchosen experts,
     top-k experts per MoE layer, and the KV cache of ``context`` tokens. Quantized layers count what their
-    kernel reads (``QuantizedLinear.kernel_bytes``)."""
+    kernel reads (``QuantizedLinear.kernel_bytes``), except an MLA layer's kv_b: its absorbed decode reads the
+    dequantized copy, in the layer's dtype."""
+    from mmwb.models.decoder.mla import MultiHeadLatentAttention
     from mmwb.models.decoder.moe import Experts
     from mmwb.models.quantize import QuantizedExperts, QuantizedLinear
 
@@ -68,4 +70,7 @@ def active_decode_bytes(ours: Any, context: int) -> int:
         elif isinstance(module, QuantizedExperts):  # its layers were all counted above: keep top-k of them
             per_expert = module.gate_up[0].kernel_bytes() + module.down[0].kernel_bytes()
             total -= per_expert * (module.num_experts - top_k)
+        elif isinstance(module, MultiHeadLatentAttention) and isinstance(module.kv_b_proj, QuantizedLinear):
+            kv_b, dtype_bytes = module.kv_b_proj, module.kv_a_layernorm.weight.element_size()
+            total += kv_b.out_features * kv_b.in_features * dtype_bytes - kv_b.kernel_bytes()
     return total + ours.cache_bytes_per_token() * context

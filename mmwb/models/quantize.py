@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmwb.errors import MmwbConfigError
+from mmwb.models.decoder.decode_plan import Operand
 from mmwb.models.decoder.embedding import TokenEmbedding
 from mmwb.models.decoder.kernels.cpu import (
     INT4_MAX_ROWS,
@@ -437,6 +438,15 @@ class QuantizedLinear(_QuantizedBuffers):
         weight, scales = (self.qweight, self.scale) if int8 else (self.packed, self.scale_zero)
         return weight.numel() * weight.element_size() + scales.numel() * scales.element_size()
 
+    def kernel_operand(self) -> Operand | None:
+        """The weight as mmwb's kernels read it (a decode plan's, mmwb.models.decoder.decode_plan), or None where
+        this layer runs torch's int4 kernel."""
+        if self.mode == "int8":
+            return Operand("int8", self.qweight, self.scale)
+        if self.layout == PANELS:
+            return Operand("int4", self.packed, self.scale_zero, self.group_size)
+        return None
+
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}, layout={self.layout}" if self.mode == "int4" else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{group}"
@@ -483,6 +493,10 @@ class QuantizedEmbedding(_QuantizedBuffers):
 
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scale[:, None]
+
+    def kernel_operand(self) -> Operand:
+        """The int8 rows and their scales (a decode plan looks a token's row up in them)."""
+        return Operand("int8", self.qweight, self.scale)
 
     def _applied(self, fn) -> None:  # noqa: ANN001 (_apply's fn)
         """A cast (``model.to(torch.bfloat16)``) changes what lookups return."""
@@ -563,6 +577,10 @@ class QuantizedExperts(nn.Module):
                 total.add_(self.down[expert].product(F.silu(gate) * up), alpha=coef)  # bf16 into fp32
             rows.append(total)
         return torch.cat(rows).to(x.dtype)
+
+    def kernel_operands(self) -> tuple[nn.ModuleList, nn.ModuleList]:
+        """The experts' gate_up and down layers (a decode plan reads their ``kernel_operand``)."""
+        return self.gate_up, self.down
 
     def _one_call(self, x: torch.Tensor, experts: list[int], coefs: list[float]) -> torch.Tensor | None:
         """One token's chosen experts in one call of mmwb's kernels, or None where they do not apply."""

@@ -6,7 +6,8 @@ after kv_a_layernorm) plus the shared RoPE key (qk_rope_head_dim), which is what
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -54,6 +55,9 @@ class DecoderCache:
 
     layers: list[KVCache | LatentCache]
     max_length: int
+    # the model's one-call decode plan over these buffers (mmwb.models.decoder.decode_plan), made at the first
+    # decode step: None not yet, False where it does not apply
+    decode_plan: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def allocate(

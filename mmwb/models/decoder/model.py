@@ -18,6 +18,7 @@ from mmwb.errors import MmwbInputError
 from mmwb.models.decoder.attention import GroupedQueryAttention
 from mmwb.models.decoder.cache import DecoderCache, KVCache, LatentCache, cache_bytes_per_token
 from mmwb.models.decoder.config import DecoderConfig
+from mmwb.models.decoder.decode_plan import plan_decode
 from mmwb.models.decoder.embedding import TokenEmbedding
 from mmwb.models.decoder.generate import generate
 from mmwb.models.decoder.linear import Linear
@@ -278,10 +279,28 @@ class DecoderForCausalLM(nn.Module):
             raise MmwbInputError(
                 f"cache holds {cache.max_length} tokens, step needs {cache_position + length}; allocate a longer one"
             )
+        if input_ids is not None and input_ids.shape == (1, 1) and attention_mask is None:
+            logits = self._decode_in_one_call(input_ids, cache, cache_position, position_ids)
+            if logits is not None:
+                return logits
         hidden, _ = self._hidden(
             input_ids, inputs_embeds, attention_mask, position_ids, cache, cache_position, logits_to_keep
         )
         return self.lm_head(hidden[:, -logits_to_keep:]).float()
+
+    def _decode_in_one_call(
+        self, input_ids: torch.Tensor, cache: DecoderCache, slot: int, position_ids: torch.Tensor
+    ) -> torch.Tensor | None:
+        """A batch-1 decode token through the C kernels in one call (mmwb.models.decoder.decode_plan), planned at
+        the cache's first decode step; None where that does not apply (the modules run it: under autocast they
+        compute in its dtype, under torch.compile they are traced)."""
+        if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+            return None
+        if cache.decode_plan is None:
+            cache.decode_plan = plan_decode(self, cache) or False
+        if not cache.decode_plan or not input_ids.is_cpu:
+            return None
+        return cache.decode_plan.run(int(input_ids), slot, int(position_ids))
 
     def reorder_cache(self, cache: DecoderCache, beam_idx: torch.Tensor) -> DecoderCache:
         return cache.reorder(beam_idx)

@@ -14,15 +14,17 @@ memory, and with the caches cold from that streaming each of the step's ~1400 sm
 - int8 and int4 weights (mmwb.models.quantize): ``int8_linear`` / ``int4_linear`` (a few rows times a quantized
   weight) and ``int8_experts`` / ``int4_experts`` (one token's chosen experts), from ``quantized.c`` (AVX-512 VNNI;
   see its header).
+- a whole batch-1 decode token in one call (``step.c``, driven by mmwb.models.decoder.decode_plan): the kernels
+  above strung together in C, with no Python between them.
 
-The C sources (``cpu.c`` and ``quantized.c`` beside this module) are compiled into one library with the machine's C
-compiler on first use (about 0.5 s, cached per source, compiler and CPU). Without a compiler or the source files,
-or with ``MMWB_CPU_KERNELS=0`` (read once, at the first use in a process), ``linear`` and ``rms_norm`` are their
-torch equivalents and the others return None so that their callers run their torch code; the same happens outside
-each kernel's case (more rows, another dtype (fp32; bf16 too for rms_norm, route, latent_attention and the int8
-and int4 kernels), autograd or autocast on, other strides, shapes that do not fit: torch then raises its own
-error). What they bought was measured when they came in (`git log -p BENCHMARKS.md`, "CPU decode kernels"); `mmwb
-bench decoder` measures it now.
+The C sources (``cpu.c``, ``quantized.c`` and ``step.c`` beside this module) are compiled into one library with
+the machine's C compiler on first use (about 2 s, cached per source, compiler and CPU). Without a compiler or the
+source files, or with ``MMWB_CPU_KERNELS=0`` (read once, at the first use in a process), ``linear`` and
+``rms_norm`` are their torch equivalents and the others return None so that their callers run their torch code; the
+same happens outside each kernel's case (more rows, another dtype (fp32; bf16 too for rms_norm, route,
+latent_attention and the int8 and int4 kernels), autograd or autocast on, other strides, shapes that do not fit:
+torch then raises its own error). What they bought was measured when they came in (`git log -p BENCHMARKS.md`,
+"CPU decode kernels"); `mmwb bench decoder` measures it now.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ FP32_OR_BF16 = (torch.float32, torch.bfloat16)
 logger = logging.getLogger(__name__)
 
 # shipped as package data beside this binding, compiled into one library; quantized.c: products with int8 and int4
-# weights
-SOURCES = (Path(__file__).with_name("cpu.c"), Path(__file__).with_name("quantized.c"))
+# weights; step.c: a whole decode token in one call (mmwb.models.decoder.decode_plan)
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu.c", "quantized.c", "step.c"))
 
 # Tried in order: the fastest build this compiler accepts. OpenMP's simd pragmas let the dot products vectorise
 # (a float sum may then be reassociated, as BLAS does).
@@ -198,7 +200,7 @@ def latent_attention(
     heads, nope_dim, rope_dim, v_dim = dims
     batch, rank = q.shape[0], kv_b_weight.shape[1]
     slots = cache.shape[2]
-    row_major = _kv_b_row_major(kv_b_weight)
+    row_major = kv_b_row_major(kv_b_weight)
     if (
         not applies(q, kv_b_weight, FP32_OR_BF16)
         or cache.dtype != kv_b_weight.dtype
@@ -226,7 +228,7 @@ def latent_attention(
     return out.to(cache.dtype) if status == 0 else None
 
 
-def _kv_b_row_major(weight: torch.Tensor) -> bool | None:
+def kv_b_row_major(weight: torch.Tensor) -> bool | None:
     """kv_b (out, r): True row-major, False column-major (its rows, or columns, apart by at least their length),
     None another layout the kernel does not read."""
     out_features, rank = weight.shape
@@ -427,6 +429,25 @@ def _experts_call(
     return y if status == 0 else None
 
 
+def quantized_operand_fits(
+    mode: str, weight: torch.Tensor, scale: torch.Tensor, inputs: int, group: int
+) -> bool:
+    """Whether mmwb's kernels take an int8 (qweight, scale) or int4 (panels, table) weight of ``inputs`` inputs as
+    int8_linear and int4_linear check it (with fp32 rows coming in)."""
+    block = INT8_BLOCK if mode == "int8" else group
+    if not (vnni() and block and inputs % block == 0 and inputs <= QUANTIZED_MAX_INPUTS):
+        return False
+    if mode == "int8":
+        return _int8_weight(weight, scale, (weight.shape[0], inputs))
+    return mode == "int4" and _int4_weight(weight, scale, inputs, group)
+
+
+def decode_token_function() -> Callable[..., int] | None:
+    """step.c's ``mmwb_decode_token`` (a whole decode token in one call), or None without the kernels."""
+    kernels = _kernels()
+    return None if kernels is None else kernels.decode_token
+
+
 def vnni() -> bool:
     """Whether the quantized products of quantized.c are built (AVX-512 VNNI): mmwb.models.quantize lays out int4
     weights for them, else for torch's kernel."""
@@ -537,6 +558,7 @@ _SIGNATURES = {
     "int8_experts": (_I32, [_PTR, _I32, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I32]),
     "int4_rows": (_I32, [_PTR, _I32, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _I32]),
     "int4_experts": (_I32, [_PTR, _I32, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I32]),
+    "decode_token": (_I32, [_PTR, _I64, _I64, _I64, _PTR, _I32]),
 }
 
 
