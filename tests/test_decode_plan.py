@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from mmwb.errors import MmwbInputError
 from mmwb.models.decoder import DecoderConfig, DecoderForCausalLM, generate
 from mmwb.models.decoder import model as model_module
 from mmwb.models.decoder.decode_plan import DecodePlan
@@ -191,3 +192,45 @@ def test_a_token_outside_the_table_gets_the_embeddings_error(one_calls):
         model.step(torch.tensor([[53]]), cache=cache, cache_position=0, position_ids=torch.tensor([[0]]),
                    attention_mask=None)  # fmt: skip
     assert one_calls["calls"] == 1
+
+
+def test_a_cache_handed_to_another_model_is_planned_for_it(one_calls):
+    first, second = _model({**SMALL, **GQA}, seed=0), _model({**SMALL, **GQA}, seed=1)
+    ids = torch.randint(0, 53, (1, 6))
+    cache = first.allocate_cache(1, 8)
+    with torch.no_grad():
+        first.step(
+            ids[:, :5], cache=cache, cache_position=0, position_ids=torch.arange(5)[None], attention_mask=None
+        )
+        first.step(
+            ids[:, 5:], cache=cache, cache_position=5, position_ids=torch.tensor([[5]]), attention_mask=None
+        )
+        second.step(
+            ids[:, :5], cache=cache, cache_position=0, position_ids=torch.arange(5)[None], attention_mask=None
+        )
+        got = second.step(ids[:, 5:], cache=cache, cache_position=5, position_ids=torch.tensor([[5]]),
+                          attention_mask=None)  # fmt: skip
+    assert one_calls["calls"] == 2
+    want, _, _ = _decode(second, ids, 5, plan=False)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_logits_are_fp32_cpu_whatever_torchs_default_dtype(one_calls):
+    model = _model({**SMALL, **GQA})
+    ids = torch.randint(0, 53, (1, 8))
+    want, _, _ = _decode(model, ids, 5, plan=True)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got, _, _ = _decode(model, ids, 5, plan=True)
+    finally:
+        torch.set_default_dtype(default)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_input_ids_and_embeddings_together_are_still_refused():
+    model = _model({**SMALL, **GQA})
+    cache = model.allocate_cache(1, 4)
+    with torch.no_grad(), pytest.raises(MmwbInputError, match="exactly one"):
+        model.step(torch.tensor([[3]]), cache=cache, cache_position=0, position_ids=torch.tensor([[0]]),
+                   attention_mask=None, inputs_embeds=torch.zeros(1, 1, 48))  # fmt: skip

@@ -10,7 +10,9 @@ the same C kernels the modules call, in the same order.
 It applies to fp32 models on the CPU with mmwb's kernels built, at batch 1 with no padding, with every module of
 a kind it knows (no adapter, no hook) and every quantized weight in a form mmwb's kernels read; anything else
 gets None and runs through the modules. The plan holds references to every tensor it points into, so memory
-stays valid; weights replaced (not updated in place) while the cache is in use would not be seen.
+stays valid; what changes in the model while the cache is in use is not seen (weights updated in place are:
+their addresses stay): replaced weights or layers, a hook registered between two tokens. generate makes a cache
+for each generation.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from mmwb.models.decoder.norm import RMSNorm
 # step.c's formats: fp32 (out, in) column-major (the decode layout) or row-major, int8 rows, int4 panels
 FP32_COLUMNS, FP32_ROWS, INT8, INT4 = 0, 1, 2, 3
 _MODES = {"int8": INT8, "int4": INT4}
+MAX_EXPERTS_A_TOKEN = 64  # step.c's: routed experts a token may choose
 _I64, _F32, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
@@ -103,14 +106,17 @@ class _Decoder(ctypes.Structure):
 class DecodePlan:
     """One model and cache in step.c's structures, with every tensor and array they point into."""
 
-    def __init__(self, decoder: _Decoder, keep: list[object]) -> None:
+    def __init__(self, model: nn.Module, decoder: _Decoder, keep: list[object]) -> None:
+        self.model_id = id(
+            model
+        )  # the model it was made from: a cache handed to another model is planned again
         self._decoder, self._keep = decoder, keep
         self._call = cpu.decode_token_function()
 
     def run(self, token: int, slot: int, position: int) -> torch.Tensor | None:
         """fp32 logits (1, 1, V) of ``token`` at RoPE ``position``, its keys and values written at cache ``slot``;
         None where a kernel declined (the caller runs the modules, which write the same slots)."""
-        logits = torch.empty(1, 1, self._decoder.lm_head.out)
+        logits = torch.empty(1, 1, self._decoder.lm_head.out, dtype=torch.float32, device="cpu")
         status = self._call(
             ctypes.byref(self._decoder), token, slot, position, logits.data_ptr(), torch.get_num_threads()
         )
@@ -170,7 +176,7 @@ class _Builder:
             lm_head=self._matrix(self.model.lm_head),
             layer=layers,
         )
-        return DecodePlan(decoder, self.keep)
+        return DecodePlan(self.model, decoder, self.keep)
 
     # --- pieces ---
 
@@ -288,7 +294,7 @@ class _Builder:
         if type(module) is not MoEBlock or type(module.gate) is not Router:
             raise _Declined
         router = module.gate
-        if router.num_experts % router.n_group:
+        if router.num_experts % router.n_group or router.top_k > MAX_EXPERTS_A_TOKEN:
             raise _Declined
         ff = _FeedForward(
             experts=router.num_experts, top_k=router.top_k, sigmoid=router.scoring == "sigmoid",

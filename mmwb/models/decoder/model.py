@@ -279,7 +279,8 @@ class DecoderForCausalLM(nn.Module):
             raise MmwbInputError(
                 f"cache holds {cache.max_length} tokens, step needs {cache_position + length}; allocate a longer one"
             )
-        if input_ids is not None and input_ids.shape == (1, 1) and attention_mask is None:
+        one_token = input_ids is not None and inputs_embeds is None and input_ids.shape == (1, 1)
+        if one_token and attention_mask is None and position_ids is not None and cache_position >= 0:
             logits = self._decode_in_one_call(input_ids, cache, cache_position, position_ids)
             if logits is not None:
                 return logits
@@ -296,7 +297,7 @@ class DecoderForCausalLM(nn.Module):
         compute in its dtype, under torch.compile they are traced)."""
         if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
             return None
-        if cache.decode_plan is None:
+        if cache.decode_plan is None or (cache.decode_plan and cache.decode_plan.model_id != id(self)):
             cache.decode_plan = plan_decode(self, cache) or False
         if not cache.decode_plan or not input_ids.is_cpu:
             return None

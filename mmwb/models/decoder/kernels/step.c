@@ -4,8 +4,9 @@
  * (the same functions, so the same sums), with no Python or torch dispatch between them: at bench-small's widths
  * a token is ~35 products of 1-6 us each, and the modules spent ~2 ms of host work around them (issue 20).
  *
- * Returns 0, or the status of the first kernel that declined (an input holding a NaN, a failed allocation): the
- * caller then runs the token through the modules, which write the same cache slots again. */
+ * Returns 0, or the status of the first kernel that declined (an input holding a NaN, a failed allocation), or 4
+ * for a token id or cache slot out of range: the caller then runs the token through the modules, which write the
+ * same cache slots again (or raise their error). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -48,7 +49,7 @@ int mmwb_int4_experts(const void *x, int bf16, int64_t c, int64_t inter, int64_t
    scales; int4 panels with their bf16 table (scale). */
 enum { FP32_COLUMNS = 0, FP32_ROWS = 1, INT8 = 2, INT4 = 3 };
 #define COLUMNS_A_CALL 4096 /* output width of one rows_times_matrix call (its accumulator stays in cache) */
-#define MAX_EXPERTS_A_TOKEN 64
+#define MAX_EXPERTS_A_TOKEN 64 /* decode_plan.MAX_EXPERTS_A_TOKEN */
 
 typedef struct {
     int64_t format, in, out, ld, group;
@@ -242,6 +243,8 @@ static int64_t scratch_floats(const Decoder *m) {
 int mmwb_decode_token(const Decoder *m, int64_t token, int64_t slot, int64_t pos, float *logits, int threads) {
     const int64_t c = m->hidden;
     if (token < 0 || token >= m->embed.out) return 4;
+    for (int64_t i = 0; i < m->layers; i++)
+        if (slot < 0 || slot >= m->layer[i].attention.slots) return 4;
     float *h = malloc(sizeof(float) * (3 * c + 2 * m->rope_half + scratch_floats(m)));
     if (!h) return 1;
     float *x = h + c, *y = x + c, *cos = y + c, *sin = cos + m->rope_half, *scratch = sin + m->rope_half;
