@@ -18,6 +18,7 @@ for each generation.
 from __future__ import annotations
 
 import ctypes
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -107,11 +108,13 @@ class DecodePlan:
     """One model and cache in step.c's structures, with every tensor and array they point into."""
 
     def __init__(self, model: nn.Module, decoder: _Decoder, keep: list[object]) -> None:
-        self.model_id = id(
-            model
-        )  # the model it was made from: a cache handed to another model is planned again
+        # the model it was made from (not kept alive): a cache handed to another model is planned again
+        self._model = weakref.ref(model)
         self._decoder, self._keep = decoder, keep
         self._call = cpu.decode_token_function()
+
+    def made_for(self, model: nn.Module) -> bool:
+        return self._model() is model
 
     def run(self, token: int, slot: int, position: int) -> torch.Tensor | None:
         """fp32 logits (1, 1, V) of ``token`` at RoPE ``position``, its keys and values written at cache ``slot``;
@@ -307,12 +310,14 @@ class _Builder:
 
     def _experts(self, experts: nn.Module, ff: _FeedForward) -> None:
         """The routed experts' per-expert addresses: fp32 slices of the stacked tensors, or quantized operands."""
-        count = ff.experts
+        count = ff.experts  # the router's: step.c indexes the arrays below with its choices
         if type(experts) is Experts:
             gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
             double_inter, hidden = gate_up.shape[1:]
             if (
-                gate_up.dtype != torch.float32
+                gate_up.shape[0] != count
+                or down.shape[0] != count
+                or gate_up.dtype != torch.float32
                 or down.dtype != torch.float32
                 or gate_up.stride()[1:] != (1, double_inter)
                 or down.stride(1) != 1
@@ -330,9 +335,11 @@ class _Builder:
             ff.ld_in, ff.ld_down = double_inter, down.stride(2)
         else:
             pairs = experts.kernel_operands() if hasattr(experts, "kernel_operands") else None
-            if pairs is None:
+            if pairs is None or not len(pairs[0]) == len(pairs[1]) == count:
                 raise _Declined
             gate_up, down = ([self._operand(layer) for layer in layers] for layers in pairs)
+            if len({(o.mode, o.group) for o in gate_up + down}) != 1:  # one call reads them all alike
+                raise _Declined
             columns = [
                 [self._address(o.weight, o.weight.dtype) for o in gate_up],
                 [self._address(o.scale, o.scale.dtype) for o in gate_up],

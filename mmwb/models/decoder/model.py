@@ -297,7 +297,7 @@ class DecoderForCausalLM(nn.Module):
         compute in its dtype, under torch.compile they are traced)."""
         if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
             return None
-        if cache.decode_plan is None or (cache.decode_plan and cache.decode_plan.model_id != id(self)):
+        if cache.decode_plan is None or (cache.decode_plan and not cache.decode_plan.made_for(self)):
             cache.decode_plan = plan_decode(self, cache) or False
         if not cache.decode_plan or not input_ids.is_cpu:
             return None
